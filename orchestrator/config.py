@@ -1,0 +1,374 @@
+"""The experiment config: one typed tree, loaded from YAML plus `section.key=value` overrides.
+
+Every stage (shards, autoencoder, precompute, train, sample) reads its settings from this
+tree, so one file describes an experiment end to end. Validation happens on load, before
+any work starts: unknown keys, wrong types and impossible values are rejected with one line
+naming the key. Presets (`training.presets`) are plain functions returning a config; a YAML
+file may start from one with `preset: NAME`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from orchestrator.errors import LdmError
+
+MINILM = "minilm"  # name of the pretrained MiniLM text encoder shipped by a PyPI package
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+
+class RunConfig(Section):
+    name: str = Field("demo", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    """Run name: outputs go to `<root>/<name>/` and the MLflow run is named after it."""
+    root: str = "runs"
+    """Folder (or shared filesystem path) holding every run's outputs and the default MLflow store."""
+    seed: int = 0
+    """Seed for model init, data order, noise and sampling."""
+
+
+class DataConfig(Section):
+    shards: str = "data/shards"
+    """Folder of raw webdataset shards (`*.tar`, img2dataset layout) made by `ldm shards`."""
+    resolution: int = Field(64, ge=8)
+    """Square training resolution in pixels; images are resized (short side) then cropped."""
+    center_crop: bool = True
+    """Center crop after resizing (False: random crop, drawn per sample from the seed)."""
+    samples_per_shard: int = Field(256, ge=1)
+    """Samples per tar file written by `ldm shards`."""
+
+
+class AutoencoderConfig(Section):
+    pretrained: str | None = None
+    """Local diffusers `AutoencoderKL`/`AutoencoderTiny` folder to use instead of training one."""
+    downsample_factor: Literal[4, 8, 16] = 4
+    """Spatial downsampling factor f of the latent space."""
+    latent_channels: int = Field(4, ge=1)
+    """Channels of the latent space."""
+    block_out_channels: list[int] = [32, 64, 64]
+    """Encoder/decoder widths, one per resolution level: log2(f) + 1 entries."""
+    layers_per_block: int = Field(1, ge=1)
+    """ResNet layers per level."""
+    kl_weight: float = Field(1e-6, ge=0)
+    """Weight of the KL term against the reconstruction loss (the paper uses 1e-6)."""
+    learning_rate: float = Field(2e-4, gt=0)
+    """AdamW learning rate."""
+    batch_size: int = Field(32, ge=1)
+    """Images per step."""
+    num_steps: int = Field(1000, ge=1)
+    """Training steps of stage 1."""
+    log_every: int = Field(50, ge=1)
+    """Steps between metric logs."""
+    num_holdout: int = Field(16, ge=1)
+    """Images held out of training to measure reconstruction PSNR."""
+
+
+class TextEncoderConfig(Section):
+    name_or_path: str = MINILM
+    """`minilm` (the pretrained MiniLM BERT shipped on PyPI) or a local transformers folder."""
+    max_length: int = Field(32, ge=2)
+    """Tokens per caption, including special tokens; longer captions are truncated."""
+
+
+class PrecomputeConfig(Section):
+    cache_dir: str | None = None
+    """Latent cache folder; default `<root>/cache/<spec hash>` so different specs never mix."""
+    batch_size: int = Field(64, ge=1)
+    """Images per encoder call."""
+    num_encoders: int = Field(1, ge=1)
+    """Encoder actors (each holds the autoencoder and text encoder; one GPU each if present)."""
+    num_cpus_per_encoder: float = Field(1.0, gt=0)
+    """CPUs reserved by each encoder actor."""
+    dtype: Literal["float16", "float32"] = "float16"
+    """Storage dtype of latent moments and text hidden states."""
+
+
+class UNetConfig(Section):
+    block_out_channels: list[int] = [64, 128, 128]
+    """Widths per resolution level (the first levels use cross-attention blocks)."""
+    layers_per_block: int = Field(1, ge=1)
+    """ResNet (+ transformer) layers per level."""
+    num_attention_heads: int = Field(4, ge=1)
+    """Heads per attention layer (what diffusers' legacy `attention_head_dim` means)."""
+    cross_attention_levels: int = Field(2, ge=0)
+    """How many levels, from the highest resolution down, use cross-attention blocks."""
+    cross_attention_dim: int | None = None
+    """Context width; default: the text encoder's hidden size."""
+
+
+class DiffusionConfig(Section):
+    num_train_timesteps: int = Field(1000, ge=2)
+    """Diffusion steps T of the forward process."""
+    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "scaled_linear"
+    """Noise schedule (diffusers' names; the paper's LDMs use scaled_linear 0.00085..0.012)."""
+    beta_start: float = Field(0.00085, gt=0)
+    """First beta."""
+    beta_end: float = Field(0.012, gt=0)
+    """Last beta."""
+    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+    """What the UNet predicts: the noise (the paper) or the velocity."""
+
+
+class TrainConfig(Section):
+    num_workers: int = Field(2, ge=1)
+    """Ray Train workers, each a DeepSpeed rank."""
+    num_steps: int = Field(1000, ge=1)
+    """Optimizer steps."""
+    global_batch_size: int = Field(32, ge=1)
+    """Samples per optimizer step over all ranks (micro batch x ranks x accumulation)."""
+    micro_batch_size: int = Field(16, ge=1)
+    """Samples per rank per forward pass."""
+    learning_rate: float = Field(1e-4, gt=0)
+    """Peak AdamW learning rate (after linear warmup)."""
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay."""
+    warmup_steps: int = Field(0, ge=0)
+    """Linear learning-rate warmup steps."""
+    grad_clip: float = Field(1.0, ge=0)
+    """Gradient norm clipping (0: off)."""
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    """DeepSpeed ZeRO stage."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """Training precision."""
+    ema_decay: float = Field(0.999, ge=0, lt=1)
+    """EMA decay of the weights used for sampling."""
+    caption_dropout: float = Field(0.1, ge=0, le=1)
+    """Probability of training on the empty prompt, for classifier-free guidance."""
+    checkpoint_every: int = Field(500, ge=1)
+    """Steps between checkpoints (the last step always checkpoints)."""
+    log_every: int = Field(25, ge=1)
+    """Steps between metric logs."""
+    sample_every: int = Field(500, ge=1)
+    """Steps between sample grids logged to MLflow (the last step always samples)."""
+    num_loader_workers: int = Field(1, ge=0)
+    """DataLoader worker processes per rank."""
+    resume: str = "auto"
+    """`auto` (newest checkpoint of this run, if any), `never`, or a checkpoint folder."""
+
+
+class SampleConfig(Section):
+    prompts: list[str] = ["an emoji of red heart", "an emoji of blue heart"]
+    """Fixed prompts of the sample grid logged during training and of `ldm demo`."""
+    seed: int = 1234
+    """Seed of the sampling noise."""
+    num_inference_steps: int = Field(50, ge=1)
+    """DDIM steps."""
+    guidance_scale: float = Field(4.0, ge=0)
+    """Classifier-free guidance scale (1: off)."""
+    images_per_prompt: int = Field(4, ge=1)
+    """Images per prompt in grids."""
+
+
+class TrackingConfig(Section):
+    uri: str | None = None
+    """MLflow tracking URI; default `$MLFLOW_TRACKING_URI`, else SQLite in `<run.root>/mlflow.db`."""
+    experiment: str = "ldm"
+    """MLflow experiment name."""
+
+
+class ClusterConfig(Section):
+    address: str | None = None
+    """Ray cluster address (`ray://`, `host:port` or `auto`); none starts an embedded local Ray."""
+    num_cpus_per_worker: float = Field(1.0, gt=0)
+    """CPUs reserved per training worker."""
+    use_gpu: bool = False
+    """Give each training worker a GPU."""
+    placement_strategy: Literal["SPREAD", "PACK", "STRICT_SPREAD"] = "SPREAD"
+    """How training workers are placed over nodes."""
+
+
+class ExperimentConfig(Section):
+    run: RunConfig = RunConfig()
+    data: DataConfig = DataConfig()
+    autoencoder: AutoencoderConfig = AutoencoderConfig()
+    text_encoder: TextEncoderConfig = TextEncoderConfig()
+    precompute: PrecomputeConfig = PrecomputeConfig()
+    unet: UNetConfig = UNetConfig()
+    diffusion: DiffusionConfig = DiffusionConfig()
+    train: TrainConfig = TrainConfig()
+    sample: SampleConfig = SampleConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    cluster: ClusterConfig = ClusterConfig()
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> ExperimentConfig:
+        ae = self.autoencoder
+        levels = int(math.log2(ae.downsample_factor)) + 1
+        if ae.pretrained is None and len(ae.block_out_channels) != levels:
+            raise ValueError(
+                f"autoencoder.block_out_channels: needs {levels} entries for "
+                f"downsample_factor={ae.downsample_factor}, got {len(ae.block_out_channels)}"
+            )
+        if self.data.resolution % ae.downsample_factor:
+            raise ValueError(
+                f"data.resolution: {self.data.resolution} is not divisible by "
+                f"autoencoder.downsample_factor={ae.downsample_factor}"
+            )
+        latent = self.data.resolution // ae.downsample_factor
+        if latent % 2 ** (len(self.unet.block_out_channels) - 1):
+            raise ValueError(
+                f"unet.block_out_channels: {len(self.unet.block_out_channels)} levels halve the "
+                f"{latent}x{latent} latent too often; use fewer levels or a larger resolution"
+            )
+        if self.unet.cross_attention_levels > len(self.unet.block_out_channels):
+            raise ValueError("unet.cross_attention_levels: more than the number of levels")
+        for width in self.unet.block_out_channels:
+            if width % self.unet.num_attention_heads or width % 32:
+                raise ValueError(
+                    f"unet.block_out_channels: {width} must be a multiple of 32 (group norm) "
+                    f"and of unet.num_attention_heads={self.unet.num_attention_heads}"
+                )
+        t = self.train
+        per_step = t.micro_batch_size * t.num_workers
+        if t.global_batch_size % per_step:
+            raise ValueError(
+                f"train.global_batch_size: {t.global_batch_size} is not a multiple of "
+                f"train.micro_batch_size x train.num_workers = {per_step}"
+            )
+        if t.resume not in ("auto", "never") and not Path(t.resume).exists():
+            raise ValueError(f"train.resume: no checkpoint folder at {t.resume}")
+        return self
+
+    # Derived locations. Paths are made absolute on load, so every process agrees on them.
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.root) / self.run.name
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    @property
+    def autoencoder_dir(self) -> Path:
+        if self.autoencoder.pretrained:
+            return Path(self.autoencoder.pretrained)
+        return self.run_dir / "autoencoder"
+
+    @property
+    def tracking_uri(self) -> str:
+        import os
+
+        return (
+            self.tracking.uri
+            or os.environ.get("MLFLOW_TRACKING_URI")
+            or f"sqlite:///{Path(self.run.root).resolve()}/mlflow.db"
+        )
+
+    @property
+    def gradient_accumulation_steps(self) -> int:
+        t = self.train
+        return t.global_batch_size // (t.micro_batch_size * t.num_workers)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def digest(self) -> str:
+        """sha256 of the resolved config: stored in checkpoints to detect a changed experiment."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+
+    def flat(self) -> dict[str, Any]:
+        """`section.key -> value`, the form MLflow params take."""
+        return {
+            f"{section}.{key}": value
+            for section, fields in self.to_dict().items()
+            for key, value in fields.items()
+        }
+
+
+_PATH_KEYS = (
+    ("run", "root"),
+    ("data", "shards"),
+    ("autoencoder", "pretrained"),
+    ("precompute", "cache_dir"),
+)
+
+
+def _format_error(err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"])
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key (see `ldm config --show-defaults` for the valid keys)"
+    elif "input" in first and first["type"] not in ("value_error", "model_type"):
+        msg += f" (got {first['input']!r})"
+    more = len(err.errors()) - 1
+    where = f"config key {loc}: " if loc else "config: "
+    return where + msg + (f" [and {more} more problem(s)]" if more > 0 else "")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`train.lr=1e-4` -> (['train', 'lr'], 0.0001); values are YAML scalars or lists."""
+    if "=" not in text:
+        raise LdmError(f"override {text!r}: expected section.key=value, e.g. train.num_steps=100")
+    key, _, raw = text.partition("=")
+    parts = key.strip().split(".")
+    if len(parts) != 2 or not all(parts):
+        raise LdmError(f"override {text!r}: the key must be section.key, e.g. train.num_steps")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+def build_config(
+    base: dict[str, Any] | None = None, overrides: list[str] = (), absolute_paths: bool = True
+) -> ExperimentConfig:
+    """Validate a raw dict (optionally naming a `preset`) plus overrides into a config."""
+    raw = dict(base or {})
+    preset = raw.pop("preset", None)
+    tree: dict[str, Any] = {}
+    if preset is not None:
+        from training.presets import get_preset
+
+        tree = get_preset(preset).to_dict()
+    for section, fields in raw.items():
+        if isinstance(fields, dict) and isinstance(tree.get(section), dict):
+            tree[section] = {**tree[section], **fields}
+        else:
+            tree[section] = fields
+    for text in overrides:
+        (section, key), value = parse_override(text)
+        current = tree.setdefault(section, {})
+        if not isinstance(current, dict):
+            raise LdmError(f"override {text!r}: {section} is not a section")
+        current[key] = value
+    try:
+        config = ExperimentConfig.model_validate(tree)
+    except ValidationError as err:
+        raise LdmError(_format_error(err)) from None
+    if absolute_paths:
+        for section, key in _PATH_KEYS:
+            part = getattr(config, section)
+            value = getattr(part, key)
+            if value is not None and "://" not in value:
+                setattr(part, key, str(Path(value).expanduser().resolve()))
+    return config
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> ExperimentConfig:
+    """Load an experiment YAML with `section.key=value` overrides; raises LdmError on bad input."""
+    path = Path(path)
+    if not path.is_file():
+        raise LdmError(f"config file {path} does not exist; pass an experiment YAML such as configs/demo.yaml")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise LdmError(f"config file {path}{where}: not valid YAML ({getattr(err, 'problem', err)})") from None
+    if not isinstance(raw, dict):
+        raise LdmError(f"config file {path}: expected a mapping of sections, got {type(raw).__name__}")
+    return build_config(raw, overrides)

@@ -1,0 +1,9 @@
+"""The one exception type for problems the user must fix.
+
+The CLI prints an `LdmError` as a single line and exits non-zero; anything else is a bug
+and keeps its traceback.
+"""
+
+
+class LdmError(Exception):
+    """Bad input or environment: the message names what is wrong and how to fix it."""

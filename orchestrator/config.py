@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 from pathlib import Path
+import os
 from typing import Any, Literal
 
 import yaml
@@ -149,6 +150,8 @@ class TrainConfig(Section):
     """Steps between metric logs."""
     sample_every: int = Field(500, ge=1)
     """Steps between sample grids logged to MLflow (the last step always samples)."""
+    keep_last: int = Field(3, ge=1)
+    """Committed checkpoints kept; older ones are removed once a newer one is committed."""
     num_loader_workers: int = Field(1, ge=0)
     """DataLoader worker processes per rank."""
     resume: str = "auto"
@@ -255,8 +258,6 @@ class ExperimentConfig(Section):
 
     @property
     def tracking_uri(self) -> str:
-        import os
-
         return (
             self.tracking.uri
             or os.environ.get("MLFLOW_TRACKING_URI")
@@ -304,6 +305,8 @@ def _format_error(err: ValidationError) -> str:
     elif "input" in first and first["type"] not in ("value_error", "model_type"):
         msg += f" (got {first['input']!r})"
     more = len(err.errors()) - 1
+    if not loc and ": " in msg and "." in msg.split(": ", 1)[0]:
+        loc, msg = msg.split(": ", 1)  # cross-field checks name their key first
     where = f"config key {loc}: " if loc else "config: "
     return where + msg + (f" [and {more} more problem(s)]" if more > 0 else "")
 

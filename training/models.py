@@ -44,11 +44,11 @@ def text_hidden_size(config: ExperimentConfig) -> int:
     return int(cfg["hidden_size"])
 
 
-def load_text_encoder(config: ExperimentConfig) -> tuple[torch.nn.Module, object]:
+def load_text_encoder(name_or_path: str) -> tuple[torch.nn.Module, object]:
     """The frozen pretrained text encoder and its tokenizer, loaded offline, in eval mode."""
     from transformers import AutoConfig, AutoModel, AutoTokenizer, CLIPTextModel
 
-    path = text_encoder_path(config.text_encoder.name_or_path)
+    path = text_encoder_path(name_or_path)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     tokenizer = AutoTokenizer.from_pretrained(path)
     model_type = AutoConfig.from_pretrained(path).model_type

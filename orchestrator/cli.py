@@ -1,0 +1,237 @@
+"""`ldm`: the one command users run. Each subcommand is one pipeline stage or tool.
+
+Stages take an experiment YAML plus `section.key=value` overrides. Problems the user can fix
+(`LdmError`) print as one line and exit with status 2; nothing else is caught.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from orchestrator.errors import LdmError
+
+STAGES = ("autoencoder", "precompute", "train")
+
+
+def _set_default_env() -> None:
+    """Keep every tool's caches inside the project (or temp) and run offline."""
+    cache = Path(os.environ.get("LDM_CACHE_DIR", Path.cwd() / ".cache")).resolve()
+    defaults = {
+        "TORCH_EXTENSIONS_DIR": str(cache / "torch_extensions"),
+        "HF_HOME": str(cache / "huggingface"),
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "DO_NOT_TRACK": "true",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "TOKENIZERS_PARALLELISM": "false",
+        "DS_ACCELERATOR": "cpu" if not _has_cuda() else "cuda",
+    }
+    for key, value in defaults.items():
+        os.environ.setdefault(key, value)
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+def _split_overrides(items: list[str]) -> list[str]:
+    """`resume=auto` is shorthand for `train.resume=auto`."""
+    return [f"train.{item}" if item.startswith("resume=") else item for item in items]
+
+
+def _load(args: argparse.Namespace):
+    from orchestrator.config import load_config
+
+    config = load_config(args.config, _split_overrides(args.overrides))
+    if getattr(args, "address", None):
+        config.cluster.address = args.address
+    return config
+
+
+def cmd_config(args: argparse.Namespace) -> None:
+    from orchestrator.config import ExperimentConfig
+    from training.presets import get_preset
+
+    if args.show_defaults:
+        print(ExperimentConfig().to_yaml(), end="")
+        for name, section in ExperimentConfig.model_fields.items():
+            for key, field in section.annotation.model_fields.items():
+                print(f"# {name}.{key}: {field.description}")
+        return
+    config = get_preset(args.preset) if args.preset else _load(args)
+    print(config.to_yaml(), end="")
+
+
+def cmd_shards(args: argparse.Namespace) -> None:
+    from data_pipeline.shards import write_shards
+
+    summary = write_shards(Path(args.src), Path(args.out), args.samples_per_shard, progress=True)
+    print(
+        f"shards: {summary.num_samples} samples in {summary.num_shards} shards at {args.out}; "
+        f"{len(summary.skipped)} skipped"
+    )
+    for name, reason in summary.skipped[:20]:
+        print(f"  skipped {name}: {reason}")
+
+
+def cmd_autoencoder(args: argparse.Namespace) -> None:
+    from training.autoencoder import train_autoencoder
+
+    train_autoencoder(_load(args))
+
+
+def cmd_precompute(args: argparse.Namespace) -> None:
+    from data_pipeline.precompute import precompute
+
+    precompute(_load(args))
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from orchestrator.launch import train
+
+    result = train(_load(args))
+    print(f"train: done; checkpoints in {result['checkpoint_dir']}; MLflow run {result['run_id']}")
+
+
+def cmd_sample(args: argparse.Namespace) -> None:
+    from training.generate import sample_from_checkpoint
+
+    paths = sample_from_checkpoint(
+        Path(args.checkpoint),
+        args.prompt,
+        Path(args.out),
+        num_images=args.num_images,
+        seed=args.seed,
+        num_steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        negative_prompt=args.negative_prompt,
+        use_ema=not args.raw,
+    )
+    for path in paths:
+        print(path)
+
+
+def cmd_submit(args: argparse.Namespace) -> None:
+    from orchestrator.jobs import submit
+
+    config = _load(args)
+    config.cluster.address = None  # inside the job, Ray is the cluster the job runs on
+    job_id = submit(args.address, args.stage, config.to_yaml(), Path(__file__).resolve().parents[1])
+    print(job_id)
+
+
+def cmd_jobs(args: argparse.Namespace) -> None:
+    from orchestrator import jobs
+
+    if args.action == "list":
+        for job in jobs.list_jobs(args.address):
+            print(f"{job['id']}\t{job['status']}\t{job['entrypoint']}")
+        return
+    if not args.job_id:
+        raise LdmError(f"`ldm jobs {args.action}` needs a JOB_ID (see `ldm jobs list`)")
+    if args.action == "status":
+        print(jobs.status(args.address, args.job_id))
+    elif args.action == "logs":
+        for chunk in jobs.logs(args.address, args.job_id, follow=args.follow):
+            print(chunk, end="", flush=True)
+    elif args.action == "stop":
+        stopped = jobs.stop(args.address, args.job_id)
+        print("stopping" if stopped else "not running")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from orchestrator.demo import run_demo
+
+    run_demo(Path(args.workdir), fast=args.fast)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ldm", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def staged(name: str, help_text: str, func, address: bool = False) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("config", help="experiment YAML, e.g. configs/demo.yaml")
+        p.add_argument("overrides", nargs="*", help="section.key=value overrides")
+        if address:
+            p.add_argument("--address", help="Ray cluster address (default: embedded local Ray)")
+        p.set_defaults(func=func)
+        return p
+
+    p = sub.add_parser("shards", help="folder of captioned images -> webdataset shards")
+    p.add_argument("src")
+    p.add_argument("out")
+    p.add_argument("--samples-per-shard", type=int, default=256)
+    p.set_defaults(func=cmd_shards)
+
+    staged("autoencoder", "stage 1: train the KL autoencoder", cmd_autoencoder)
+    staged("precompute", "encode shards into the latent cache (Ray Data)", cmd_precompute, address=True)
+    staged("train", "train the UNet (Ray Train + DeepSpeed)", cmd_train, address=True)
+
+    p = sub.add_parser("config", help="print the resolved config")
+    p.add_argument("config", nargs="?")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--preset", help="print a preset instead")
+    p.add_argument("--show-defaults", action="store_true", help="every key with its default and meaning")
+    p.set_defaults(func=cmd_config)
+
+    p = sub.add_parser("sample", help="generate images from a checkpoint (DDIM + guidance)")
+    p.add_argument("checkpoint", help="a checkpoint tag folder, e.g. runs/demo/checkpoints/step_00001500")
+    p.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
+    p.add_argument("--out", default="samples")
+    p.add_argument("--num-images", type=int, default=4, help="images per prompt")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--guidance-scale", type=float, default=4.0)
+    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--raw", action="store_true", help="raw weights instead of the EMA")
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("submit", help="submit a stage as a Ray job; prints the job id")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--address", required=True, help="Ray dashboard address, e.g. http://127.0.0.1:8265")
+    p.add_argument("--stage", choices=STAGES, default="train")
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("jobs", help="list, inspect and stop Ray jobs")
+    p.add_argument("action", choices=("list", "status", "logs", "stop"))
+    p.add_argument("job_id", nargs="?")
+    p.add_argument("--address", required=True, help="Ray dashboard address, e.g. http://127.0.0.1:8265")
+    p.add_argument("--follow", action="store_true", help="with logs: stream until the job ends")
+    p.set_defaults(func=cmd_jobs)
+
+    p = sub.add_parser("demo", help="the whole pipeline on the real emoji demo data")
+    p.add_argument("--workdir", default=".", help="where data/ and runs/ go")
+    p.add_argument("--fast", action="store_true", help="tiny sizes: a smoke run in a few minutes")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    _set_default_env()
+    try:
+        if args.command == "config" and not (args.config or args.preset or args.show_defaults):
+            raise LdmError("`ldm config` needs a CONFIG file, --preset NAME or --show-defaults")
+        args.func(args)
+    except LdmError as err:
+        print(f"ldm {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"ldm {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

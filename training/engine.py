@@ -1,0 +1,78 @@
+"""The DeepSpeed engine: the one module in the project that imports deepspeed.
+
+The DeepSpeed JSON is derived from the experiment config here, never kept beside it. The
+optimizer is torch's AdamW (DeepSpeed's own CPU Adam needs a C++ build at first use), with
+a linear-warmup schedule that DeepSpeed checkpoints with the rest of the engine state.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
+
+import deepspeed  # noqa: E402
+
+from orchestrator.config import ExperimentConfig  # noqa: E402
+
+
+def deepspeed_config(config: ExperimentConfig, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed JSON for this experiment and world size."""
+    t = config.train
+    accumulation = t.global_batch_size // (t.micro_batch_size * world_size)
+    ds: dict[str, Any] = {
+        "train_batch_size": t.micro_batch_size * world_size * accumulation,
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": accumulation,
+        "zero_optimization": {"stage": t.zero_stage},
+        "bf16": {"enabled": t.precision == "bf16"},
+        "steps_per_print": 10**9,  # our loop logs; DeepSpeed's own prints would only add noise
+        "wall_clock_breakdown": False,
+        "zero_allow_untested_optimizer": True,
+    }
+    if t.grad_clip > 0:
+        ds["gradient_clipping"] = t.grad_clip
+    return ds
+
+
+def build_engine(model: torch.nn.Module, config: ExperimentConfig, world_size: int):
+    """Wrap `model` in a DeepSpeed engine (torch.distributed must already be initialised)."""
+    t = config.train
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
+    warmup = max(1, t.warmup_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        config=deepspeed_config(config, world_size),
+        dist_init_required=False,
+    )
+    return engine
+
+
+def save_engine(engine, checkpoint_dir: Path, tag: str) -> None:
+    """Every rank writes its ZeRO shard of module, optimizer and scheduler state."""
+    # The `latest` pointer DeepSpeed writes is not trusted: commit markers decide (checkpoint.py).
+    engine.save_checkpoint(str(checkpoint_dir), tag=tag, save_latest=False)
+
+
+def load_engine(engine, checkpoint_dir: Path, tag: str) -> None:
+    path, _ = engine.load_checkpoint(str(checkpoint_dir), tag=tag)
+    if path is None:
+        raise RuntimeError(f"DeepSpeed found no checkpoint {tag} in {checkpoint_dir}")
+
+
+def full_state_dict(engine) -> dict[str, torch.Tensor]:
+    """The whole module's weights on every rank (gathers ZeRO-3 partitions when needed)."""
+    module = engine.module
+    if engine.zero_optimization_stage() == 3:
+        params = list(module.parameters())
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            return {k: v.detach().clone() for k, v in module.state_dict().items()}
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}

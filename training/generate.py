@@ -1,0 +1,65 @@
+"""`ldm sample`: images from a committed checkpoint, written as PNG files.
+
+Needs no DeepSpeed and no Ray: a tag holds its config, the UNet's config and its weights
+(EMA and raw) as safetensors, so sampling works on any machine that has the autoencoder and
+text encoder the run used.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import yaml
+from diffusers import UNet2DConditionModel
+from PIL import Image
+from safetensors.torch import load_file
+
+from orchestrator.config import build_config
+from orchestrator.errors import LdmError
+from training import checkpoint as ckpt
+from training.loop import EMA_FILE, RAW_FILE, UNET_CONFIG
+from training.sampling import Sampler
+
+
+def load_unet(tag_dir: Path, use_ema: bool = True) -> UNet2DConditionModel:
+    """The UNet of a committed tag, with EMA (default) or raw weights."""
+    ckpt.verify(tag_dir)
+    unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(str(tag_dir / UNET_CONFIG)))
+    missing, unexpected = unet.load_state_dict(load_file(tag_dir / (EMA_FILE if use_ema else RAW_FILE)), strict=False)
+    if unexpected or [m for m in missing if not m.endswith("num_batches_tracked")]:
+        raise LdmError(f"checkpoint {tag_dir}: weights do not match the UNet config")
+    return unet.eval()
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60] or "prompt"
+
+
+def sample_from_checkpoint(
+    tag_dir: Path,
+    prompts: list[str],
+    out: Path,
+    num_images: int = 4,
+    seed: int = 0,
+    num_steps: int = 50,
+    guidance_scale: float = 4.0,
+    negative_prompt: str = "",
+    use_ema: bool = True,
+) -> list[Path]:
+    """Write `num_images` PNGs per prompt into `out`; returns their paths."""
+    tag_dir = Path(tag_dir)
+    if not (tag_dir / "config.yaml").is_file():
+        raise LdmError(f"{tag_dir} is not a checkpoint tag (no config.yaml); pass e.g. runs/demo/checkpoints/step_00001500")
+    config = build_config(yaml.safe_load((tag_dir / "config.yaml").read_text()), absolute_paths=False)
+    unet = load_unet(tag_dir, use_ema)
+    sampler = Sampler(config)
+    out.mkdir(parents=True, exist_ok=True)
+    batch = [p for p in prompts for _ in range(num_images)]
+    images = sampler(unet, batch, seed, num_steps, guidance_scale, negative_prompt)
+    paths = []
+    for i, (prompt, image) in enumerate(zip(batch, images)):
+        path = out / f"{_slug(prompt)}_{i % num_images:02d}.png"
+        Image.fromarray(image).save(path)
+        paths.append(path)
+    return paths

@@ -1,0 +1,244 @@
+"""The training loop of one rank: build -> resume -> loop {step, checkpoint, log, sample}.
+
+It runs inside whatever started the process group (Ray Train workers in production, a
+plain torch.distributed group in tests) and knows nothing of Ray: the launcher passes a
+`report` function that is called after each committed checkpoint.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from diffusers.training_utils import EMAModel
+from safetensors.torch import load_file, save_file
+
+from data_pipeline.cache import EMPTY_PROMPT, CacheBatch, LatentCacheStream, npy_load, read_manifest
+from orchestrator.config import ExperimentConfig
+from training import checkpoint as ckpt
+from training.engine import build_engine, full_state_dict, load_engine, save_engine
+from training.models import build_noise_scheduler, build_unet
+from training.tracking import NullTracker, tracker_for
+
+EMA_FILE = "ema_unet.safetensors"
+RAW_FILE = "unet.safetensors"
+UNET_CONFIG = "unet_config.json"
+
+
+class Rank0:
+    """Side effects that only the first rank performs: logging, sample grids, small files."""
+
+    def __init__(self, config: ExperimentConfig, tracker: NullTracker):
+        from training.sampling import Sampler
+
+        self.config, self.tracker = config, tracker
+        self.sampler = Sampler(config)
+        self.sample_unet = None
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        self.tracker.log_metrics(metrics, step)
+        text = " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+        print(f"step {step}: {text}", flush=True)
+
+    def sample(self, ema: EMAModel, unet: torch.nn.Module, step: int) -> None:
+        from training.sampling import prompt_grid
+
+        if self.sample_unet is None:
+            self.sample_unet = type(unet).from_config(unet.config)
+        ema.copy_to(self.sample_unet.parameters())
+        image = prompt_grid(self.sampler, self.sample_unet, self.config)
+        self.tracker.log_image(image, key="samples", step=step)
+
+    def write_tag_files(
+        self,
+        tag_dir: Path,
+        ema: EMAModel,
+        unet: torch.nn.Module,
+        weights: dict[str, torch.Tensor],
+        state: ckpt.TrainState,
+    ) -> None:
+        names = [name for name, _ in unet.named_parameters()]
+        save_file({n: p.detach().contiguous() for n, p in zip(names, ema.shadow_params)}, tag_dir / EMA_FILE)
+        save_file({n: w.contiguous() for n, w in weights.items()}, tag_dir / RAW_FILE)
+        unet.to_json_file(str(tag_dir / UNET_CONFIG))
+        (tag_dir / "config.yaml").write_text(self.config.to_yaml())
+        state.save(tag_dir / ckpt.TRAIN_STATE)
+
+    def commit(self, tag_dir: Path) -> None:
+        ckpt.commit(tag_dir)
+        ckpt.prune(tag_dir.parent, self.config.train.keep_last)
+
+    def close(self) -> None:
+        self.tracker.close()
+
+
+class NullRank0(Rank0):
+    def __init__(self):  # noqa: D107 - nothing to build on other ranks
+        pass
+
+    def log(self, metrics, step):  # noqa: D102
+        pass
+
+    def sample(self, ema, unet, step):  # noqa: D102
+        pass
+
+    def write_tag_files(self, tag_dir, ema, unet, weights, state):  # noqa: D102
+        pass
+
+    def commit(self, tag_dir):  # noqa: D102
+        pass
+
+    def close(self):  # noqa: D102
+        pass
+
+
+def diffusion_loss(
+    unet: torch.nn.Module,
+    batch: CacheBatch,
+    scheduler,
+    scaling_factor: float,
+    empty: tuple[torch.Tensor, torch.Tensor],
+    caption_dropout: float,
+) -> torch.Tensor:
+    """The DDPM objective on a cached batch: a fresh latent draw, noise, and CFG dropout."""
+    mean, logvar = batch.moments.chunk(2, dim=1)
+    latents = (mean + torch.exp(0.5 * logvar.clamp(-30, 20)) * torch.randn_like(mean)) * scaling_factor
+    noise = torch.randn_like(latents)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],))
+    noisy = scheduler.add_noise(latents, noise, t)
+    drop = torch.rand(latents.shape[0]) < caption_dropout
+    context = torch.where(drop[:, None, None], empty[0], batch.context)
+    mask = torch.where(drop[:, None], empty[1], batch.mask)
+    target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, t)
+    dtype = next(unet.parameters()).dtype
+    pred = unet(noisy.to(dtype), t, encoder_hidden_states=context.to(dtype), encoder_attention_mask=mask).sample
+    return F.mse_loss(pred.float(), target)
+
+
+def _empty_prompt(cache_dir: Path, max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    hidden = torch.from_numpy(npy_load((cache_dir / EMPTY_PROMPT).read_bytes()).astype(np.float32))
+    context = torch.zeros(max_length, hidden.shape[-1])
+    n = min(len(hidden), max_length)
+    context[:n] = hidden[:n]
+    mask = torch.zeros(max_length, dtype=torch.bool)
+    mask[:n] = True
+    return context, mask
+
+
+def train_worker(
+    config: ExperimentConfig,
+    cache_dir: Path,
+    mlflow_run_id: str | None,
+    report: Callable[[dict[str, Any], Path | None], None] = lambda metrics, tag: None,
+) -> dict[str, float]:
+    """One rank's whole job. Returns the final metrics."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    t = config.train
+    manifest = read_manifest(cache_dir)
+    spec = manifest["spec"]
+
+    # Build: the same seed on every rank gives identical initial weights.
+    torch.manual_seed(config.run.seed)
+    unet = build_unet(config, latent_channels=spec["latent_channels"])
+    engine = build_engine(unet, config, world)
+    ema = EMAModel(unet.parameters(), decay=t.ema_decay)
+    scheduler = build_noise_scheduler(config)
+    empty = _empty_prompt(cache_dir, spec["text_max_length"])
+    state = ckpt.TrainState(mlflow_run_id=mlflow_run_id, config_digest=config.digest())
+
+    # Resume.
+    tag = ckpt.resolve_resume(t.resume, config.checkpoint_dir)
+    if tag is not None:
+        ckpt.verify(tag)
+        load_engine(engine, tag.parent, tag.name)
+        state = ckpt.TrainState.load(tag / ckpt.TRAIN_STATE)
+        shadow = load_file(tag / EMA_FILE)
+        ema.shadow_params = [shadow[name].clone() for name, _ in unet.named_parameters()]
+        ema.optimization_step = state.step
+        ckpt.set_rng_state(state.rng[str(rank)])
+        mlflow_run_id = state.mlflow_run_id or mlflow_run_id
+    else:
+        torch.manual_seed(config.run.seed * 1000 + rank + 1)  # per-rank noise streams
+
+    tracker = tracker_for(rank, config.tracking_uri, mlflow_run_id)
+    main = Rank0(config, tracker) if rank == 0 else NullRank0()
+    stream = LatentCacheStream(
+        cache_dir, rank, world, t.micro_batch_size, t.num_loader_workers, config.run.seed,
+        start_batch=state.micro_batches_per_rank,
+    )
+    loader = torch.utils.data.DataLoader(
+        stream, batch_size=None, num_workers=t.num_loader_workers, persistent_workers=t.num_loader_workers > 0
+    )
+    batches = iter(loader)
+    accumulation = config.gradient_accumulation_steps
+    window_start, window_samples, window_wait = time.perf_counter(), 0, 0.0
+    metrics: dict[str, float] = {}
+
+    while state.step < t.num_steps:
+        engine.train()
+        losses = []
+        for _ in range(accumulation):
+            wait = time.perf_counter()
+            batch = next(batches)
+            window_wait += time.perf_counter() - wait
+            loss = diffusion_loss(engine, batch, scheduler, spec["scaling_factor"], empty, t.caption_dropout)
+            engine.backward(loss)
+            engine.step()
+            losses.append(loss.detach())
+        ema.step(unet.parameters())
+        state.step += 1
+        state.micro_batches_per_rank += accumulation
+        state.samples_seen += t.global_batch_size
+        window_samples += t.global_batch_size
+        final = state.step == t.num_steps
+
+        if state.step % t.log_every == 0 or final:
+            loss_value = torch.stack(losses).mean()
+            dist.all_reduce(loss_value)
+            elapsed = time.perf_counter() - window_start
+            metrics = {
+                "loss": loss_value.item() / world,
+                "lr": engine.get_lr()[0],
+                "grad_norm": float(engine.get_global_grad_norm() or 0.0),
+                "samples_per_s": window_samples / elapsed,
+                "data_wait_fraction": window_wait / elapsed,
+                "samples_seen": state.samples_seen,
+            }
+            main.log(metrics, state.step)
+            window_start, window_samples, window_wait = time.perf_counter(), 0, 0.0
+
+        if state.step % t.checkpoint_every == 0 or final:
+            tag_dir = save_checkpoint(engine, ema, unet, state, config, main)
+            report(metrics, tag_dir)
+
+        if state.step % t.sample_every == 0 or final:
+            main.sample(ema, unet, state.step)
+
+    main.close()
+    return metrics
+
+
+def save_checkpoint(engine, ema, unet, state: ckpt.TrainState, config: ExperimentConfig, main: Rank0) -> Path:
+    """All ranks write, then rank 0 commits the tag after a barrier."""
+    started = time.perf_counter()
+    tag = ckpt.tag_for(state.step)
+    tag_dir = config.checkpoint_dir / tag
+    # Every rank contributes its RNG state; rank 0 writes them into the one train state.
+    rngs: list[dict] = [None] * dist.get_world_size()  # type: ignore[list-item]
+    dist.all_gather_object(rngs, ckpt.rng_state())
+    state.rng = {str(r): s for r, s in enumerate(rngs)}
+    save_engine(engine, config.checkpoint_dir, tag)
+    weights = full_state_dict(engine)  # a collective under ZeRO-3: every rank takes part
+    main.write_tag_files(tag_dir, ema, unet, weights, state)
+    dist.barrier()  # every rank's files are on disk before the tag is sealed
+    main.commit(tag_dir)
+    dist.barrier()
+    main.log({"checkpoint_save_s": time.perf_counter() - started}, state.step)
+    return tag_dir
+

@@ -1,0 +1,98 @@
+"""Text-to-image sampling: DDIM with classifier-free guidance, decoded by the autoencoder.
+
+Used for the sample grids logged during training and by `ldm sample`. Prompts are encoded by
+the same frozen text encoder the cache was built with, padded with an attention mask just
+as in training.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from diffusers import UNet2DConditionModel
+
+from data_pipeline.images import to_uint8
+from orchestrator.config import ExperimentConfig
+from training.models import build_sampling_scheduler, load_autoencoder, load_text_encoder
+
+
+class PromptEncoder:
+    """Prompts -> (hidden states, mask) padded to the training length."""
+
+    def __init__(self, name_or_path: str, max_length: int):
+        self.model, self.tokenizer = load_text_encoder(name_or_path)
+        self.max_length = max_length
+
+    @torch.inference_mode()
+    def __call__(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = self.tokenizer(
+            prompts, max_length=self.max_length, padding="max_length", truncation=True, return_tensors="pt"
+        )
+        hidden = self.model(**tokens).last_hidden_state
+        mask = tokens["attention_mask"].bool()
+        return hidden * mask[..., None], mask
+
+
+class Sampler:
+    """Everything needed to turn prompts into images with a given UNet."""
+
+    def __init__(self, config: ExperimentConfig):
+        self.config = config
+        self.encode = PromptEncoder(config.text_encoder.name_or_path, config.text_encoder.max_length)
+        self.vae = load_autoencoder(config.autoencoder_dir)
+        self.scheduler = build_sampling_scheduler(config)
+
+    @torch.inference_mode()
+    def __call__(
+        self,
+        unet: UNet2DConditionModel,
+        prompts: list[str],
+        seed: int,
+        num_steps: int,
+        guidance_scale: float,
+        negative_prompt: str = "",
+    ) -> np.ndarray:
+        """uint8 images (N, H, W, 3), one per prompt, with noise fixed by `seed`."""
+        unet.eval()
+        context, mask = self.encode(prompts)
+        neg_context, neg_mask = self.encode([negative_prompt] * len(prompts))
+        size = self.config.data.resolution // self.config.autoencoder.downsample_factor
+        generator = torch.Generator().manual_seed(seed)
+        latents = torch.randn(len(prompts), unet.config.in_channels, size, size, generator=generator)
+        self.scheduler.set_timesteps(num_steps)
+        latents = latents * self.scheduler.init_noise_sigma
+        guided = guidance_scale != 1.0
+        for t in self.scheduler.timesteps:
+            if guided:
+                pred = unet(
+                    torch.cat([latents, latents]),
+                    t,
+                    encoder_hidden_states=torch.cat([neg_context, context]),
+                    encoder_attention_mask=torch.cat([neg_mask, mask]),
+                ).sample
+                uncond, cond = pred.chunk(2)
+                pred = uncond + guidance_scale * (cond - uncond)
+            else:
+                pred = unet(latents, t, encoder_hidden_states=context, encoder_attention_mask=mask).sample
+            latents = self.scheduler.step(pred, t, latents).prev_sample
+        images = self.vae.decode(latents / self.vae.config.scaling_factor).sample
+        return to_uint8(images)
+
+
+def grid(images: np.ndarray, num_columns: int) -> np.ndarray:
+    """Tile (N, H, W, 3) images into one (rows*H, cols*W, 3) image, row-major."""
+    n, h, w, c = images.shape
+    rows = -(-n // num_columns)
+    canvas = np.full((rows * h, num_columns * w, c), 255, dtype=np.uint8)
+    for i, image in enumerate(images):
+        r, col = divmod(i, num_columns)
+        canvas[r * h : (r + 1) * h, col * w : (col + 1) * w] = image
+    return canvas
+
+
+def prompt_grid(sampler: Sampler, unet: UNet2DConditionModel, config: ExperimentConfig) -> np.ndarray:
+    """The fixed grid logged during training: one row per prompt, fixed seeds."""
+    s = config.sample
+    prompts = [p for p in s.prompts for _ in range(s.images_per_prompt)]
+    images = sampler(unet, prompts, s.seed, s.num_inference_steps, s.guidance_scale)
+    return grid(images, s.images_per_prompt)

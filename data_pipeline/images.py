@@ -112,7 +112,7 @@ def resize_crop(
 
 def to_model_range(batch_uint8: np.ndarray) -> torch.Tensor:
     """uint8 NHWC -> float32 NCHW tensor in [-1, 1], the autoencoder's input range."""
-    x = torch.from_numpy(np.ascontiguousarray(batch_uint8)).permute(0, 3, 1, 2).float()
+    x = torch.from_numpy(np.array(batch_uint8, dtype=np.uint8, copy=True)).permute(0, 3, 1, 2).float()
     return x / 127.5 - 1.0
 
 

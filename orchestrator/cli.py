@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 from orchestrator.errors import LdmError
@@ -18,7 +19,7 @@ STAGES = ("autoencoder", "precompute", "train")
 
 def _set_default_env() -> None:
     """Keep every tool's caches inside the project (or temp) and run offline."""
-    cache = Path(os.environ.get("LDM_CACHE_DIR", Path.cwd() / ".cache")).resolve()
+    cache = Path(os.environ.get("LDM_CACHE_DIR", Path(tempfile.gettempdir()) / "ldm-cache"))
     defaults = {
         "TORCH_EXTENSIONS_DIR": str(cache / "torch_extensions"),
         "HF_HOME": str(cache / "huggingface"),
@@ -151,7 +152,7 @@ def cmd_jobs(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from orchestrator.demo import run_demo
 
-    run_demo(Path(args.workdir), fast=args.fast)
+    run_demo(Path(args.config), _split_overrides(args.overrides))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -211,8 +212,8 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_jobs)
 
     p = sub.add_parser("demo", help="the whole pipeline on the real emoji demo data")
-    p.add_argument("--workdir", default=".", help="where data/ and runs/ go")
-    p.add_argument("--fast", action="store_true", help="tiny sizes: a smoke run in a few minutes")
+    p.add_argument("config", nargs="?", default="configs/demo.yaml")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides")
     p.set_defaults(func=cmd_demo)
     return parser
 

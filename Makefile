@@ -1,0 +1,49 @@
+# The two commands a user needs: `make demo` and `make test`. Both set up .venv themselves.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+# Caches live in the system temp dir (shared by clones of this repo), never in $HOME.
+LDM_CACHE_DIR ?= $(shell $(PYTHON) -c 'import tempfile; print(tempfile.gettempdir())')/ldm-cache
+export LDM_CACHE_DIR
+export PIP_CACHE_DIR := $(LDM_CACHE_DIR)/pip
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+export npm_config_cache := $(LDM_CACHE_DIR)/npm
+export RAY_USAGE_STATS_ENABLED := 0
+export MLFLOW_DISABLE_TELEMETRY := true
+export DO_NOT_TRACK := true
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test test-fast lint format bench clean
+
+install: $(STAMP)
+
+# torch first and pinned (an unpinned torch pulls a multi-GB CUDA build); deepspeed
+# compiles against the installed torch, so it builds without isolation.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip setuptools wheel
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q --no-build-isolation deepspeed==0.19.8
+	$(BIN)/pip install -q --no-build-isolation -e '.[dev]'
+	touch $@
+
+demo: install
+	$(BIN)/ldm demo
+
+test: install
+	$(BIN)/pytest -q
+
+test-fast: install
+	$(BIN)/pytest -q -m "not slow"
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+clean:
+	rm -rf runs .pytest_cache .ruff_cache

@@ -1,0 +1,150 @@
+"""Every stage through the real `ldm` command on the fixture images, at tiny sizes.
+
+shards -> autoencoder -> precompute (Ray Data) -> train (Ray Train, 2 workers, DeepSpeed
+ZeRO-2, MLflow in SQLite) -> sample, then resume into the same MLflow run, then the bad
+inputs a user is most likely to hit.
+"""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import FIXTURE_IMAGES, run_ldm
+
+pytestmark = pytest.mark.slow
+
+
+def ok(result):
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result
+
+
+def one_line_error(result, *fragments):
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-3000:]
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    """Run every stage once; tests below inspect what each produced."""
+    work = tmp_path_factory.mktemp("e2e")
+    uri = f"sqlite:///{work}/mlflow.db"
+    (work / "exp.yaml").write_text(
+        f"preset: tiny\nrun:\n  root: {work}/runs\ndata:\n  shards: {work}/shards\n"
+        f"tracking:\n  uri: {uri}\n"
+    )
+    results = {
+        "shards": ok(run_ldm("shards", str(FIXTURE_IMAGES), str(work / "shards"), "--samples-per-shard", "16")),
+        "autoencoder": ok(run_ldm("autoencoder", str(work / "exp.yaml"))),
+        "precompute": ok(run_ldm("precompute", str(work / "exp.yaml"))),
+        "train": ok(run_ldm("train", str(work / "exp.yaml"))),
+    }
+    return work, uri, results
+
+
+def test_shards_and_autoencoder(pipeline):
+    work, _, results = pipeline
+    assert sorted(p.name for p in (work / "shards").glob("*.tar")) == [f"{i:05d}.tar" for i in range(4)]
+    assert "64 samples in 4 shards" in results["shards"].stdout
+    ae = work / "runs" / "tiny" / "autoencoder"
+    assert (ae / "config.json").is_file() and list(ae.glob("*.safetensors"))
+
+
+def test_latent_cache(pipeline):
+    work, _, _ = pipeline
+    (manifest_path,) = (work / "runs" / "cache").glob("*/manifest.json")
+    manifest = json.loads(manifest_path.read_text())
+    assert manifest["num_samples"] == 64 and len(manifest["shards"]) == 4
+    assert manifest["spec"]["latent_channels"] == 4 and manifest["spec"]["resolution"] == 32
+    assert manifest["spec"]["scaling_factor"] != 1.0
+    assert (manifest_path.parent / "empty_prompt.npy").is_file()
+
+
+def test_training_checkpoints_and_mlflow(pipeline):
+    work, uri, _ = pipeline
+    tags = sorted(p.name for p in (work / "runs" / "tiny" / "checkpoints").iterdir())
+    assert tags == ["step_00000003", "step_00000006"]
+    final = work / "runs" / "tiny" / "checkpoints" / "step_00000006"
+    assert (final / "COMMITTED.json").is_file()
+    assert len(list(final.glob("zero_pp_rank_*_optim_states.pt"))) == 2  # ZeRO-2 over 2 ranks
+
+    client = MlflowClient(uri)
+    runs = client.search_runs(client.get_experiment_by_name("ldm").experiment_id)
+    train_runs = [r for r in runs if r.data.tags.get("ldm.stage") == "train"]
+    assert len(train_runs) == 1
+    run = train_runs[0]
+    assert run.data.params["train.zero_stage"] == "2" and run.data.params["train.num_workers"] == "2"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [2, 4, 6]
+    for key in ("lr", "samples_per_s", "grad_norm"):
+        assert client.get_metric_history(run.info.run_id, key)
+    artifacts = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
+    assert any("samples" in a for a in artifacts), artifacts
+
+
+def test_sample_writes_pngs(pipeline, tmp_path):
+    work, _, _ = pipeline
+    tag = work / "runs" / "tiny" / "checkpoints" / "step_00000006"
+    result = ok(
+        run_ldm("sample", str(tag), "--prompt", "an emoji of red heart", "--prompt", "an emoji of blue heart",
+                "--out", str(tmp_path), "--num-images", "2", "--steps", "3")
+    )
+    pngs = sorted(tmp_path.glob("*.png"))
+    assert len(pngs) == 4 and str(pngs[0]) in result.stdout
+
+
+def test_resume_continues_the_same_run(pipeline):
+    work, uri, _ = pipeline
+    ok(run_ldm("train", str(work / "exp.yaml"), "train.num_steps=8"))
+    client = MlflowClient(uri)
+    runs = [
+        r for r in client.search_runs(client.get_experiment_by_name("ldm").experiment_id)
+        if r.data.tags.get("ldm.stage") == "train"
+    ]
+    assert len(runs) == 1
+    assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")] == [2, 4, 6, 8]
+    assert (work / "runs" / "tiny" / "checkpoints" / "step_00000008" / "COMMITTED.json").is_file()
+
+
+def test_cache_from_another_autoencoder_is_refused(pipeline, tmp_path):
+    work, _, _ = pipeline
+    (cache,) = (work / "runs" / "cache").iterdir()
+    other = tmp_path / "other-ae"
+    shutil.copytree(work / "runs" / "tiny" / "autoencoder", other)
+    weights = next(other.glob("*.safetensors"))
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(weights)
+    first = sorted(tensors)[0]
+    tensors[first] = tensors[first] + 1
+    save_file(tensors, weights)
+    result = run_ldm(
+        "train", str(work / "exp.yaml"), f"autoencoder.pretrained={other}", f"precompute.cache_dir={cache}"
+    )
+    one_line_error(result, "was built with autoencoder_sha256=", "ldm precompute")
+
+
+def test_unreachable_cluster(pipeline):
+    work, _, _ = pipeline
+    one_line_error(run_ldm("train", str(work / "exp.yaml"), "--address", "127.0.0.1:9"), "127.0.0.1:9")
+    one_line_error(run_ldm("jobs", "list", "--address", "http://127.0.0.1:9"), "127.0.0.1:9")
+
+
+def test_bad_inputs_get_one_line(tmp_path):
+    one_line_error(run_ldm("shards", str(tmp_path / "missing"), str(tmp_path / "out")), "missing")
+    (tmp_path / "empty").mkdir()
+    one_line_error(run_ldm("shards", str(tmp_path / "empty"), str(tmp_path / "out")), "empty")
+    nocap = tmp_path / "nocap"
+    nocap.mkdir()
+    shutil.copy(next(FIXTURE_IMAGES.glob("*.png")), nocap / "a.png")
+    one_line_error(run_ldm("shards", str(nocap), str(tmp_path / "out")), "caption")
+    cfg = tmp_path / "exp.yaml"
+    cfg.write_text("preset: tiny\ntrain:\n  num_stepz: 3\n")
+    one_line_error(run_ldm("train", str(cfg)), "train.num_stepz", "unknown key")
+    cfg.write_text("preset: tiny\n")
+    one_line_error(run_ldm("train", str(cfg), "train.micro_batch_size=big"), "train.micro_batch_size")

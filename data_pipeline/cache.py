@@ -70,10 +70,14 @@ def write_manifest(cache_dir: Path, manifest: dict[str, Any]) -> None:
 def read_manifest(cache_dir: str | Path) -> dict[str, Any]:
     path = Path(cache_dir) / MANIFEST
     if not path.is_file():
-        raise LdmError(f"no latent cache at {cache_dir} (no {MANIFEST}): run `ldm precompute CONFIG`")
+        raise LdmError(
+            f"no latent cache at {cache_dir} (no {MANIFEST}): run `ldm precompute CONFIG`"
+        )
     manifest = json.loads(path.read_text())
     if manifest.get("format") != FORMAT:
-        raise LdmError(f"{path}: unknown cache format {manifest.get('format')!r}, expected {FORMAT}")
+        raise LdmError(
+            f"{path}: unknown cache format {manifest.get('format')!r}, expected {FORMAT}"
+        )
     return manifest
 
 
@@ -144,7 +148,9 @@ class LatentCacheStream(IterableDataset):
         shuffle_buffer: int = 256,
     ):
         manifest = read_manifest(cache_dir)
-        self.shards = [str(Path(cache_dir) / s["name"]) for s in manifest["shards"] if s["num_samples"]]
+        self.shards = [
+            str(Path(cache_dir) / s["name"]) for s in manifest["shards"] if s["num_samples"]
+        ]
         self.max_length = int(manifest["spec"]["text_max_length"])
         self.rank, self.world_size = rank, world_size
         self.micro_batch_size = micro_batch_size

@@ -94,7 +94,10 @@ def try_decode(data: bytes | None) -> Image.Image | None:
 
 
 def resize_crop(
-    image: Image.Image, resolution: int, center_crop: bool = True, rng: np.random.Generator | None = None
+    image: Image.Image,
+    resolution: int,
+    center_crop: bool = True,
+    rng: np.random.Generator | None = None,
 ) -> np.ndarray:
     """Resize the short side to `resolution`, crop a square: uint8 HWC array."""
     w, h = image.size
@@ -112,7 +115,11 @@ def resize_crop(
 
 def to_model_range(batch_uint8: np.ndarray) -> torch.Tensor:
     """uint8 NHWC -> float32 NCHW tensor in [-1, 1], the autoencoder's input range."""
-    x = torch.from_numpy(np.array(batch_uint8, dtype=np.uint8, copy=True)).permute(0, 3, 1, 2).float()
+    x = (
+        torch.from_numpy(np.array(batch_uint8, dtype=np.uint8, copy=True))
+        .permute(0, 3, 1, 2)
+        .float()
+    )
     return x / 127.5 - 1.0
 
 

@@ -27,7 +27,14 @@ from data_pipeline.cache import (
     write_atomic,
     write_manifest,
 )
-from data_pipeline.images import caption_of, image_bytes, list_shards, read_shard, resize_crop, try_decode
+from data_pipeline.images import (
+    caption_of,
+    image_bytes,
+    list_shards,
+    read_shard,
+    resize_crop,
+    try_decode,
+)
 from orchestrator.config import ExperimentConfig
 from orchestrator.errors import LdmError
 
@@ -64,7 +71,9 @@ def resolve_cache_dir(config: ExperimentConfig, spec: dict[str, Any]) -> Path:
 class _ShardDecoder:
     """CPU stage: one raw shard in, its decoded and tokenized samples out."""
 
-    def __init__(self, text_encoder: str, max_length: int, resolution: int, center_crop: bool, seed: int):
+    def __init__(
+        self, text_encoder: str, max_length: int, resolution: int, center_crop: bool, seed: int
+    ):
         from transformers import AutoTokenizer
 
         from training.models import text_encoder_path
@@ -157,11 +166,15 @@ class _Encoder:
             "key": batch["key"],
             "caption": batch["caption"],
             "moments_npy": np.array([npy_bytes(m) for m in moments], dtype=object),
-            "text_npy": np.array([npy_bytes(h[:n]) for h, n in zip(hidden, lengths)], dtype=object),
+            "text_npy": np.array(
+                [npy_bytes(h[:n]) for h, n in zip(hidden, lengths, strict=True)], dtype=object
+            ),
         }
 
 
-def _write_cache_shard(cache_dir: Path, name: str, source: str, rows: list[dict], num_bad: int) -> dict:
+def _write_cache_shard(
+    cache_dir: Path, name: str, source: str, rows: list[dict], num_bad: int
+) -> dict:
     import webdataset as wds
 
     rows = sorted((r for r in rows if r["key"]), key=lambda r: r["index"])
@@ -213,7 +226,6 @@ def _empty_prompt_embedding(config: ExperimentConfig, dtype: str) -> np.ndarray:
 def precompute(config: ExperimentConfig, progress: bool = True) -> Path:
     """Encode every raw shard not yet in the cache; returns the cache folder."""
     import ray
-
     from orchestrator.cluster import ray_session
 
     spec = cache_spec(config)
@@ -224,7 +236,10 @@ def precompute(config: ExperimentConfig, progress: bool = True) -> Path:
     if len(set(names)) != len(names):
         raise LdmError(f"data.shards: shard file names repeat in {config.data.shards}")
     todo = [s for s in shards if _done_entry(cache_dir, Path(s).name) is None]
-    print(f"precompute: {len(shards) - len(todo)} of {len(shards)} shards already cached in {cache_dir}")
+    print(
+        f"precompute: {len(shards) - len(todo)} of {len(shards)} shards already cached "
+        f"in {cache_dir}"
+    )
     started = time.perf_counter()
     p = config.precompute
     if todo:
@@ -261,16 +276,25 @@ def precompute(config: ExperimentConfig, progress: bool = True) -> Path:
                 rows = pending[row["shard"]]
                 rows.append(row)
                 if len(rows) >= max(1, row["num_good"]):
-                    entry = _write_cache_shard(cache_dir, row["shard"], sources[row["shard"]], rows, row["num_bad"])
+                    entry = _write_cache_shard(
+                        cache_dir, row["shard"], sources[row["shard"]], rows, row["num_bad"]
+                    )
                     del pending[row["shard"]]
                     if progress:
-                        print(f"precompute: wrote {entry['name']} ({entry['num_samples']} samples, {entry['num_bad']} bad)")
+                        print(
+                            f"precompute: wrote {entry['name']} ({entry['num_samples']} "
+                            f"samples, {entry['num_bad']} bad)"
+                        )
             if pending:
-                raise LdmError(f"precompute: shards {sorted(pending)} ended incomplete; re-run to retry them")
+                raise LdmError(
+                    f"precompute: shards {sorted(pending)} ended incomplete; re-run to retry them"
+                )
     entries = [_done_entry(cache_dir, name) for name in names]
-    missing = [n for n, e in zip(names, entries) if e is None]
+    missing = [n for n, e in zip(names, entries, strict=True) if e is None]
     if missing:
-        raise LdmError(f"precompute: shards {missing} are not cached; re-run `ldm precompute CONFIG`")
+        raise LdmError(
+            f"precompute: shards {missing} are not cached; re-run `ldm precompute CONFIG`"
+        )
     empty = _empty_prompt_embedding(config, p.dtype)
     write_atomic(cache_dir / EMPTY_PROMPT, npy_bytes(empty))
     manifest = {
@@ -286,7 +310,8 @@ def precompute(config: ExperimentConfig, progress: bool = True) -> Path:
     write_manifest(cache_dir, manifest)
     elapsed = time.perf_counter() - started
     print(
-        f"precompute: cache {cache_dir}: {manifest['num_samples']} samples in {len(entries)} shards, "
+        f"precompute: cache {cache_dir}: {manifest['num_samples']} samples in "
+        f"{len(entries)} shards, "
         f"{manifest['num_bad']} bad samples skipped ({elapsed:.1f} s)"
     )
     return cache_dir

@@ -175,18 +175,24 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_shards)
 
     staged("autoencoder", "stage 1: train the KL autoencoder", cmd_autoencoder)
-    staged("precompute", "encode shards into the latent cache (Ray Data)", cmd_precompute, address=True)
+    staged(
+        "precompute", "encode shards into the latent cache (Ray Data)", cmd_precompute, address=True
+    )
     staged("train", "train the UNet (Ray Train + DeepSpeed)", cmd_train, address=True)
 
     p = sub.add_parser("config", help="print the resolved config")
     p.add_argument("config", nargs="?")
     p.add_argument("overrides", nargs="*")
     p.add_argument("--preset", help="print a preset instead")
-    p.add_argument("--show-defaults", action="store_true", help="every key with its default and meaning")
+    p.add_argument(
+        "--show-defaults", action="store_true", help="every key with its default and meaning"
+    )
     p.set_defaults(func=cmd_config)
 
     p = sub.add_parser("sample", help="generate images from a checkpoint (DDIM + guidance)")
-    p.add_argument("checkpoint", help="a checkpoint tag folder, e.g. runs/demo/checkpoints/step_00001500")
+    p.add_argument(
+        "checkpoint", help="a checkpoint tag folder, e.g. runs/demo/checkpoints/step_00001500"
+    )
     p.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
     p.add_argument("--out", default="samples")
     p.add_argument("--num-images", type=int, default=4, help="images per prompt")
@@ -200,14 +206,18 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("submit", help="submit a stage as a Ray job; prints the job id")
     p.add_argument("config")
     p.add_argument("overrides", nargs="*")
-    p.add_argument("--address", required=True, help="Ray dashboard address, e.g. http://127.0.0.1:8265")
+    p.add_argument(
+        "--address", required=True, help="Ray dashboard address, e.g. http://127.0.0.1:8265"
+    )
     p.add_argument("--stage", choices=STAGES, default="train")
     p.set_defaults(func=cmd_submit)
 
     p = sub.add_parser("jobs", help="list, inspect and stop Ray jobs")
     p.add_argument("action", choices=("list", "status", "logs", "stop"))
     p.add_argument("job_id", nargs="?")
-    p.add_argument("--address", required=True, help="Ray dashboard address, e.g. http://127.0.0.1:8265")
+    p.add_argument(
+        "--address", required=True, help="Ray dashboard address, e.g. http://127.0.0.1:8265"
+    )
     p.add_argument("--follow", action="store_true", help="with logs: stream until the job ends")
     p.set_defaults(func=cmd_jobs)
 

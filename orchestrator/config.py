@@ -12,8 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from pathlib import Path
 import os
+from pathlib import Path
 from typing import Any, Literal
 
 import yaml
@@ -25,14 +25,16 @@ MINILM = "minilm"  # name of the pretrained MiniLM text encoder shipped by a PyP
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+    model_config = ConfigDict(
+        extra="forbid", use_attribute_docstrings=True, validate_assignment=True
+    )
 
 
 class RunConfig(Section):
     name: str = Field("demo", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     """Run name: outputs go to `<root>/<name>/` and the MLflow run is named after it."""
     root: str = "runs"
-    """Folder (or shared filesystem path) holding every run's outputs and the default MLflow store."""
+    """Folder (a shared filesystem on clusters) for every run's outputs and the MLflow store."""
     seed: int = 0
     """Seed for model init, data order, noise and sampling."""
 
@@ -173,7 +175,7 @@ class SampleConfig(Section):
 
 class TrackingConfig(Section):
     uri: str | None = None
-    """MLflow tracking URI; default `$MLFLOW_TRACKING_URI`, else SQLite in `<run.root>/mlflow.db`."""
+    """MLflow tracking URI; default `$MLFLOW_TRACKING_URI`, else `<run.root>/mlflow.db` (SQLite)."""
     experiment: str = "ldm"
     """MLflow experiment name."""
 
@@ -365,13 +367,19 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> ExperimentConfig
     """Load an experiment YAML with `section.key=value` overrides; raises LdmError on bad input."""
     path = Path(path)
     if not path.is_file():
-        raise LdmError(f"config file {path} does not exist; pass an experiment YAML such as configs/demo.yaml")
+        raise LdmError(
+            f"config file {path} does not exist; pass an experiment YAML such as configs/demo.yaml"
+        )
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
-        raise LdmError(f"config file {path}{where}: not valid YAML ({getattr(err, 'problem', err)})") from None
+        raise LdmError(
+            f"config file {path}{where}: not valid YAML ({getattr(err, 'problem', err)})"
+        ) from None
     if not isinstance(raw, dict):
-        raise LdmError(f"config file {path}: expected a mapping of sections, got {type(raw).__name__}")
+        raise LdmError(
+            f"config file {path}: expected a mapping of sections, got {type(raw).__name__}"
+        )
     return build_config(raw, overrides)

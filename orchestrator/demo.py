@@ -77,11 +77,19 @@ def run_demo(config_path: Path, overrides: list[str] = ()) -> dict[str, float]:
         out = config.run_dir / "samples"
         s = config.sample
         paths = sample_from_checkpoint(
-            tag, s.prompts, out, s.images_per_prompt, s.seed, s.num_inference_steps, s.guidance_scale
+            tag,
+            s.prompts,
+            out,
+            s.images_per_prompt,
+            s.seed,
+            s.num_inference_steps,
+            s.guidance_scale,
         )
         rows = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths])
         Image.fromarray(grid(rows, s.images_per_prompt)).save(out / "grid.png")
-        print(f"sample: {len(paths)} images and grid.png in {out} (one row per prompt: {s.prompts})")
+        print(
+            f"sample: {len(paths)} images and grid.png in {out} (one row per prompt: {s.prompts})"
+        )
     timings["total"] = round(time.perf_counter() - started, 1)
     (config.run_dir / "timings.json").write_text(json.dumps(timings, indent=2))
     print("\nDemo finished. Stage timings (s):")

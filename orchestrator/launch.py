@@ -52,7 +52,9 @@ def _ray_worker(loop_config: dict[str, Any]) -> None:
                 Path(tmp, "ldm_checkpoint.json").write_text(json.dumps({"tag": str(tag_dir)}))
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(
-                metrics, checkpoint=checkpoint, checkpoint_dir_name=tag_dir.name if tag_dir else None
+                metrics,
+                checkpoint=checkpoint,
+                checkpoint_dir_name=tag_dir.name if tag_dir else None,
             )
 
     train_worker(config, Path(loop_config["cache_dir"]), loop_config["mlflow_run_id"], report)
@@ -107,7 +109,10 @@ def train(config: ExperimentConfig) -> dict[str, Any]:
                 scaling_config=ScalingConfig(
                     num_workers=config.train.num_workers,
                     use_gpu=c.use_gpu,
-                    resources_per_worker={"CPU": c.num_cpus_per_worker, **({"GPU": 1} if c.use_gpu else {})},
+                    resources_per_worker={
+                        "CPU": c.num_cpus_per_worker,
+                        **({"GPU": 1} if c.use_gpu else {}),
+                    },
                     placement_strategy=c.placement_strategy,
                 ),
                 run_config=RunConfig(
@@ -125,7 +130,11 @@ def train(config: ExperimentConfig) -> dict[str, Any]:
         raise
     finally:
         end_run(config.tracking.uri, run_id, status)
-    return {"run_id": run_id, "metrics": dict(result.metrics or {}), "checkpoint_dir": str(config.checkpoint_dir)}
+    return {
+        "run_id": run_id,
+        "metrics": dict(result.metrics or {}),
+        "checkpoint_dir": str(config.checkpoint_dir),
+    }
 
 
 def _find_user_error(err: BaseException) -> LdmError | None:

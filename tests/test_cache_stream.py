@@ -51,7 +51,9 @@ def test_resumed_stream_continues_exactly(tmp_path, num_workers):
     kwargs = dict(rank=0, world_size=1, micro_batch_size=3, num_loader_workers=num_workers, seed=7)
     full = take(LatentCacheStream(cache, **kwargs), num_workers, 20)
     for start in (1, 5, 8):
-        resumed = take(LatentCacheStream(cache, start_batch=start, **kwargs), num_workers, 20 - start)
+        resumed = take(
+            LatentCacheStream(cache, start_batch=start, **kwargs), num_workers, 20 - start
+        )
         assert resumed == full[start:]
 
 
@@ -64,7 +66,9 @@ def test_ranks_read_disjoint_shards_and_batches_are_padded(tmp_path):
         seen.append({uid // 1000 for b in batches for uid in b})
         batch = next(iter(stream))
         assert batch.context.shape == (5, 6, 8) and batch.mask.shape == (5, 6)
-        assert batch.mask.sum(1).tolist() == [int(m) for m in (batch.context.abs().sum(-1) > 0).sum(1)]
+        assert batch.mask.sum(1).tolist() == [
+            int(m) for m in (batch.context.abs().sum(-1) > 0).sum(1)
+        ]
     assert not seen[0] & seen[1] and len(seen[0] | seen[1]) == 4
 
 

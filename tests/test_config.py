@@ -24,7 +24,10 @@ def test_yaml_with_preset_and_overrides(tmp_path):
         ("train.lr=1", "config key train.lr: unknown key"),
         ("trian.num_steps=1", "config key trian: unknown key"),
         ("train.num_steps=abc", "config key train.num_steps: Input should be a valid integer"),
-        ("train.num_steps=0", "config key train.num_steps: Input should be greater than or equal to 1"),
+        (
+            "train.num_steps=0",
+            "config key train.num_steps: Input should be greater than or equal to 1",
+        ),
         ("train.zero_stage=5", "config key train.zero_stage"),
         ("train.global_batch_size=12", "config key train.global_batch_size: 12 is not a multiple"),
         ("data.resolution=30", "config key data.resolution"),

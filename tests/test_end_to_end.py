@@ -7,7 +7,6 @@ inputs a user is most likely to hit.
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -40,7 +39,11 @@ def pipeline(tmp_path_factory):
         f"tracking:\n  uri: {uri}\n"
     )
     results = {
-        "shards": ok(run_ldm("shards", str(FIXTURE_IMAGES), str(work / "shards"), "--samples-per-shard", "16")),
+        "shards": ok(
+            run_ldm(
+                "shards", str(FIXTURE_IMAGES), str(work / "shards"), "--samples-per-shard", "16"
+            )
+        ),
         "autoencoder": ok(run_ldm("autoencoder", str(work / "exp.yaml"))),
         "precompute": ok(run_ldm("precompute", str(work / "exp.yaml"))),
         "train": ok(run_ldm("train", str(work / "exp.yaml"))),
@@ -50,7 +53,9 @@ def pipeline(tmp_path_factory):
 
 def test_shards_and_autoencoder(pipeline):
     work, _, results = pipeline
-    assert sorted(p.name for p in (work / "shards").glob("*.tar")) == [f"{i:05d}.tar" for i in range(4)]
+    assert sorted(p.name for p in (work / "shards").glob("*.tar")) == [
+        f"{i:05d}.tar" for i in range(4)
+    ]
     assert "64 samples in 4 shards" in results["shards"].stdout
     ae = work / "runs" / "tiny" / "autoencoder"
     assert (ae / "config.json").is_file() and list(ae.glob("*.safetensors"))
@@ -79,7 +84,9 @@ def test_training_checkpoints_and_mlflow(pipeline):
     train_runs = [r for r in runs if r.data.tags.get("ldm.stage") == "train"]
     assert len(train_runs) == 1
     run = train_runs[0]
-    assert run.data.params["train.zero_stage"] == "2" and run.data.params["train.num_workers"] == "2"
+    assert (
+        run.data.params["train.zero_stage"] == "2" and run.data.params["train.num_workers"] == "2"
+    )
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [2, 4, 6]
     for key in ("lr", "samples_per_s", "grad_norm"):
         assert client.get_metric_history(run.info.run_id, key)
@@ -91,8 +98,20 @@ def test_sample_writes_pngs(pipeline, tmp_path):
     work, _, _ = pipeline
     tag = work / "runs" / "tiny" / "checkpoints" / "step_00000006"
     result = ok(
-        run_ldm("sample", str(tag), "--prompt", "an emoji of red heart", "--prompt", "an emoji of blue heart",
-                "--out", str(tmp_path), "--num-images", "2", "--steps", "3")
+        run_ldm(
+            "sample",
+            str(tag),
+            "--prompt",
+            "an emoji of red heart",
+            "--prompt",
+            "an emoji of blue heart",
+            "--out",
+            str(tmp_path),
+            "--num-images",
+            "2",
+            "--steps",
+            "3",
+        )
     )
     pngs = sorted(tmp_path.glob("*.png"))
     assert len(pngs) == 4 and str(pngs[0]) in result.stdout
@@ -103,7 +122,8 @@ def test_resume_continues_the_same_run(pipeline):
     ok(run_ldm("train", str(work / "exp.yaml"), "train.num_steps=8"))
     client = MlflowClient(uri)
     runs = [
-        r for r in client.search_runs(client.get_experiment_by_name("ldm").experiment_id)
+        r
+        for r in client.search_runs(client.get_experiment_by_name("ldm").experiment_id)
         if r.data.tags.get("ldm.stage") == "train"
     ]
     assert len(runs) == 1
@@ -124,14 +144,19 @@ def test_cache_from_another_autoencoder_is_refused(pipeline, tmp_path):
     tensors[first] = tensors[first] + 1
     save_file(tensors, weights)
     result = run_ldm(
-        "train", str(work / "exp.yaml"), f"autoencoder.pretrained={other}", f"precompute.cache_dir={cache}"
+        "train",
+        str(work / "exp.yaml"),
+        f"autoencoder.pretrained={other}",
+        f"precompute.cache_dir={cache}",
     )
     one_line_error(result, "was built with autoencoder_sha256=", "ldm precompute")
 
 
 def test_unreachable_cluster(pipeline):
     work, _, _ = pipeline
-    one_line_error(run_ldm("train", str(work / "exp.yaml"), "--address", "127.0.0.1:9"), "127.0.0.1:9")
+    one_line_error(
+        run_ldm("train", str(work / "exp.yaml"), "--address", "127.0.0.1:9"), "127.0.0.1:9"
+    )
     one_line_error(run_ldm("jobs", "list", "--address", "http://127.0.0.1:9"), "127.0.0.1:9")
 
 
@@ -147,4 +172,6 @@ def test_bad_inputs_get_one_line(tmp_path):
     cfg.write_text("preset: tiny\ntrain:\n  num_stepz: 3\n")
     one_line_error(run_ldm("train", str(cfg)), "train.num_stepz", "unknown key")
     cfg.write_text("preset: tiny\n")
-    one_line_error(run_ldm("train", str(cfg), "train.micro_batch_size=big"), "train.micro_batch_size")
+    one_line_error(
+        run_ldm("train", str(cfg), "train.micro_batch_size=big"), "train.micro_batch_size"
+    )

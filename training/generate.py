@@ -25,8 +25,12 @@ from training.sampling import Sampler
 def load_unet(tag_dir: Path, use_ema: bool = True) -> UNet2DConditionModel:
     """The UNet of a committed tag, with EMA (default) or raw weights."""
     ckpt.verify(tag_dir)
-    unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(str(tag_dir / UNET_CONFIG)))
-    missing, unexpected = unet.load_state_dict(load_file(tag_dir / (EMA_FILE if use_ema else RAW_FILE)), strict=False)
+    unet = UNet2DConditionModel.from_config(
+        UNet2DConditionModel.load_config(str(tag_dir / UNET_CONFIG))
+    )
+    missing, unexpected = unet.load_state_dict(
+        load_file(tag_dir / (EMA_FILE if use_ema else RAW_FILE)), strict=False
+    )
     if unexpected or [m for m in missing if not m.endswith("num_batches_tracked")]:
         raise LdmError(f"checkpoint {tag_dir}: weights do not match the UNet config")
     return unet.eval()
@@ -50,15 +54,20 @@ def sample_from_checkpoint(
     """Write `num_images` PNGs per prompt into `out`; returns their paths."""
     tag_dir = Path(tag_dir)
     if not (tag_dir / "config.yaml").is_file():
-        raise LdmError(f"{tag_dir} is not a checkpoint tag (no config.yaml); pass e.g. runs/demo/checkpoints/step_00001500")
-    config = build_config(yaml.safe_load((tag_dir / "config.yaml").read_text()), absolute_paths=False)
+        raise LdmError(
+            f"{tag_dir} is not a checkpoint tag (no config.yaml); "
+            "pass e.g. runs/demo/checkpoints/step_00001500"
+        )
+    config = build_config(
+        yaml.safe_load((tag_dir / "config.yaml").read_text()), absolute_paths=False
+    )
     unet = load_unet(tag_dir, use_ema)
     sampler = Sampler(config)
     out.mkdir(parents=True, exist_ok=True)
     batch = [p for p in prompts for _ in range(num_images)]
     images = sampler(unet, batch, seed, num_steps, guidance_scale, negative_prompt)
     paths = []
-    for i, (prompt, image) in enumerate(zip(batch, images)):
+    for i, (prompt, image) in enumerate(zip(batch, images, strict=True)):
         path = out / f"{_slug(prompt)}_{i % num_images:02d}.png"
         Image.fromarray(image).save(path)
         paths.append(path)

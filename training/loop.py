@@ -64,7 +64,10 @@ class Rank0:
         state: ckpt.TrainState,
     ) -> None:
         names = [name for name, _ in unet.named_parameters()]
-        save_file({n: p.detach().contiguous() for n, p in zip(names, ema.shadow_params)}, tag_dir / EMA_FILE)
+        save_file(
+            {n: p.detach().contiguous() for n, p in zip(names, ema.shadow_params, strict=True)},
+            tag_dir / EMA_FILE,
+        )
         save_file({n: w.contiguous() for n, w in weights.items()}, tag_dir / RAW_FILE)
         unet.to_json_file(str(tag_dir / UNET_CONFIG))
         (tag_dir / "config.yaml").write_text(self.config.to_yaml())
@@ -108,16 +111,24 @@ def diffusion_loss(
 ) -> torch.Tensor:
     """The DDPM objective on a cached batch: a fresh latent draw, noise, and CFG dropout."""
     mean, logvar = batch.moments.chunk(2, dim=1)
-    latents = (mean + torch.exp(0.5 * logvar.clamp(-30, 20)) * torch.randn_like(mean)) * scaling_factor
+    latents = (
+        mean + torch.exp(0.5 * logvar.clamp(-30, 20)) * torch.randn_like(mean)
+    ) * scaling_factor
     noise = torch.randn_like(latents)
     t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],))
     noisy = scheduler.add_noise(latents, noise, t)
     drop = torch.rand(latents.shape[0]) < caption_dropout
     context = torch.where(drop[:, None, None], empty[0], batch.context)
     mask = torch.where(drop[:, None], empty[1], batch.mask)
-    target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, t)
+    target = (
+        noise
+        if scheduler.config.prediction_type == "epsilon"
+        else scheduler.get_velocity(latents, noise, t)
+    )
     dtype = next(unet.parameters()).dtype
-    pred = unet(noisy.to(dtype), t, encoder_hidden_states=context.to(dtype), encoder_attention_mask=mask).sample
+    pred = unet(
+        noisy.to(dtype), t, encoder_hidden_states=context.to(dtype), encoder_attention_mask=mask
+    ).sample
     return F.mse_loss(pred.float(), target)
 
 
@@ -169,11 +180,19 @@ def train_worker(
     tracker = tracker_for(rank, config.tracking_uri, mlflow_run_id)
     main = Rank0(config, tracker) if rank == 0 else NullRank0()
     stream = LatentCacheStream(
-        cache_dir, rank, world, t.micro_batch_size, t.num_loader_workers, config.run.seed,
+        cache_dir,
+        rank,
+        world,
+        t.micro_batch_size,
+        t.num_loader_workers,
+        config.run.seed,
         start_batch=state.micro_batches_per_rank,
     )
     loader = torch.utils.data.DataLoader(
-        stream, batch_size=None, num_workers=t.num_loader_workers, persistent_workers=t.num_loader_workers > 0
+        stream,
+        batch_size=None,
+        num_workers=t.num_loader_workers,
+        persistent_workers=t.num_loader_workers > 0,
     )
     batches = iter(loader)
     accumulation = config.gradient_accumulation_steps
@@ -187,7 +206,9 @@ def train_worker(
             wait = time.perf_counter()
             batch = next(batches)
             window_wait += time.perf_counter() - wait
-            loss = diffusion_loss(engine, batch, scheduler, spec["scaling_factor"], empty, t.caption_dropout)
+            loss = diffusion_loss(
+                engine, batch, scheduler, spec["scaling_factor"], empty, t.caption_dropout
+            )
             engine.backward(loss)
             engine.step()
             losses.append(loss.detach())
@@ -224,7 +245,9 @@ def train_worker(
     return metrics
 
 
-def save_checkpoint(engine, ema, unet, state: ckpt.TrainState, config: ExperimentConfig, main: Rank0) -> Path:
+def save_checkpoint(
+    engine, ema, unet, state: ckpt.TrainState, config: ExperimentConfig, main: Rank0
+) -> Path:
     """All ranks write, then rank 0 commits the tag after a barrier."""
     started = time.perf_counter()
     tag = ckpt.tag_for(state.step)
@@ -241,4 +264,3 @@ def save_checkpoint(engine, ema, unet, state: ckpt.TrainState, config: Experimen
     dist.barrier()
     main.log({"checkpoint_save_s": time.perf_counter() - started}, state.step)
     return tag_dir
-

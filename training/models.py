@@ -12,7 +12,13 @@ import os
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, AutoencoderTiny, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    AutoencoderTiny,
+    DDIMScheduler,
+    DDPMScheduler,
+    UNet2DConditionModel,
+)
 
 from orchestrator.config import MINILM, ExperimentConfig
 from orchestrator.errors import LdmError
@@ -39,7 +45,9 @@ def text_encoder_path(name_or_path: str) -> Path:
 
 def text_hidden_size(config: ExperimentConfig) -> int:
     """The text encoder's hidden size, read from its config.json without loading weights."""
-    cfg = json.loads((text_encoder_path(config.text_encoder.name_or_path) / "config.json").read_text())
+    cfg = json.loads(
+        (text_encoder_path(config.text_encoder.name_or_path) / "config.json").read_text()
+    )
     cfg = cfg.get("text_config", cfg)  # CLIP folders nest the text tower's config
     return int(cfg["hidden_size"])
 
@@ -58,8 +66,10 @@ def load_text_encoder(name_or_path: str) -> tuple[torch.nn.Module, object]:
 
 
 def weights_digest(folder: Path) -> str:
-    """sha256 over a model folder's weight files: the identity of an encoder in the cache manifest."""
-    files = sorted(p for p in folder.rglob("*") if p.suffix in (".safetensors", ".bin", ".pt", ".pth"))
+    """sha256 over a folder's weight files: an encoder's identity in the cache manifest."""
+    files = sorted(
+        p for p in folder.rglob("*") if p.suffix in (".safetensors", ".bin", ".pt", ".pth")
+    )
     if not files:
         raise LdmError(f"no weight files in {folder}")
     digest = hashlib.sha256()

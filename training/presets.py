@@ -66,7 +66,11 @@ def tiny() -> ExperimentConfig:
             },
             "text_encoder": {"max_length": 16},
             "precompute": {"batch_size": 16},
-            "unet": {"block_out_channels": [32, 64], "cross_attention_levels": 1, "num_attention_heads": 2},
+            "unet": {
+                "block_out_channels": [32, 64],
+                "cross_attention_levels": 1,
+                "num_attention_heads": 2,
+            },
             "train": {
                 "num_workers": 2,
                 "num_steps": 6,
@@ -77,7 +81,11 @@ def tiny() -> ExperimentConfig:
                 "log_every": 2,
                 "num_loader_workers": 1,
             },
-            "sample": {"prompts": DEMO_PROMPTS[:2], "num_inference_steps": 4, "images_per_prompt": 2},
+            "sample": {
+                "prompts": DEMO_PROMPTS[:2],
+                "num_inference_steps": 4,
+                "images_per_prompt": 2,
+            },
         },
         absolute_paths=False,
     )

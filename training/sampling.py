@@ -26,7 +26,11 @@ class PromptEncoder:
     @torch.inference_mode()
     def __call__(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         tokens = self.tokenizer(
-            prompts, max_length=self.max_length, padding="max_length", truncation=True, return_tensors="pt"
+            prompts,
+            max_length=self.max_length,
+            padding="max_length",
+            truncation=True,
+            return_tensors="pt",
         )
         hidden = self.model(**tokens).last_hidden_state
         mask = tokens["attention_mask"].bool()
@@ -38,7 +42,9 @@ class Sampler:
 
     def __init__(self, config: ExperimentConfig):
         self.config = config
-        self.encode = PromptEncoder(config.text_encoder.name_or_path, config.text_encoder.max_length)
+        self.encode = PromptEncoder(
+            config.text_encoder.name_or_path, config.text_encoder.max_length
+        )
         self.vae = load_autoencoder(config.autoencoder_dir)
         self.scheduler = build_sampling_scheduler(config)
 
@@ -58,7 +64,9 @@ class Sampler:
         neg_context, neg_mask = self.encode([negative_prompt] * len(prompts))
         size = self.config.data.resolution // self.config.autoencoder.downsample_factor
         generator = torch.Generator().manual_seed(seed)
-        latents = torch.randn(len(prompts), unet.config.in_channels, size, size, generator=generator)
+        latents = torch.randn(
+            len(prompts), unet.config.in_channels, size, size, generator=generator
+        )
         self.scheduler.set_timesteps(num_steps)
         latents = latents * self.scheduler.init_noise_sigma
         guided = guidance_scale != 1.0
@@ -73,7 +81,9 @@ class Sampler:
                 uncond, cond = pred.chunk(2)
                 pred = uncond + guidance_scale * (cond - uncond)
             else:
-                pred = unet(latents, t, encoder_hidden_states=context, encoder_attention_mask=mask).sample
+                pred = unet(
+                    latents, t, encoder_hidden_states=context, encoder_attention_mask=mask
+                ).sample
             latents = self.scheduler.step(pred, t, latents).prev_sample
         images = self.vae.decode(latents / self.vae.config.scaling_factor).sample
         return to_uint8(images)
@@ -90,7 +100,9 @@ def grid(images: np.ndarray, num_columns: int) -> np.ndarray:
     return canvas
 
 
-def prompt_grid(sampler: Sampler, unet: UNet2DConditionModel, config: ExperimentConfig) -> np.ndarray:
+def prompt_grid(
+    sampler: Sampler, unet: UNet2DConditionModel, config: ExperimentConfig
+) -> np.ndarray:
     """The fixed grid logged during training: one row per prompt, fixed seeds."""
     s = config.sample
     prompts = [p for p in s.prompts for _ in range(s.images_per_prompt)]

@@ -1,0 +1,170 @@
+"""`ldm autoencoder`: a tiny real training run on the fixture emoji, and its failure modes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import webdataset as wds
+
+from data_pipeline.images import to_model_range
+from orchestrator.config import build_config
+from orchestrator.errors import LdmError
+from tests.conftest import FIXTURE_IMAGES
+from training import autoencoder as stage
+from training.autoencoder import bicubic_baseline, psnr, reconstruct, train_autoencoder
+from training.models import build_autoencoder, load_autoencoder
+
+NUM_IMAGES = 32
+NUM_HOLDOUT = 4
+NUM_STEPS = 30
+
+
+def write_shard(folder: Path, broken: int = 0) -> Path:
+    """One img2dataset-style tar of fixture PNGs, plus `broken` samples that do not decode."""
+    folder.mkdir(parents=True, exist_ok=True)
+    pngs = sorted(FIXTURE_IMAGES.glob("*.png"))[:NUM_IMAGES]
+    assert len(pngs) == NUM_IMAGES, f"expected {NUM_IMAGES} PNGs in {FIXTURE_IMAGES}"
+    with wds.TarWriter(str(folder / "00000.tar")) as sink:
+        for i, png in enumerate(pngs):
+            sink.write({"__key__": f"{i:09d}", "png": png.read_bytes(), "txt": png.stem})
+        for i in range(broken):
+            sink.write({"__key__": f"broken{i:03d}", "png": b"not a png", "txt": "broken"})
+    return folder
+
+
+def tiny_config(tmp: Path, shards: Path, **autoencoder):
+    return build_config(
+        {
+            "run": {"name": "tiny", "root": str(tmp / "runs"), "seed": 0},
+            "data": {"shards": str(shards), "resolution": 32},
+            "autoencoder": {
+                "block_out_channels": [32, 32, 32],
+                "batch_size": 8,
+                "num_steps": NUM_STEPS,
+                "log_every": 5,
+                "learning_rate": 1e-3,
+                "num_holdout": NUM_HOLDOUT,
+                **autoencoder,
+            },
+            "tracking": {"uri": f"sqlite:///{tmp}/mlflow.db", "experiment": "ae-test"},
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ae")
+    config = tiny_config(tmp, write_shard(tmp / "shards", broken=1))
+    metrics = train_autoencoder(config, progress=False)
+    return config, metrics
+
+
+def test_saves_a_loadable_scaled_autoencoder(trained) -> None:
+    config, metrics = trained
+    folder = config.autoencoder_dir
+    assert list(folder.glob("*.safetensors")), "weights must be saved as safetensors"
+    vae = load_autoencoder(folder)
+    scaling = vae.config.scaling_factor
+    assert scaling != 1.0 and np.isfinite(scaling) and scaling > 0
+    assert scaling == pytest.approx(metrics["scaling_factor"], rel=1e-6)
+
+    images = np.zeros((3, 32, 32, 3), dtype=np.uint8)
+    assert reconstruct(vae, images).shape == (3, 32, 32, 3)
+    latents = vae.encode(to_model_range(images)).latent_dist.mode()
+    assert latents.shape == (3, 4, 8, 8)  # f=4, 4 latent channels
+
+    saved = json.loads((folder / "metrics.json").read_text())
+    for key in ("psnr", "psnr_bicubic", "scaling_factor", "steps", "seconds"):
+        assert saved[key] == pytest.approx(metrics[key])
+    assert saved["steps"] == NUM_STEPS
+    # Nothing but the published folder is left beside it: no staging or old copies.
+    assert sorted(p.name for p in config.run_dir.iterdir()) == ["autoencoder"]
+
+
+def test_holdout_and_undecodable_counts(trained) -> None:
+    _, metrics = trained
+    assert metrics["holdout_images"] == NUM_HOLDOUT
+    assert metrics["train_images"] == NUM_IMAGES - NUM_HOLDOUT
+    assert metrics["undecodable"] == 1
+    assert 0 < metrics["psnr_bicubic"] < 100 and 0 < metrics["psnr"] < 100
+
+
+def test_mlflow_run_has_the_metrics_and_loss_went_down(trained) -> None:
+    from mlflow.tracking import MlflowClient
+
+    config, metrics = trained
+    client = MlflowClient(tracking_uri=config.tracking_uri)
+    experiment = client.get_experiment_by_name("ae-test")
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.info.run_name == "tiny-autoencoder"
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["ldm.stage"] == "autoencoder"
+    assert run.data.params["autoencoder.num_steps"] == str(NUM_STEPS)
+    for key in ("psnr", "psnr_bicubic", "scaling_factor"):
+        assert run.data.metrics[key] == pytest.approx(metrics[key])
+    history = sorted(client.get_metric_history(run.info.run_id, "loss"), key=lambda m: m.step)
+    losses = [m.value for m in history]
+    assert len(losses) >= NUM_STEPS // 5
+    assert losses[-1] < 0.8 * losses[0], losses
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert "metrics.json" in artifacts
+    assert any(a.startswith("images") for a in artifacts), artifacts
+
+
+def test_retraining_replaces_the_folder_atomically(tmp_path: Path, monkeypatch) -> None:
+    config = tiny_config(tmp_path, tmp_path / "unused")
+    target = config.autoencoder_dir
+    target.mkdir(parents=True)
+    (target / "stale.txt").write_text("old model")
+    vae = build_autoencoder(config)
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(type(vae), "save_pretrained", crash)
+    with pytest.raises(RuntimeError, match="disk full"):
+        stage._publish(vae, {"psnr": 1.0}, target)
+    assert sorted(p.name for p in target.parent.iterdir()) == ["autoencoder"]
+    assert (target / "stale.txt").read_text() == "old model"
+
+    monkeypatch.undo()
+    stage._publish(vae, {"psnr": 1.0}, target)
+    assert not (target / "stale.txt").exists()
+    assert json.loads((target / "metrics.json").read_text()) == {"psnr": 1.0}
+    assert sorted(p.name for p in target.parent.iterdir()) == ["autoencoder"]
+
+
+def test_empty_shard_folder_is_an_ldm_error(tmp_path: Path) -> None:
+    (tmp_path / "shards").mkdir()
+    with pytest.raises(LdmError, match="no \\*.tar shards"):
+        train_autoencoder(tiny_config(tmp_path, tmp_path / "shards"), progress=False)
+
+
+def test_unreadable_shards_are_an_ldm_error(tmp_path: Path, capsys) -> None:
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "00000.tar").write_bytes(b"\x00garbage, not a tar file" * 100)
+    with pytest.raises(LdmError, match="only 0 decodable images"):
+        train_autoencoder(tiny_config(tmp_path, shards), progress=False)
+    assert "00000.tar" in capsys.readouterr().out
+    assert not (tmp_path / "mlflow.db").exists(), "no MLflow run for a stage that cannot start"
+
+
+def test_pretrained_is_a_no_op(tmp_path: Path, capsys) -> None:
+    config = tiny_config(tmp_path, tmp_path / "unused", pretrained=str(tmp_path / "sd-vae"))
+    assert train_autoencoder(config, progress=False) == {}
+    assert "nothing to train" in capsys.readouterr().out
+    assert not (tmp_path / "runs").exists()
+
+
+def test_psnr_and_bicubic_baseline() -> None:
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
+    assert psnr(images, images) == pytest.approx(100.0)
+    smooth = np.repeat(np.repeat(images[:, ::4, ::4], 4, axis=1), 4, axis=2)
+    baseline = bicubic_baseline(smooth, 4)
+    assert baseline.shape == smooth.shape and baseline.dtype == np.uint8
+    assert psnr(smooth, baseline) > psnr(images, bicubic_baseline(images, 4))

@@ -147,8 +147,9 @@ def _find_user_error(err: BaseException) -> LdmError | None:
             continue
         seen.add(id(e))
         if isinstance(e, LdmError):
-            return LdmError(str(e))
+            original = getattr(e, "cause", None) or e  # RayTaskError keeps the original here
+            return LdmError(original.args[0] if original.args else str(original))
+        # Ray re-raises worker errors as RayTaskError subclasses of the original type, inside
+        # a WorkerGroupError that maps ranks to their failures.
         stack += [e.__cause__, e.__context__, *getattr(e, "worker_failures", {}).values()]
-        if "LdmError: " in str(e) and not stack:
-            return LdmError(str(e).split("LdmError: ", 1)[1].splitlines()[0])
     return None

@@ -98,6 +98,21 @@ def _short(value: Any) -> str:
     return text if len(text) <= 24 else text[:20] + "…"
 
 
+def check_enough_shards(
+    cache_dir: str | Path, manifest: dict[str, Any], world_size: int, num_loader_workers: int
+) -> None:
+    """Each rank x loader worker reads its own shards, so there must be at least that many."""
+    available = sum(1 for s in manifest["shards"] if s["num_samples"])
+    needed = world_size * max(1, num_loader_workers)
+    if available < needed:
+        raise LdmError(
+            f"latent cache {cache_dir} has {available} non-empty shards but {world_size} ranks x "
+            f"{max(1, num_loader_workers)} loader workers need at least {needed}: lower "
+            "train.num_workers or train.num_loader_workers, or write more, smaller shards "
+            "(ldm shards --samples-per-shard)"
+        )
+
+
 @dataclass
 class CacheBatch:
     """One micro-batch as training consumes it."""
@@ -158,13 +173,7 @@ class LatentCacheStream(IterableDataset):
         self.seed, self.shuffle_buffer = seed, shuffle_buffer
         self.num_loader_workers = max(1, num_loader_workers)
         self.start_batch = start_batch
-        if len(self.shards) < self.num_streams:
-            raise LdmError(
-                f"latent cache {cache_dir} has {len(self.shards)} non-empty shards but "
-                f"{world_size} ranks x {max(1, num_loader_workers)} loader workers need at least "
-                f"{self.num_streams}: use fewer train.num_workers/train.num_loader_workers or "
-                "write more, smaller shards (data.samples_per_shard)"
-            )
+        check_enough_shards(cache_dir, manifest, world_size, num_loader_workers)
 
     def _position(self) -> tuple[int, int]:
         """(stream index, batches of it already consumed) for this loader worker.

@@ -65,7 +65,7 @@ def train(config: ExperimentConfig) -> dict[str, Any]:
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from data_pipeline.cache import check_spec, read_manifest
+    from data_pipeline.cache import check_enough_shards, check_spec, read_manifest
     from data_pipeline.precompute import cache_spec, resolve_cache_dir
     from orchestrator.cluster import ray_session
     from training.checkpoint import TRAIN_STATE, TrainState, resolve_resume
@@ -73,7 +73,11 @@ def train(config: ExperimentConfig) -> dict[str, Any]:
 
     spec = cache_spec(config)
     cache_dir = resolve_cache_dir(config, spec)
-    check_spec(cache_dir, read_manifest(cache_dir), spec)
+    manifest = read_manifest(cache_dir)
+    check_spec(cache_dir, manifest, spec)
+    check_enough_shards(
+        cache_dir, manifest, config.train.num_workers, config.train.num_loader_workers
+    )
     config = config.model_copy(deep=True)
     config.tracking.uri = config.tracking_uri  # workers must not re-derive it from their env
 
@@ -89,7 +93,7 @@ def train(config: ExperimentConfig) -> dict[str, Any]:
                 "ldm.stage": "train",
                 "ldm.world_size": str(config.train.num_workers),
                 "ldm.zero_stage": str(config.train.zero_stage),
-                "ldm.cache_spec": read_manifest(cache_dir)["spec_digest"],
+                "ldm.cache_spec": manifest["spec_digest"],
                 "ldm.ray_job_id": os.environ.get("RAY_JOB_ID", ""),
                 "ldm.cluster_address": config.cluster.address or "embedded",
             },

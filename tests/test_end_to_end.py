@@ -152,6 +152,12 @@ def test_cache_from_another_autoencoder_is_refused(pipeline, tmp_path):
     one_line_error(result, "was built with autoencoder_sha256=", "ldm precompute")
 
 
+def test_too_few_shards_is_refused_before_launch(pipeline):
+    work, _, _ = pipeline
+    result = run_ldm("train", str(work / "exp.yaml"), "train.num_loader_workers=3")
+    one_line_error(result, "non-empty shards", "train.num_loader_workers")
+
+
 def test_unreachable_cluster(pipeline):
     work, _, _ = pipeline
     one_line_error(

@@ -1,0 +1,369 @@
+"""Connecting to Ray: an embedded local instance, or an existing cluster, with token auth.
+
+`ray_session` is the one way stages get a Ray runtime. Without an address it starts a
+private local Ray (never someone else's cluster found in /tmp/ray); with one it connects,
+after quick checks that turn an unreachable address or a rejected token into one-line
+`LdmError`s instead of Ray's 20-40 s retry loops. Inside a Ray job it reuses the job's
+cluster.
+
+Token auth (Ray >= 2.52): a cluster started with `RAY_AUTH_MODE=token` accepts only clients
+sending its token, read from `RAY_AUTH_TOKEN`, else the file at `RAY_AUTH_TOKEN_PATH`, else
+`~/.ray/auth_token`. Clients must also run with `RAY_AUTH_MODE=token`; `ray_session` sets
+that when a token variable is set (a token sent to a cluster without auth is ignored).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import socket
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from orchestrator.errors import LdmError
+
+log = logging.getLogger(__name__)
+
+# AF_UNIX socket paths are limited to 107 bytes and Ray puts its sockets at
+# <tmp>/ray/session_<date>_<time>_<usec>_<pid>/sockets/<name> (~75 bytes past <tmp>).
+_MAX_TMP_LEN = 30
+_PROBE_TIMEOUT_S = 3.0
+# The GCS probe gives up after about this plus ~10 s of gRPC channel setup.
+_GCS_PROBE_TIMEOUT_MS = 1000
+# Ray's default is 30% of RAM; an embedded run on a laptop or CI box needs far less.
+_EMBEDDED_OBJECT_STORE_MAX = 1 << 30
+
+AUTH_MODE = "RAY_AUTH_MODE"
+AUTH_TOKEN = "RAY_AUTH_TOKEN"
+AUTH_TOKEN_PATH = "RAY_AUTH_TOKEN_PATH"
+_JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by the Jobs API in a job's driver
+
+
+@dataclass(frozen=True)
+class RaySession:
+    """What `ray_session` connected to."""
+
+    address: str
+    """GCS address (host:port) of the cluster."""
+    dashboard_url: str | None
+    """Dashboard (and Jobs API) URL, when the cluster runs a dashboard."""
+    embedded: bool
+    """True when `ray_session` started this Ray itself and stops it on exit."""
+
+
+def short_temp_dir() -> str:
+    """The system temp dir when its path is short enough for Ray's sockets, else /tmp."""
+    tmp = tempfile.gettempdir()
+    return tmp if len(tmp) <= _MAX_TMP_LEN else "/tmp"
+
+
+def ldm_temp_dir() -> Path:
+    """A per-user folder under the short temp dir; holds the embedded Ray's token file."""
+    return Path(short_temp_dir()) / f"ldm-{os.getuid()}"
+
+
+def cache_dir() -> Path:
+    """Root of the caches: `$LDM_CACHE_DIR`, else `<system temp>/ldm-cache` (as the Makefile)."""
+    return Path(os.environ.get("LDM_CACHE_DIR") or Path(tempfile.gettempdir()) / "ldm-cache")
+
+
+def cache_env() -> dict[str, str]:
+    """Cache and telemetry settings that keep libraries out of $HOME (values already set win).
+
+    These travel to Ray workers and job drivers, so compiled torch extensions, Hugging Face
+    files and pip downloads land in one shared cache folder instead of each home directory.
+    """
+    cache = cache_dir()
+    defaults = {
+        "LDM_CACHE_DIR": str(cache),
+        "XDG_CACHE_HOME": str(cache / "xdg"),
+        "TORCH_EXTENSIONS_DIR": str(cache / "torch_extensions"),
+        "HF_HOME": str(cache / "huggingface"),
+        "PIP_CACHE_DIR": str(cache / "pip"),
+        "MPLCONFIGDIR": str(cache / "matplotlib"),
+        "TRITON_CACHE_DIR": str(cache / "triton"),
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "DO_NOT_TRACK": "true",
+    }
+    return {key: os.environ.get(key, value) for key, value in defaults.items()}
+
+
+def ray_env() -> dict[str, str]:
+    """Environment for Ray processes and their children: quiet, and nothing under $HOME.
+
+    Values already in the environment win. `RAY_TMPDIR` is a short system temp dir, so Ray's
+    session folder is `<RAY_TMPDIR>/ray` — the same place `ray start` uses by default, which
+    keeps `address="auto"` able to find a cluster started from a plain shell.
+    """
+    env = {
+        "RAY_USAGE_STATS_ENABLED": os.environ.get("RAY_USAGE_STATS_ENABLED", "0"),
+        "RAY_TMPDIR": os.environ.get("RAY_TMPDIR", short_temp_dir()),
+    }
+    env.update(cache_env())
+    return env
+
+
+def auth_token() -> str | None:
+    """The token this process would send to a token-protected cluster, if one is configured.
+
+    Same order as Ray: `RAY_AUTH_TOKEN`, then the file at `RAY_AUTH_TOKEN_PATH`, then
+    `~/.ray/auth_token` (only read when `RAY_AUTH_MODE=token`, so a default token is never
+    sent to a cluster nobody asked to authenticate with).
+    """
+    if token := os.environ.get(AUTH_TOKEN, "").strip():
+        return token
+    if path := os.environ.get(AUTH_TOKEN_PATH):
+        try:
+            return Path(path).expanduser().read_text().strip() or None
+        except OSError as err:
+            raise LdmError(f"{AUTH_TOKEN_PATH}={path}: cannot read the token ({err})") from None
+    default = Path.home() / ".ray" / "auth_token"
+    if os.environ.get(AUTH_MODE, "").lower() == "token" and default.is_file():
+        return default.read_text().strip() or None
+    return None
+
+
+def auth_hint() -> str:
+    """How to fix a missing or rejected token, for error messages."""
+    if auth_token() is None:
+        return f"the cluster needs a token: set {AUTH_TOKEN} or {AUTH_TOKEN_PATH}"
+    return f"the token in {AUTH_TOKEN}/{AUTH_TOKEN_PATH} is not this cluster's token"
+
+
+def _sync_auth_config() -> None:
+    """Make Ray's cached auth mode and token follow the current environment.
+
+    Ray's C++ side reads RAY_AUTH_MODE and the token once and caches them; without this a
+    process that changed them (tests, a CLI switching clusters) would keep the old ones.
+    """
+    if AUTH_MODE not in os.environ and (
+        os.environ.get(AUTH_TOKEN) or os.environ.get(AUTH_TOKEN_PATH)
+    ):
+        os.environ[AUTH_MODE] = "token"
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
+
+
+def _embedded_auth_env() -> dict[str, str]:
+    """Auth settings for an embedded Ray: token auth on, with a token file outside $HOME.
+
+    Ray 2.60 turns token auth on for a fresh `ray.init()` and otherwise writes a new token
+    to ~/.ray/auth_token. The embedded GCS listens on all interfaces, so keep auth on and
+    give it a per-user token file instead.
+    """
+    if os.environ.get(AUTH_MODE, "").lower() == "disabled":
+        return {}
+    env = {AUTH_MODE: "token"}
+    if auth_token() is None and not (Path.home() / ".ray" / "auth_token").is_file():
+        folder = ldm_temp_dir()
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path = folder / "ray_auth_token"
+        if not path.is_file() or not path.read_text().strip():
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_hex(32))
+        env[AUTH_TOKEN_PATH] = str(path)
+    return env
+
+
+def _split_host_port(address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise LdmError(
+            f"cluster address {address!r}: expected host:port (the GCS port, e.g. "
+            "127.0.0.1:6379), ray://host:port or auto"
+        )
+    return host.strip("[]"), int(port)
+
+
+def tcp_unreachable(host: str, port: int, timeout_s: float = _PROBE_TIMEOUT_S) -> str | None:
+    """Why nothing accepts TCP connections at host:port within timeout_s; None if something does."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            return None
+    except OSError as err:
+        return "timed out" if isinstance(err, TimeoutError) else (err.strerror or str(err))
+
+
+def _check_gcs(address: str) -> None:
+    """Fail fast, with one line, when address is not a GCS or rejects our token."""
+    host, port = _split_host_port(address)
+    hint = "start one with `ray start --head` or fix cluster.address"
+    if reason := tcp_unreachable(host, port):
+        raise LdmError(f"no Ray cluster at {address} ({reason}): {hint}")
+    from ray._raylet import InnerGcsClient
+    from ray.exceptions import AuthenticationError, RpcError
+
+    try:
+        InnerGcsClient.standalone(address, None, _GCS_PROBE_TIMEOUT_MS)
+    except AuthenticationError:
+        raise LdmError(f"Ray cluster at {address} refused the connection: {auth_hint()}") from None
+    except RpcError:
+        raise LdmError(
+            f"{address} accepts connections but is not a Ray GCS (is it the dashboard or "
+            f"Ray Client port?): {hint}"
+        ) from None
+
+
+def _resolve_auto() -> str:
+    from ray._private import services
+
+    try:
+        found = services.canonicalize_bootstrap_address("auto")
+    except (ConnectionError, ValueError):
+        found = None
+    if not found:
+        raise LdmError(
+            "cluster address auto: no running Ray cluster found on this machine; start one "
+            "with `ray start --head` or set cluster.address to host:port"
+        )
+    return found
+
+
+def _without_job_conflicts(runtime_env: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Drop what a submitted job already set: Ray refuses to merge conflicting runtime envs."""
+    raw = os.environ.get(_JOB_CONFIG_ENV)
+    if not runtime_env or not raw:
+        return runtime_env
+    job_env = json.loads(raw).get("runtime_env") or {}
+    kept = {k: v for k, v in runtime_env.items() if k == "env_vars" or k not in job_env}
+    if "env_vars" in kept:
+        taken = job_env.get("env_vars") or {}
+        kept["env_vars"] = {k: v for k, v in kept["env_vars"].items() if k not in taken}
+    dropped = sorted(set(runtime_env) - set(kept))
+    if dropped:
+        log.debug("inside a Ray job: keeping the job's runtime_env for %s", dropped)
+    return kept
+
+
+def _current_session() -> RaySession:
+    import ray
+    from ray._private.worker import get_dashboard_url
+
+    url = get_dashboard_url()
+    return RaySession(
+        address=ray.get_runtime_context().gcs_address,
+        dashboard_url=f"http://{url}" if url else None,
+        embedded=False,
+    )
+
+
+@contextmanager
+def ray_session(
+    address: str | None = None,
+    num_cpus: int | None = None,
+    runtime_env: dict[str, Any] | None = None,
+    *,
+    object_store_memory: int | None = None,
+    include_dashboard: bool = False,
+) -> Iterator[RaySession]:
+    """Run the body with Ray initialised; undo only what this call set up.
+
+    - Ray already initialised in this process: reuse it, shut nothing down.
+    - Inside a Ray job (`RAY_ADDRESS` set, as the Jobs API does): connect to that cluster,
+      whatever `address` says — the job's own cluster is the right one.
+    - `address` None: start a private Ray on this machine (`num_cpus` CPUs, a bounded object
+      store, no dashboard unless asked, token auth with a token file outside $HOME) and
+      stop it on exit.
+    - `address` "auto", "host:port" (GCS) or "ray://host:port" (Ray Client): connect, and
+      disconnect on exit. `num_cpus`, `object_store_memory` and `include_dashboard` only
+      apply to an embedded Ray.
+
+    Raises LdmError within ~15 s when the cluster is unreachable or refuses our token.
+    `runtime_env` applies to every task and actor; inside a job, keys the job already set
+    are left to the job.
+    """
+    import ray
+    from ray.exceptions import RayError
+
+    if ray.is_initialized():
+        yield _current_session()
+        return
+
+    for key, value in ray_env().items():
+        os.environ.setdefault(key, value)
+    target = os.environ.get("RAY_ADDRESS") or address
+    saved_auth = {k: os.environ.get(k) for k in (AUTH_MODE, AUTH_TOKEN_PATH)}
+    try:
+        kwargs = _init_kwargs(target, num_cpus, object_store_memory, include_dashboard)
+        if target is not None:
+            runtime_env = _without_job_conflicts(runtime_env)
+        try:
+            context = ray.init(runtime_env=runtime_env, **kwargs)
+        except (ConnectionError, RuntimeError, TimeoutError, ValueError, RayError) as err:
+            text = str(err).strip()
+            first = text.splitlines()[0] if text else type(err).__name__
+            where = f"Ray cluster at {kwargs['address']}" if target else "an embedded local Ray"
+            raise LdmError(f"could not start or connect to {where}: {first}") from None
+    except BaseException:
+        _restore_env(saved_auth)
+        raise
+    session = RaySession(
+        address=context.address_info.get("gcs_address") or kwargs["address"],
+        dashboard_url=f"http://{context.dashboard_url}" if context.dashboard_url else None,
+        embedded=target is None,
+    )
+    try:
+        yield session
+    finally:
+        ray.shutdown()
+        _restore_env(saved_auth)
+
+
+def _init_kwargs(
+    target: str | None,
+    num_cpus: int | None,
+    object_store_memory: int | None,
+    include_dashboard: bool,
+) -> dict[str, Any]:
+    """ray.init arguments for target, after the checks and auth setup it needs."""
+    kwargs: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": True}
+    if target is None:
+        os.environ.update(_embedded_auth_env())
+        _sync_auth_config()
+        if object_store_memory is None:
+            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+            object_store_memory = min(_EMBEDDED_OBJECT_STORE_MAX, total // 10)
+        kwargs.update(
+            address="local",  # None would join a cluster found in /tmp/ray instead
+            num_cpus=num_cpus,
+            object_store_memory=object_store_memory,
+            include_dashboard=include_dashboard,
+            _node_ip_address="127.0.0.1",
+        )
+        if include_dashboard:
+            kwargs["dashboard_host"] = "127.0.0.1"
+        return kwargs
+    _sync_auth_config()
+    if target == "auto":
+        target = _resolve_auto()
+    if target.startswith("ray://"):
+        host, port = _split_host_port(target.removeprefix("ray://"))
+        if reason := tcp_unreachable(host, port):
+            raise LdmError(f"no Ray Client server at {target} ({reason}): fix cluster.address")
+    else:
+        _check_gcs(target)
+    kwargs["address"] = target
+    return kwargs
+
+
+def _restore_env(saved: dict[str, str | None]) -> None:
+    """Put auth variables back so a later session in this process starts from the user's."""
+    changed = False
+    for key, value in saved.items():
+        if os.environ.get(key) != value:
+            changed = True
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    if changed:
+        _sync_auth_config()

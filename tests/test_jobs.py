@@ -1,0 +1,297 @@
+"""Ray connection (`orchestrator.cluster`) and the Jobs API side (`orchestrator.jobs`).
+
+The slow tests share one real two-node cluster with token auth (tests/ray_cluster.py),
+started once for the module.
+"""
+
+import os
+import shutil
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+import orchestrator
+from orchestrator import jobs
+from orchestrator.cluster import ray_session
+from orchestrator.errors import LdmError
+from tests.ray_cluster import free_ports, local_ray_cluster
+
+HELLO = "python -c \"print('hello from job')\""
+
+
+def _enter(session) -> None:
+    with session:
+        pass
+
+
+def _one_line(err: pytest.ExceptionInfo, *fragments: str) -> str:
+    text = str(err.value)
+    assert "\n" not in text, text
+    for fragment in fragments:
+        assert fragment in text, text
+    return text
+
+
+@pytest.fixture
+def no_auth_env(monkeypatch, tmp_path):
+    """A client with no token anywhere (HOME hides any ~/.ray/auth_token)."""
+    for key in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with local_ray_cluster() as running:  # raises on exit if any of its processes survive
+        print(f"test cluster up in {running.startup_s:.1f} s")
+        yield running
+    assert not running.leftover_processes()
+
+
+@pytest.fixture
+def authed(cluster, no_auth_env, monkeypatch):
+    """Client environment holding the test cluster's token."""
+    for key, value in cluster.client_env.items():
+        monkeypatch.setenv(key, value)
+    return cluster
+
+
+def _fake_project(root: Path) -> Path:
+    """A project whose `orchestrator.cli` reports what the job sees instead of training."""
+    (root / "orchestrator").mkdir(parents=True)
+    for name in ("__init__.py", "errors.py", "cluster.py"):
+        shutil.copy(Path(orchestrator.__file__).parent / name, root / "orchestrator" / name)
+    (root / "orchestrator" / "cli.py").write_text(
+        textwrap.dedent(
+            """\
+            import os, sys
+            import ray  # the driver's python has the project's dependencies
+            from orchestrator.cluster import ray_session
+            print("entries:", ",".join(sorted(os.listdir("."))))
+            print("argv:", ",".join(sys.argv[1:]))
+            print("config:", open(sys.argv[2]).read().strip())
+            print("cache:", os.environ["TORCH_EXTENSIONS_DIR"])
+            print("cli file:", os.path.relpath(__file__))
+            # Inside a job the job's cluster wins over any address, and runtime_env keys
+            # the job already set are left alone instead of failing the merge.
+            env = {"TORCH_EXTENSIONS_DIR": "/elsewhere", "LDM_EXTRA": "yes"}
+            with ray_session("127.0.0.1:1", runtime_env={"env_vars": env}) as session:
+                env_of = ray.remote(lambda keys: [os.environ[k] for k in keys])
+                extra, ext = ray.get(env_of.remote(["LDM_EXTRA", "TORCH_EXTENSIONS_DIR"]))
+                print("session:", len(ray.nodes()), session.embedded, extra, ext == "/elsewhere")
+            """
+        )
+    )
+    (root / "orchestrator" / "__pycache__").mkdir()
+    (root / "orchestrator" / "__pycache__" / "cli.cpython-311.pyc").write_bytes(b"x")
+    (root / "training").mkdir()
+    (root / "training" / "__init__.py").write_text("")
+    (root / "data_pipeline").mkdir()
+    (root / "data_pipeline" / "__init__.py").write_text("")
+    (root / "configs").mkdir()
+    (root / "configs" / "demo.yaml").write_text("preset: tiny\n")
+    for junk in (".venv", "runs", "data", ".git", ".cache"):
+        (root / junk).mkdir()
+        (root / junk / "big.bin").write_bytes(b"0" * 1024)
+    return root
+
+
+# --- no cluster needed ------------------------------------------------------------------
+
+
+def test_staging_dir_holds_code_and_config(tmp_path):
+    root = _fake_project(tmp_path / "project")
+    staged = jobs.build_staging_dir(root, "run:\n  name: x\n", tmp_path / "staged")
+    assert sorted(p.name for p in staged.iterdir()) == [
+        "configs",
+        "data_pipeline",
+        "job_config.yaml",
+        "orchestrator",
+        "training",
+    ]
+    assert (staged / "job_config.yaml").read_text() == "run:\n  name: x\n"
+    assert (staged / "orchestrator" / "cli.py").is_file()
+    assert not list(staged.rglob("__pycache__"))
+    with pytest.raises(LdmError) as err:
+        jobs.build_staging_dir(tmp_path / "nowhere", "x: 1\n", tmp_path / "s2")
+    _one_line(err, "orchestrator/")
+
+
+def test_stage_entrypoints():
+    assert jobs.stage_entrypoint("train") == "python -m orchestrator.cli train job_config.yaml"
+    assert jobs.stage_entrypoint("precompute", ["a b", "x=1"]) == (
+        "python -m orchestrator.cli precompute job_config.yaml 'a b' x=1"
+    )
+    with pytest.raises(LdmError) as err:
+        jobs.submit("http://127.0.0.1:9", "sample", "x: 1\n", Path("."))
+    _one_line(err, "autoencoder, precompute, train")
+
+
+def test_dashboard_address_forms(monkeypatch):
+    monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
+    assert jobs.dashboard_url("http://10.0.0.1:8265/") == "http://10.0.0.1:8265"
+    assert jobs.dashboard_url("https://ray.example.com") == "https://ray.example.com"
+    assert jobs.dashboard_url("10.0.0.1:9000") == "http://10.0.0.1:9000"
+    assert jobs.dashboard_url("headnode") == "http://headnode:8265"
+    assert jobs.dashboard_url("auto") == "http://127.0.0.1:8265"
+    with pytest.raises(LdmError) as err:
+        jobs.dashboard_url("ray://10.0.0.1:10001")
+    _one_line(err, "dashboard")
+
+
+def test_unreachable_addresses_fail_fast(no_auth_env):
+    (port,) = free_ports(1)
+    for call in (
+        lambda: jobs.list_jobs(f"http://127.0.0.1:{port}"),
+        lambda: jobs.status(f"127.0.0.1:{port}", "raysubmit_x"),
+        lambda: _enter(ray_session(f"127.0.0.1:{port}")),
+    ):
+        start = time.monotonic()
+        with pytest.raises(LdmError) as err:
+            call()
+        assert time.monotonic() - start < 10
+        _one_line(err, f"127.0.0.1:{port}", "ray start --head")
+
+
+@pytest.mark.slow
+def test_embedded_session_starts_and_stops(no_auth_env, tmp_path):
+    import ray
+
+    with ray_session(None, num_cpus=1) as session:
+        assert session.embedded and ray.is_initialized()
+        assert ray.cluster_resources()["CPU"] == 1
+        assert ray.get(ray.remote(lambda: os.environ["RAY_AUTH_MODE"]).remote()) == "token"
+    assert not ray.is_initialized()
+    assert not (tmp_path / ".ray").exists(), "the embedded Ray wrote a token into $HOME"
+    assert "RAY_AUTH_TOKEN_PATH" not in os.environ
+
+
+# --- against the two-node test cluster --------------------------------------------------
+
+
+@pytest.mark.slow
+def test_job_runs_and_reports(authed, tmp_path):
+    url = authed.dashboard_url
+    job_id = jobs.submit_entrypoint(url, HELLO, tmp_path)
+    assert jobs.wait(url, job_id, timeout_s=60) == "SUCCEEDED"
+    assert jobs.status(url, job_id) == "SUCCEEDED"
+    assert "hello from job\n" in list(jobs.logs(url, job_id))
+    assert "hello from job\n" in list(jobs.logs(url, job_id, follow=True))
+    listed = {job["id"]: job for job in jobs.list_jobs(url)}
+    assert listed[job_id]["status"] == "SUCCEEDED"
+    assert listed[job_id]["entrypoint"] == HELLO
+    assert listed[job_id]["end_time"] >= listed[job_id]["start_time"] > 0
+
+
+@pytest.mark.slow
+def test_follow_streams_while_running(authed, tmp_path):
+    script = "import time\nfor i in range(3):\n    print('tick', i, flush=True)\n    time.sleep(1)"
+    (tmp_path / "ticks.py").write_text(script)
+    job_id = jobs.submit_entrypoint(authed.dashboard_url, "python ticks.py", tmp_path)
+    seen = [line for line in jobs.logs(authed.dashboard_url, job_id, follow=True)]
+    assert [line for line in seen if line.startswith("tick")] == [
+        "tick 0\n",
+        "tick 1\n",
+        "tick 2\n",
+    ]
+    assert jobs.status(authed.dashboard_url, job_id) == "SUCCEEDED"
+
+
+@pytest.mark.slow
+def test_stop_long_job(authed, tmp_path):
+    url = authed.dashboard_url
+    job_id = jobs.submit_entrypoint(url, 'python -c "import time; time.sleep(600)"', tmp_path)
+    deadline = time.monotonic() + 60
+    while jobs.status(url, job_id) != "RUNNING":
+        assert time.monotonic() < deadline, "job never started"
+        time.sleep(0.3)
+    start = time.monotonic()
+    assert jobs.stop(url, job_id) is True
+    assert jobs.wait(url, job_id, timeout_s=30) == "STOPPED"
+    assert time.monotonic() - start < 15
+    assert jobs.stop(url, job_id) is False
+
+
+@pytest.mark.slow
+def test_submit_stage_ships_code_and_config(authed, tmp_path):
+    root = _fake_project(tmp_path / "project")
+    url = authed.dashboard_url
+    job_id = jobs.submit(url, "train", "run:\n  name: shipped\n", root, ["train.num_steps=3"])
+    assert jobs.wait(url, job_id, timeout_s=60) == "SUCCEEDED", "".join(jobs.logs(url, job_id))
+    text = "".join(jobs.logs(url, job_id))
+    assert "entries: configs,data_pipeline,job_config.yaml,orchestrator,training\n" in text
+    assert "argv: train,job_config.yaml,train.num_steps=3\n" in text
+    assert "config: run:\n  name: shipped\n" in text
+    assert "cli file: orchestrator/cli.py\n" in text  # the staged copy, not an installed one
+    assert "cache: " in text and "/.cache" not in text
+    assert "session: 2 False yes False\n" in text
+
+
+@pytest.mark.slow
+def test_unknown_job_id(authed):
+    with pytest.raises(LdmError) as err:
+        jobs.status(authed.dashboard_url, "raysubmit_doesnotexist")
+    _one_line(err, "no job raysubmit_doesnotexist")
+    with pytest.raises(LdmError):
+        list(jobs.logs(authed.dashboard_url, "raysubmit_doesnotexist", follow=True))
+
+
+@pytest.mark.slow
+def test_wrong_or_missing_token(cluster, no_auth_env, monkeypatch):
+    start = time.monotonic()
+    with pytest.raises(LdmError) as err:
+        jobs.list_jobs(cluster.dashboard_url)
+    _one_line(err, "refused", "needs a token", "RAY_AUTH_TOKEN")
+    with pytest.raises(LdmError) as err:
+        _enter(ray_session(cluster.gcs_address))
+    _one_line(err, "refused", "needs a token")
+
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "0" * 64)
+    with pytest.raises(LdmError) as err:
+        jobs.list_jobs(cluster.dashboard_url)
+    _one_line(err, "refused", "not this cluster's token")
+    with pytest.raises(LdmError) as err:
+        _enter(ray_session(cluster.gcs_address))
+    _one_line(err, cluster.gcs_address, "not this cluster's token")
+    assert time.monotonic() - start < 30
+
+
+@pytest.mark.slow
+def test_session_sees_both_nodes_and_spreads(authed):
+    import ray
+    from ray.util.placement_group import placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    with ray_session(authed.gcs_address, runtime_env={"env_vars": {"LDM_PROBE": "1"}}) as s:
+        assert not s.embedded
+        alive = [n for n in ray.nodes() if n["Alive"]]
+        assert len(alive) == 2
+        assert {"node_head", "node_worker"} <= set(ray.cluster_resources())
+
+        @ray.remote(num_cpus=1)
+        def where() -> tuple[str, str]:
+            return ray.get_runtime_context().get_node_id(), os.environ["LDM_PROBE"]
+
+        # What Ray Train does with placement_strategy="STRICT_SPREAD": one bundle per node.
+        pg = placement_group([{"CPU": 1}] * 2, strategy="STRICT_SPREAD")
+        ray.get(pg.ready(), timeout=30)
+        spots = ray.get(
+            [
+                where.options(scheduling_strategy=PlacementGroupSchedulingStrategy(pg, i)).remote()
+                for i in range(2)
+            ]
+        )
+        assert len({node for node, _ in spots}) == 2
+        assert {probe for _, probe in spots} == {"1"}
+    assert not ray.is_initialized()
+
+
+@pytest.mark.slow
+def test_dashboard_port_is_not_a_gcs_address(authed):
+    start = time.monotonic()
+    with pytest.raises(LdmError) as err:
+        _enter(ray_session(authed.dashboard_url.removeprefix("http://")))
+    _one_line(err, "not a Ray GCS")
+    assert time.monotonic() - start < 20

@@ -36,12 +36,15 @@ def worker_env() -> dict[str, str]:
 
 def _ray_worker(loop_config: dict[str, Any]) -> None:
     """Entry point of each Ray Train worker."""
+    import ray
     import ray.train
 
     from training.loop import train_worker
 
     config = ExperimentConfig.model_validate(loop_config["config"])
     rank = ray.train.get_context().get_world_rank()
+    node = ray.get_runtime_context().get_node_id()
+    print(f"train: worker rank {rank} on node {node}", flush=True)
 
     def report(metrics: dict[str, Any], tag_dir: Path | None) -> None:
         # Ray Train registers a small pointer; the tag on storage (with its commit marker)

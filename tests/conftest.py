@@ -26,7 +26,7 @@ for key, value in {
     os.environ.setdefault(key, value)
 
 
-def run_ldm(*args: str, cwd: Path | None = None, timeout: int = 600):
+def run_ldm(*args: str, cwd: Path | None = None, timeout: int = 600, env: dict | None = None):
     """Run the real `ldm` command line in a subprocess; returns the CompletedProcess."""
     import subprocess
 
@@ -36,7 +36,43 @@ def run_ldm(*args: str, cwd: Path | None = None, timeout: int = 600):
         capture_output=True,
         text=True,
         timeout=timeout,
+        env={**os.environ, **(env or {})},
     )
+
+
+def ok(result):
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result
+
+
+def one_line_error(result, *fragments):
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-3000:]
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.fixture(scope="session")
+def pipeline(tmp_path_factory):
+    """Run every stage once; tests below inspect what each produced."""
+    work = tmp_path_factory.mktemp("e2e")
+    uri = f"sqlite:///{work}/mlflow.db"
+    (work / "exp.yaml").write_text(
+        f"preset: tiny\nrun:\n  root: {work}/runs\ndata:\n  shards: {work}/shards\n"
+        f"tracking:\n  uri: {uri}\n"
+    )
+    results = {
+        "shards": ok(
+            run_ldm(
+                "shards", str(FIXTURE_IMAGES), str(work / "shards"), "--samples-per-shard", "16"
+            )
+        ),
+        "autoencoder": ok(run_ldm("autoencoder", str(work / "exp.yaml"))),
+        "precompute": ok(run_ldm("precompute", str(work / "exp.yaml"))),
+        "train": ok(run_ldm("train", str(work / "exp.yaml"))),
+    }
+    return work, uri, results
 
 
 @pytest.fixture

@@ -11,44 +11,9 @@ import shutil
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import FIXTURE_IMAGES, run_ldm
+from tests.conftest import FIXTURE_IMAGES, ok, one_line_error, run_ldm
 
 pytestmark = pytest.mark.slow
-
-
-def ok(result):
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    return result
-
-
-def one_line_error(result, *fragments):
-    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-3000:]
-    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-
-
-@pytest.fixture(scope="module")
-def pipeline(tmp_path_factory):
-    """Run every stage once; tests below inspect what each produced."""
-    work = tmp_path_factory.mktemp("e2e")
-    uri = f"sqlite:///{work}/mlflow.db"
-    (work / "exp.yaml").write_text(
-        f"preset: tiny\nrun:\n  root: {work}/runs\ndata:\n  shards: {work}/shards\n"
-        f"tracking:\n  uri: {uri}\n"
-    )
-    results = {
-        "shards": ok(
-            run_ldm(
-                "shards", str(FIXTURE_IMAGES), str(work / "shards"), "--samples-per-shard", "16"
-            )
-        ),
-        "autoencoder": ok(run_ldm("autoencoder", str(work / "exp.yaml"))),
-        "precompute": ok(run_ldm("precompute", str(work / "exp.yaml"))),
-        "train": ok(run_ldm("train", str(work / "exp.yaml"))),
-    }
-    return work, uri, results
 
 
 def test_shards_and_autoencoder(pipeline):

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 from orchestrator.errors import LdmError
@@ -17,19 +16,17 @@ from orchestrator.errors import LdmError
 STAGES = ("autoencoder", "precompute", "train")
 
 
-def _set_default_env() -> None:
-    """Keep every tool's caches inside the project (or temp) and run offline."""
-    cache = Path(os.environ.get("LDM_CACHE_DIR", Path(tempfile.gettempdir()) / "ldm-cache"))
+def set_default_env() -> None:
+    """Keep every tool's caches in the cache folder (never $HOME), run offline and quiet."""
+    from orchestrator.cluster import cache_env
+
     defaults = {
-        "TORCH_EXTENSIONS_DIR": str(cache / "torch_extensions"),
-        "HF_HOME": str(cache / "huggingface"),
+        **cache_env(),
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
-        "MLFLOW_DISABLE_TELEMETRY": "true",
-        "DO_NOT_TRACK": "true",
         "RAY_USAGE_STATS_ENABLED": "0",
         "TOKENIZERS_PARALLELISM": "false",
-        "DS_ACCELERATOR": "cpu" if not _has_cuda() else "cuda",
+        "DS_ACCELERATOR": "cuda" if _has_cuda() else "cpu",
     }
     for key, value in defaults.items():
         os.environ.setdefault(key, value)
@@ -230,7 +227,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    _set_default_env()
+    set_default_env()
     try:
         if args.command == "config" and not (args.config or args.preset or args.show_defaults):
             raise LdmError("`ldm config` needs a CONFIG file, --preset NAME or --show-defaults")

@@ -71,6 +71,9 @@ class AutoencoderConfig(Section):
     """Training steps of stage 1."""
     log_every: int = Field(50, ge=1)
     """Steps between metric logs."""
+    train_crop: int | None = Field(None, ge=8)
+    """Train on random square crops of this side (the model is convolutional; smaller crops
+    make steps cheaper); default: whole images."""
     num_holdout: int = Field(16, ge=1)
     """Images held out of training to measure reconstruction PSNR."""
 

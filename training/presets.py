@@ -28,8 +28,11 @@ def demo() -> ExperimentConfig:
             "autoencoder": {
                 "downsample_factor": 4,
                 "block_out_channels": [32, 64, 64],
-                "num_steps": 600,
-                "batch_size": 32,
+                "num_steps": 900,
+                "batch_size": 16,
+                "learning_rate": 4e-3,
+                "train_crop": 32,
+                "num_holdout": 64,
             },
             "unet": {"block_out_channels": [32, 64, 128], "cross_attention_levels": 2},
             "train": {

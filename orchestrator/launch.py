@@ -100,6 +100,7 @@ def train(config: ExperimentConfig) -> dict[str, Any]:
                 "ldm.ray_job_id": os.environ.get("RAY_JOB_ID", ""),
                 "ldm.cluster_address": config.cluster.address or "embedded",
             },
+            artifact_root=Path(config.run.root) / "mlartifacts",
         )
     print(f"train: MLflow run {run_id} at {config.tracking.uri}", flush=True)
     c = config.cluster

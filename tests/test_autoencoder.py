@@ -7,9 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import webdataset as wds
 
-from data_pipeline.images import to_model_range
+from data_pipeline.images import to_model_range, to_uint8
 from orchestrator.config import build_config
 from orchestrator.errors import LdmError
 from tests.conftest import FIXTURE_IMAGES
@@ -45,7 +46,7 @@ def tiny_config(tmp: Path, shards: Path, **autoencoder):
                 "batch_size": 8,
                 "num_steps": NUM_STEPS,
                 "log_every": 5,
-                "learning_rate": 1e-3,
+                "learning_rate": 3e-3,
                 "num_holdout": NUM_HOLDOUT,
                 **autoencoder,
             },
@@ -57,8 +58,10 @@ def tiny_config(tmp: Path, shards: Path, **autoencoder):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ae")
-    config = tiny_config(tmp, write_shard(tmp / "shards", broken=1))
-    metrics = train_autoencoder(config, progress=False)
+    config = tiny_config(tmp, write_shard(tmp / "shards", broken=1), train_crop=16)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(tmp)  # MLflow puts a new experiment's artifacts in ./mlruns
+        metrics = train_autoencoder(config, progress=False)
     return config, metrics
 
 
@@ -89,6 +92,7 @@ def test_holdout_and_undecodable_counts(trained) -> None:
     assert metrics["holdout_images"] == NUM_HOLDOUT
     assert metrics["train_images"] == NUM_IMAGES - NUM_HOLDOUT
     assert metrics["undecodable"] == 1
+    assert metrics["train_crop"] == 16
     assert 0 < metrics["psnr_bicubic"] < 100 and 0 < metrics["psnr"] < 100
 
 
@@ -153,6 +157,14 @@ def test_unreadable_shards_are_an_ldm_error(tmp_path: Path, capsys) -> None:
     assert not (tmp_path / "mlflow.db").exists(), "no MLflow run for a stage that cannot start"
 
 
+@pytest.mark.parametrize("crop", [18, 64])
+def test_train_crop_must_fit_the_latent_grid(tmp_path: Path, crop: int) -> None:
+    config = tiny_config(tmp_path, write_shard(tmp_path / "shards"), train_crop=crop)
+    with pytest.raises(LdmError, match="autoencoder.train_crop"):
+        train_autoencoder(config, progress=False)
+    assert not (tmp_path / "mlflow.db").exists()
+
+
 def test_pretrained_is_a_no_op(tmp_path: Path, capsys) -> None:
     config = tiny_config(tmp_path, tmp_path / "unused", pretrained=str(tmp_path / "sd-vae"))
     assert train_autoencoder(config, progress=False) == {}
@@ -168,3 +180,30 @@ def test_psnr_and_bicubic_baseline() -> None:
     baseline = bicubic_baseline(smooth, 4)
     assert baseline.shape == smooth.shape and baseline.dtype == np.uint8
     assert psnr(smooth, baseline) > psnr(images, bicubic_baseline(images, 4))
+
+
+def test_random_crops_are_seeded_in_range_and_flipped() -> None:
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (5, 16, 16, 3), dtype=np.uint8)
+    first = stage.random_crops(images, 64, 8, torch.Generator().manual_seed(1))
+    again = stage.random_crops(images, 64, 8, torch.Generator().manual_seed(1))
+    assert first.shape == (64, 3, 8, 8) and first.equal(again)
+    assert -1 <= float(first.min()) and float(first.max()) <= 1
+    crops = to_uint8(first)
+    windows = {
+        (i, top, left, flip)
+        for i in range(5)
+        for top in range(9)
+        for left in range(9)
+        for flip in (False, True)
+    }
+    found = set()
+    for crop in crops:
+        for i, top, left, flip in windows:
+            patch = images[i, top : top + 8, left : left + 8]
+            if np.array_equal(crop, patch[:, ::-1] if flip else patch):
+                found.add(flip)
+                break
+        else:
+            raise AssertionError("a crop is not a window of an input image")
+    assert found == {False, True}

@@ -40,7 +40,9 @@ def start_run(
     if found is not None:
         experiment_id = found.experiment_id
     else:
-        location = artifact_root.resolve().as_uri() if artifact_root is not None else None
+        # A local store keeps artifacts beside it; a tracking server decides for itself.
+        local = uri.startswith(("sqlite:", "file:")) or "://" not in uri
+        location = artifact_root.resolve().as_uri() if artifact_root and local else None
         experiment_id = client.create_experiment(experiment, artifact_location=location)
     run = client.create_run(experiment_id, run_name=run_name, tags=tags or {})
     from mlflow.entities import Param

@@ -64,7 +64,7 @@ class AutoencoderConfig(Section):
     kl_weight: float = Field(1e-6, ge=0)
     """Weight of the KL term against the reconstruction loss (the paper uses 1e-6)."""
     learning_rate: float = Field(2e-4, gt=0)
-    """AdamW learning rate."""
+    """Peak AdamW learning rate (20-step warmup, then cosine decay to zero)."""
     batch_size: int = Field(32, ge=1)
     """Images per step."""
     num_steps: int = Field(1000, ge=1)
@@ -220,6 +220,13 @@ class ExperimentConfig(Section):
             raise ValueError(
                 f"data.resolution: {self.data.resolution} is not divisible by "
                 f"autoencoder.downsample_factor={ae.downsample_factor}"
+            )
+        crop = ae.train_crop
+        if crop is not None and (crop % ae.downsample_factor or crop > self.data.resolution):
+            raise ValueError(
+                f"autoencoder.train_crop: {crop} must be a multiple of "
+                f"autoencoder.downsample_factor={ae.downsample_factor} and at most "
+                f"data.resolution={self.data.resolution}"
             )
         latent = self.data.resolution // ae.downsample_factor
         if latent % 2 ** (len(self.unet.block_out_channels) - 1):

@@ -146,8 +146,8 @@ class LatentCacheStream(IterableDataset):
 
     Each epoch the shard list is permuted by (seed, epoch) and dealt round-robin to the
     `world_size x num_loader_workers` streams, so every stream reads disjoint shards; within
-    a stream, samples are shuffled in a buffer seeded by (seed, epoch, stream). The stream is
-    endless, so every rank yields as many batches as the step count asks for: no rank runs
+    a stream, its shards are read side by side and samples shuffled in a buffer seeded by
+    (seed, epoch, stream). The stream is endless, so every rank yields as many batches as the step count asks for: no rank runs
     dry while another waits in a collective.
     """
 
@@ -160,7 +160,7 @@ class LatentCacheStream(IterableDataset):
         num_loader_workers: int,
         seed: int,
         start_batch: int = 0,
-        shuffle_buffer: int = 256,
+        shuffle_buffer: int = 1024,
     ):
         manifest = read_manifest(cache_dir)
         self.shards = [
@@ -196,8 +196,15 @@ class LatentCacheStream(IterableDataset):
             order = np.random.default_rng([self.seed, epoch]).permutation(len(self.shards))
             rng = np.random.default_rng([self.seed, epoch, stream])
             buffer: list = []
-            for shard_index in order[stream :: self.num_streams]:
-                for sample in _read_cache_shard(self.shards[shard_index]):
+            # Read this stream's shards side by side: a shard often holds similar samples
+            # (written in file-name order), and a buffer alone would not mix them.
+            readers = [_read_cache_shard(self.shards[i]) for i in order[stream :: self.num_streams]]
+            while readers:
+                for reader in list(readers):
+                    sample = next(reader, None)
+                    if sample is None:
+                        readers.remove(reader)
+                        continue
                     buffer.append(sample)
                     if len(buffer) >= self.shuffle_buffer:
                         yield buffer.pop(int(rng.integers(len(buffer))))

@@ -46,7 +46,9 @@ def test_training_checkpoints_and_mlflow(pipeline):
 
     client = MlflowClient(uri)
     runs = client.search_runs(client.get_experiment_by_name("ldm").experiment_id)
-    train_runs = [r for r in runs if r.data.tags.get("ldm.stage") == "train"]
+    train_runs = [
+        r for r in runs if r.data.tags.get("ldm.stage") == "train" and r.info.run_name == "tiny"
+    ]
     assert len(train_runs) == 1
     run = train_runs[0]
     assert (
@@ -89,7 +91,7 @@ def test_resume_continues_the_same_run(pipeline):
     runs = [
         r
         for r in client.search_runs(client.get_experiment_by_name("ldm").experiment_id)
-        if r.data.tags.get("ldm.stage") == "train"
+        if r.data.tags.get("ldm.stage") == "train" and r.info.run_name == "tiny"
     ]
     assert len(runs) == 1
     assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")] == [2, 4, 6, 8]

@@ -147,8 +147,8 @@ class LatentCacheStream(IterableDataset):
     Each epoch the shard list is permuted by (seed, epoch) and dealt round-robin to the
     `world_size x num_loader_workers` streams, so every stream reads disjoint shards; within
     a stream, its shards are read side by side and samples shuffled in a buffer seeded by
-    (seed, epoch, stream). The stream is endless, so every rank yields as many batches as the step count asks for: no rank runs
-    dry while another waits in a collective.
+    (seed, epoch, stream). The stream is endless, so every rank yields as many batches as the
+    step count asks for: no rank runs dry while another waits in a collective.
     """
 
     def __init__(

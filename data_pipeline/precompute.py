@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+import zlib
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -88,7 +89,7 @@ class _ShardDecoder:
         shard = row["shard"]
         report = ShardReadReport()
         good, bad = [], 0
-        rng = np.random.default_rng([self.seed, abs(hash(Path(shard).name)) % (2**31)])
+        rng = np.random.default_rng([self.seed, zlib.crc32(Path(shard).name.encode())])
         for sample in read_shard(shard, report):
             image = try_decode(image_bytes(sample))
             if image is None:
@@ -226,6 +227,7 @@ def _empty_prompt_embedding(config: ExperimentConfig, dtype: str) -> np.ndarray:
 def precompute(config: ExperimentConfig, progress: bool = True) -> Path:
     """Encode every raw shard not yet in the cache; returns the cache folder."""
     import ray
+
     from orchestrator.cluster import ray_session
 
     spec = cache_spec(config)

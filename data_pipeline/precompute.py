@@ -42,16 +42,17 @@ from orchestrator.errors import LdmError
 
 def cache_spec(config: ExperimentConfig) -> dict[str, Any]:
     """Everything that determines the cache content; training rebuilds it to compare."""
-    from training.models import load_autoencoder, text_encoder_path, weights_digest
+    from training.models import autoencoder_config, text_encoder_path, weights_digest
 
+    # Only the config is read: the driver needs the identity, not a loaded model.
     ae_dir = config.autoencoder_dir
-    vae = load_autoencoder(ae_dir)
+    vae = autoencoder_config(ae_dir)
     text_dir = text_encoder_path(config.text_encoder.name_or_path)
     return {
-        "autoencoder_class": type(vae).__name__,
+        "autoencoder_class": vae.get("_class_name", "AutoencoderKL"),
         "autoencoder_sha256": weights_digest(ae_dir),
-        "latent_channels": int(vae.config.latent_channels),
-        "scaling_factor": float(vae.config.scaling_factor),
+        "latent_channels": int(vae.get("latent_channels", 4)),
+        "scaling_factor": float(vae.get("scaling_factor", 0.18215)),
         "text_encoder": config.text_encoder.name_or_path
         if config.text_encoder.name_or_path == "minilm"
         else Path(text_dir).name,

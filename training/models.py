@@ -98,16 +98,20 @@ def build_autoencoder(config: ExperimentConfig) -> AutoencoderKL:
     )
 
 
-def load_autoencoder(folder: Path) -> AutoencoderKL | AutoencoderTiny:
-    """A trained or pretrained diffusers autoencoder folder, frozen, in eval mode."""
-    folder = Path(folder)
-    config_file = folder / "config.json"
+def autoencoder_config(folder: Path) -> dict:
+    """A diffusers autoencoder folder's config.json, read without loading any weights."""
+    config_file = Path(folder) / "config.json"
     if not config_file.is_file():
         raise LdmError(
             f"no autoencoder at {folder}: run `ldm autoencoder CONFIG` first, "
             "or set autoencoder.pretrained to a diffusers AutoencoderKL folder"
         )
-    class_name = json.loads(config_file.read_text()).get("_class_name", "AutoencoderKL")
+    return json.loads(config_file.read_text())
+
+
+def load_autoencoder(folder: Path) -> AutoencoderKL | AutoencoderTiny:
+    """A trained or pretrained diffusers autoencoder folder, frozen, in eval mode."""
+    class_name = autoencoder_config(folder).get("_class_name", "AutoencoderKL")
     cls = AutoencoderTiny if class_name == "AutoencoderTiny" else AutoencoderKL
     return cls.from_pretrained(folder).eval().requires_grad_(False)
 

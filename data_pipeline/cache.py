@@ -14,14 +14,12 @@ import hashlib
 import io
 import json
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import IterableDataset
 
 from orchestrator.errors import LdmError
 
@@ -98,21 +96,6 @@ def _short(value: Any) -> str:
     return text if len(text) <= 24 else text[:20] + "…"
 
 
-def check_enough_shards(
-    cache_dir: str | Path, manifest: dict[str, Any], world_size: int, num_loader_workers: int
-) -> None:
-    """Each rank x loader worker reads its own shards, so there must be at least that many."""
-    available = sum(1 for s in manifest["shards"] if s["num_samples"])
-    needed = world_size * max(1, num_loader_workers)
-    if available < needed:
-        raise LdmError(
-            f"latent cache {cache_dir} has {available} non-empty shards but {world_size} ranks x "
-            f"{max(1, num_loader_workers)} loader workers need at least {needed}: lower "
-            "train.num_workers or train.num_loader_workers, or write more, smaller shards "
-            "(ldm shards --samples-per-shard)"
-        )
-
-
 @dataclass
 class CacheBatch:
     """One micro-batch as training consumes it."""
@@ -132,94 +115,3 @@ def collate(samples: list[tuple[np.ndarray, np.ndarray]], max_length: int) -> Ca
         context[i, :n] = torch.from_numpy(text[:n].astype(np.float32))
         mask[i, :n] = True
     return CacheBatch(moments, context, mask)
-
-
-def _read_cache_shard(path: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    from data_pipeline.images import read_shard
-
-    for sample in read_shard(path):
-        yield npy_load(sample["moments.npy"]), npy_load(sample["text.npy"])
-
-
-class LatentCacheStream(IterableDataset):
-    """An endless, deterministic stream of micro-batches for one rank.
-
-    Each epoch the shard list is permuted by (seed, epoch) and dealt round-robin to the
-    `world_size x num_loader_workers` streams, so every stream reads disjoint shards; within
-    a stream, its shards are read side by side and samples shuffled in a buffer seeded by
-    (seed, epoch, stream). The stream is endless, so every rank yields as many batches as the
-    step count asks for: no rank runs dry while another waits in a collective.
-    """
-
-    def __init__(
-        self,
-        cache_dir: str | Path,
-        rank: int,
-        world_size: int,
-        micro_batch_size: int,
-        num_loader_workers: int,
-        seed: int,
-        start_batch: int = 0,
-        shuffle_buffer: int = 1024,
-    ):
-        manifest = read_manifest(cache_dir)
-        self.shards = [
-            str(Path(cache_dir) / s["name"]) for s in manifest["shards"] if s["num_samples"]
-        ]
-        self.max_length = int(manifest["spec"]["text_max_length"])
-        self.rank, self.world_size = rank, world_size
-        self.micro_batch_size = micro_batch_size
-        self.num_streams = world_size * max(1, num_loader_workers)
-        self.seed, self.shuffle_buffer = seed, shuffle_buffer
-        self.num_loader_workers = max(1, num_loader_workers)
-        self.start_batch = start_batch
-        check_enough_shards(cache_dir, manifest, world_size, num_loader_workers)
-
-    def _position(self) -> tuple[int, int]:
-        """(stream index, batches of it already consumed) for this loader worker.
-
-        A DataLoader takes batches from its workers round-robin, starting at worker 0. After
-        `start_batch` batches the next one is due from worker `start_batch % W`, so worker j
-        continues the stream that was at position (j + start_batch) % W, skipping what that
-        stream already delivered: the resumed sequence equals the uninterrupted one.
-        """
-        info = torch.utils.data.get_worker_info()
-        worker = info.id if info else 0
-        w = self.num_loader_workers
-        local = (worker + self.start_batch) % w
-        consumed = (self.start_batch - local + w - 1) // w
-        return self.rank * w + local, consumed
-
-    def samples(self, stream: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        epoch = 0
-        while True:
-            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.shards))
-            rng = np.random.default_rng([self.seed, epoch, stream])
-            buffer: list = []
-            # Read this stream's shards side by side: a shard often holds similar samples
-            # (written in file-name order), and a buffer alone would not mix them.
-            readers = [_read_cache_shard(self.shards[i]) for i in order[stream :: self.num_streams]]
-            while readers:
-                for reader in list(readers):
-                    sample = next(reader, None)
-                    if sample is None:
-                        readers.remove(reader)
-                        continue
-                    buffer.append(sample)
-                    if len(buffer) >= self.shuffle_buffer:
-                        yield buffer.pop(int(rng.integers(len(buffer))))
-            while buffer:
-                yield buffer.pop(int(rng.integers(len(buffer))))
-            epoch += 1
-
-    def __iter__(self) -> Iterator[CacheBatch]:
-        stream, consumed = self._position()
-        samples = self.samples(stream)
-        for _ in range(consumed * self.micro_batch_size):
-            next(samples)
-        batch = []
-        for sample in samples:
-            batch.append(sample)
-            if len(batch) == self.micro_batch_size:
-                yield collate(batch, self.max_length)
-                batch = []

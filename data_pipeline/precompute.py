@@ -53,6 +53,7 @@ def cache_spec(config: ExperimentConfig) -> dict[str, Any]:
         "autoencoder_sha256": weights_digest(ae_dir),
         "latent_channels": int(vae.get("latent_channels", 4)),
         "scaling_factor": float(vae.get("scaling_factor", 0.18215)),
+        "shift_factor": float(vae.get("shift_factor") or 0.0),
         "text_encoder": config.text_encoder.name_or_path
         if config.text_encoder.name_or_path == "minilm"
         else Path(text_dir).name,

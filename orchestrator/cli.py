@@ -118,6 +118,15 @@ def cmd_sample(args: argparse.Namespace) -> None:
         print(path)
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from training.export import export_pipeline
+
+    out = export_pipeline(
+        Path(args.checkpoint), Path(args.out), use_ema=not args.raw, overwrite=args.overwrite
+    )
+    print(f"export: {'raw' if args.raw else 'EMA'} weights of {args.checkpoint} -> {out}")
+
+
 def cmd_submit(args: argparse.Namespace) -> None:
     from orchestrator.jobs import submit
 
@@ -200,6 +209,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--raw", action="store_true", help="raw weights instead of the EMA")
     p.set_defaults(func=cmd_sample)
 
+    p = sub.add_parser("export", help="a checkpoint as a diffusers StableDiffusionPipeline folder")
+    p.add_argument("checkpoint", help="a committed checkpoint tag folder")
+    p.add_argument("out", help="folder to write (must not exist or be empty)")
+    p.add_argument("--raw", action="store_true", help="raw weights instead of the EMA")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
+    p.set_defaults(func=cmd_export)
+
     p = sub.add_parser("submit", help="submit a stage as a Ray job; prints the job id")
     p.add_argument("config")
     p.add_argument("overrides", nargs="*")
@@ -234,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         args.func(args)
     except LdmError as err:
         print(f"ldm {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        return err.exit_code
     except KeyboardInterrupt:
         print(f"ldm {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -122,6 +122,8 @@ class DiffusionConfig(Section):
     """Last beta."""
     prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
     """What the UNet predicts: the noise (the paper) or the velocity."""
+    snr_gamma: float | None = Field(None, gt=0)
+    """Min-SNR-gamma loss weighting (Hang et al., 2023; 5 is their choice); None: plain MSE."""
 
 
 class TrainConfig(Section):
@@ -161,6 +163,12 @@ class TrainConfig(Section):
     """DataLoader worker processes per rank."""
     resume: str = "auto"
     """`auto` (newest checkpoint of this run, if any), `never`, or a checkpoint folder."""
+    max_failures: int = Field(0, ge=-1)
+    """Times Ray Train may restart the workers after one dies, each time from the newest
+    committed checkpoint (-1: no limit)."""
+    preempt_grace_s: float = Field(60.0, gt=0)
+    """After SIGTERM (what Kubernetes sends on preemption), seconds to save a checkpoint before
+    the job exits anyway; keep it below the pod's terminationGracePeriodSeconds."""
 
 
 class SampleConfig(Section):
@@ -261,6 +269,11 @@ class ExperimentConfig(Section):
     @property
     def checkpoint_dir(self) -> Path:
         return self.run_dir / "checkpoints"
+
+    @property
+    def stop_file(self) -> Path:
+        """Written by the launcher on SIGTERM; every rank polls it (so it must be shared)."""
+        return self.run_dir / "STOP_REQUESTED"
 
     @property
     def autoencoder_dir(self) -> Path:

@@ -10,12 +10,65 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from orchestrator.config import ExperimentConfig
-from orchestrator.errors import LdmError
+from orchestrator.errors import LdmError, Preempted
+
+
+class _GraceExpired(Exception):
+    pass
+
+
+class _GracefulStop:
+    """SIGTERM/SIGINT -> ask every rank to checkpoint and stop, within a grace period.
+
+    The request is a file on the run's storage that all ranks poll each step; SIGALRM ends
+    the wait when the grace period runs out, and a second signal ends it at once. Either
+    way the newest committed checkpoint stays valid, so only unsaved steps are lost.
+    """
+
+    def __init__(self, stop_file: Path, grace_s: float):
+        self.stop_file, self.grace_s = stop_file, grace_s
+        self.signal_name: str | None = None
+        self.saved_in_time = True
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signal_name is not None:  # a second signal: stop waiting
+            self.saved_in_time = False
+            raise _GraceExpired()
+        self.signal_name = signal.Signals(signum).name
+        self.stop_file.parent.mkdir(parents=True, exist_ok=True)
+        self.stop_file.write_text(self.signal_name)
+        print(
+            f"train: {self.signal_name}: saving a checkpoint and stopping "
+            f"(grace {self.grace_s:g} s)",
+            flush=True,
+        )
+        signal.setitimer(signal.ITIMER_REAL, self.grace_s)
+
+    def _expire(self, signum: int, frame: Any) -> None:
+        self.saved_in_time = False
+        raise _GraceExpired()
+
+    def __enter__(self) -> _GracefulStop:
+        self.stop_file.unlink(missing_ok=True)  # a request left by an earlier, killed job
+        for sig, handler in (
+            (signal.SIGTERM, self._handle),
+            (signal.SIGINT, self._handle),
+            (signal.SIGALRM, self._expire),
+        ):
+            self._previous[sig] = signal.signal(sig, handler)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 def worker_env() -> dict[str, str]:
@@ -39,12 +92,20 @@ def _ray_worker(loop_config: dict[str, Any]) -> None:
     import ray
     import ray.train
 
+    from training.checkpoint import latest_committed
     from training.loop import train_worker
 
     config = ExperimentConfig.model_validate(loop_config["config"])
     rank = ray.train.get_context().get_world_rank()
     node = ray.get_runtime_context().get_node_id()
-    print(f"train: worker rank {rank} on node {node}", flush=True)
+    print(f"train: worker rank {rank} on node {node} pid {os.getpid()}", flush=True)
+
+    # After a worker failure Ray Train runs this function again: continue from the newest tag
+    # this job committed, whether or not Ray Train had registered it before the failure.
+    resume_from = loop_config["resume_from"]
+    newest = latest_committed(config.checkpoint_dir)
+    if newest is not None and newest.name > (loop_config["newest_at_start"] or ""):
+        resume_from = str(newest)
 
     def report(metrics: dict[str, Any], tag_dir: Path | None) -> None:
         # Ray Train registers a small pointer; the tag on storage (with its commit marker)
@@ -60,7 +121,13 @@ def _ray_worker(loop_config: dict[str, Any]) -> None:
                 checkpoint_dir_name=tag_dir.name if tag_dir else None,
             )
 
-    train_worker(config, Path(loop_config["cache_dir"]), loop_config["mlflow_run_id"], report)
+    train_worker(
+        config,
+        Path(loop_config["cache_dir"]),
+        loop_config["mlflow_run_id"],
+        Path(resume_from) if resume_from else None,
+        report,
+    )
 
 
 def train(config: ExperimentConfig) -> dict[str, Any]:
@@ -68,25 +135,43 @@ def train(config: ExperimentConfig) -> dict[str, Any]:
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from data_pipeline.cache import check_enough_shards, check_spec, read_manifest
+    from data_pipeline.cache import check_spec, read_manifest
     from data_pipeline.precompute import cache_spec, resolve_cache_dir
+    from data_pipeline.stream import Layout, check_enough_samples
     from orchestrator.cluster import ray_session
-    from training.checkpoint import TRAIN_STATE, TrainState, resolve_resume
-    from training.tracking import end_run, start_run
+    from training.checkpoint import TRAIN_STATE, TrainState, latest_committed, resolve_resume
+    from training.tracking import end_run, reopen_run, start_run
 
     spec = cache_spec(config)
     cache_dir = resolve_cache_dir(config, spec)
     manifest = read_manifest(cache_dir)
     check_spec(cache_dir, manifest, spec)
-    check_enough_shards(
-        cache_dir, manifest, config.train.num_workers, config.train.num_loader_workers
+    t = config.train
+    check_enough_samples(
+        cache_dir,
+        sum(s["num_samples"] for s in manifest["shards"]),
+        Layout(t.num_workers, max(1, t.num_loader_workers), t.micro_batch_size),
     )
     config = config.model_copy(deep=True)
     config.tracking.uri = config.tracking_uri  # workers must not re-derive it from their env
 
+    newest = latest_committed(config.checkpoint_dir)
+    if config.train.resume == "never" and newest is not None:
+        raise LdmError(
+            f"train.resume=never, but {config.checkpoint_dir} already holds checkpoints "
+            f"(newest {newest.name}): choose another run.name, delete them, or resume=auto"
+        )
     tag = resolve_resume(config.train.resume, config.checkpoint_dir)
-    run_id = TrainState.load(tag / TRAIN_STATE).mlflow_run_id if tag else None
-    if run_id is None:
+    resumed = TrainState.load(tag / TRAIN_STATE) if tag else None
+    if resumed and resumed.world_size not in (0, t.num_workers) and t.zero_stage == 3:
+        raise LdmError(
+            f"{tag} was saved by {resumed.world_size} ZeRO-3 ranks: resume it with "
+            f"train.num_workers={resumed.world_size} (ZeRO-1/2 checkpoints resume on any count)"
+        )
+    run_id = resumed.mlflow_run_id if resumed else None
+    if run_id is not None:
+        reopen_run(config.tracking.uri, run_id)
+    else:
         run_id = start_run(
             config.tracking.uri,
             config.tracking.experiment,
@@ -105,6 +190,7 @@ def train(config: ExperimentConfig) -> dict[str, Any]:
     print(f"train: MLflow run {run_id} at {config.tracking.uri}", flush=True)
     c = config.cluster
     status = "FAILED"
+    stop = _GracefulStop(config.stop_file, config.train.preempt_grace_s)
     try:
         with ray_session(c.address, runtime_env={"env_vars": worker_env()}):
             trainer = TorchTrainer(
@@ -113,6 +199,8 @@ def train(config: ExperimentConfig) -> dict[str, Any]:
                     "config": config.to_dict(),
                     "cache_dir": str(cache_dir),
                     "mlflow_run_id": run_id,
+                    "resume_from": str(tag) if tag else None,
+                    "newest_at_start": newest.name if newest else None,
                 },
                 scaling_config=ScalingConfig(
                     num_workers=config.train.num_workers,
@@ -126,11 +214,14 @@ def train(config: ExperimentConfig) -> dict[str, Any]:
                 run_config=RunConfig(
                     name="ray_train",
                     storage_path=str(config.run_dir.resolve()),
-                    failure_config=FailureConfig(max_failures=0),
+                    failure_config=FailureConfig(max_failures=config.train.max_failures),
                 ),
             )
-            result = trainer.fit()
-        status = "FINISHED"
+            with stop:  # installed after ray.init, which sets a SIGTERM handler of its own
+                result = trainer.fit()
+        status = "KILLED" if stop.signal_name else "FINISHED"
+    except _GraceExpired:
+        status = "KILLED"
     except Exception as err:
         user_error = _find_user_error(err)
         if user_error is not None:
@@ -138,6 +229,14 @@ def train(config: ExperimentConfig) -> dict[str, Any]:
         raise
     finally:
         end_run(config.tracking.uri, run_id, status)
+        config.stop_file.unlink(missing_ok=True)
+    if stop.signal_name:
+        newest = latest_committed(config.checkpoint_dir)
+        saved = "the checkpoint was saved" if stop.saved_in_time else "the grace period ran out"
+        raise Preempted(
+            f"stopped by {stop.signal_name}: {saved}; newest checkpoint "
+            f"{newest.name if newest else '(none)'}; run the same command again to resume"
+        )
     return {
         "run_id": run_id,
         "metrics": dict(result.metrics or {}),

@@ -1,4 +1,4 @@
-"""The latent-cache stream: disjoint per-rank shards, deterministic order, exact resume."""
+"""The latent-cache stream: even epochs, deterministic order, exact and elastic resume."""
 
 import json
 
@@ -7,7 +7,8 @@ import pytest
 import torch
 import webdataset as wds
 
-from data_pipeline.cache import FORMAT, LatentCacheStream, npy_bytes, write_manifest
+from data_pipeline.cache import FORMAT, npy_bytes, write_manifest
+from data_pipeline.stream import DataCursor, LatentCacheStream
 from orchestrator.errors import LdmError
 
 
@@ -18,7 +19,7 @@ def make_cache(path, num_shards=4, per_shard=10, dim=8):
         name = f"{s:05d}.tar"
         with wds.TarWriter(str(path / name)) as sink:
             for i in range(per_shard):
-                uid = s * 1000 + i  # recoverable from the moments, to identify samples
+                uid = s * 100 + i  # exact in fp16 (< 2048): identifies the sample
                 sink.write(
                     {
                         "__key__": f"{s:05d}_{i:06d}",
@@ -45,36 +46,76 @@ def take(stream, num_workers, num_batches):
             return out
 
 
+def epoch_of(cache, layout_batches, seed=7, micro_batch_size=3, start=None):
+    """Run ranks x loader workers side by side; returns ({rank: [batch ids]}, end cursor)."""
+    out, cursor = {}, None
+    for world, workers, num_batches in layout_batches:
+        for rank in range(world):
+            stream = LatentCacheStream(
+                cache, rank, world, micro_batch_size, workers, seed, cursor=start
+            )
+            out.setdefault((world, workers, rank), []).extend(take(stream, workers, num_batches))
+        cursor = stream.cursor_after(num_batches)
+        start = cursor
+    return out, cursor
+
+
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_resumed_stream_continues_exactly(tmp_path, num_workers):
     cache = make_cache(tmp_path / "cache")
     kwargs = dict(rank=0, world_size=1, micro_batch_size=3, num_loader_workers=num_workers, seed=7)
-    full = take(LatentCacheStream(cache, **kwargs), num_workers, 20)
-    for start in (1, 5, 8):
-        resumed = take(
-            LatentCacheStream(cache, start_batch=start, **kwargs), num_workers, 20 - start
+    full = take(LatentCacheStream(cache, **kwargs), num_workers, 30)  # crosses 2 epochs
+    for start in (1, 5, 8, 13, 17):
+        cursor = LatentCacheStream(cache, **kwargs).cursor_after(start)
+        resumed = take(LatentCacheStream(cache, cursor=cursor, **kwargs), num_workers, 30 - start)
+        assert resumed == full[start:], start
+    assert DataCursor.from_dict(json.loads(json.dumps(cursor.to_dict()))) == cursor
+
+
+def test_an_epoch_is_dealt_evenly_without_repeats(tmp_path):
+    # 2 shards for 2 ranks x 2 loader workers: streams share shards, reading different pieces.
+    cache = make_cache(tmp_path / "cache", num_shards=2, per_shard=13)
+    stream = LatentCacheStream(cache, 0, 2, 3, 2, seed=0)
+    per_rank = stream.layout.batches_per_rank(26)
+    assert per_rank == 4  # 26 samples / 4 streams -> 6 each (2 batches of 3); 2 sit out
+    seen, _ = epoch_of(cache, [(2, 2, per_rank)])
+    ids_ = [uid for batches in seen.values() for b in batches for uid in b]
+    assert len(ids_) == len(set(ids_)) == 24
+    assert {len(b) for b in seen.values()} == {per_rank}
+
+
+@pytest.mark.parametrize(
+    "layouts",
+    [
+        [(2, 1, 3), (1, 1, 100)],  # 2 -> 1 ranks mid-epoch
+        [(1, 1, 5), (2, 1, 100)],  # 1 -> 2
+        [(2, 2, 2), (1, 2, 2), (3, 1, 100)],  # two changes within one epoch
+    ],
+)
+def test_elastic_restart_neither_repeats_nor_skips_within_the_epoch(tmp_path, layouts):
+    cache = make_cache(tmp_path / "cache", num_shards=4, per_shard=10)
+    consumed = []
+    cursor = None
+    for world, workers, num_batches in layouts:
+        probe = LatentCacheStream(cache, 0, world, 3, workers, seed=7, cursor=cursor)
+        left = (
+            probe.layout.batches_per_rank(
+                len(probe.plan.remaining(0, probe.start.finished_segments))
+            )
+            - probe.start.batches_per_rank
         )
-        assert resumed == full[start:]
+        n = min(num_batches, left)
+        seen, cursor = epoch_of(cache, [(world, workers, n)], start=cursor)
+        consumed += [uid for batches in seen.values() for b in batches for uid in b]
+    assert cursor.epoch == 1 and cursor.batches_per_rank == 0  # the epoch was used up
+    assert len(consumed) == len(set(consumed))
+    # Only what cannot fill one more batch per stream sits out.
+    assert 40 - len(consumed) < 3 * 3
 
 
-def test_ranks_read_disjoint_shards_and_batches_are_padded(tmp_path):
-    cache = make_cache(tmp_path / "cache")
-    seen = []
-    for rank in (0, 1):
-        stream = LatentCacheStream(cache, rank, 2, micro_batch_size=5, num_loader_workers=1, seed=0)
-        batches = take(stream, 0, 2)  # one epoch of this rank: its 2 shards, 20 samples
-        seen.append({uid // 1000 for b in batches for uid in b})
-        batch = next(iter(stream))
-        assert batch.context.shape == (5, 6, 8) and batch.mask.shape == (5, 6)
-        assert batch.mask.sum(1).tolist() == [
-            int(m) for m in (batch.context.abs().sum(-1) > 0).sum(1)
-        ]
-    assert not seen[0] & seen[1] and len(seen[0] | seen[1]) == 4
-
-
-def test_too_few_shards_fails_at_start(tmp_path):
-    cache = make_cache(tmp_path / "cache", num_shards=2)
-    with pytest.raises(LdmError, match="needs at least|need at least"):
+def test_too_few_samples_fails_at_start(tmp_path):
+    cache = make_cache(tmp_path / "cache", num_shards=1, per_shard=7)
+    with pytest.raises(LdmError, match="need at least 8"):
         LatentCacheStream(cache, 0, 2, micro_batch_size=2, num_loader_workers=2, seed=0)
 
 
@@ -84,3 +125,12 @@ def test_missing_cache_is_a_clear_error(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps({"format": "other"}))
     with pytest.raises(LdmError, match="unknown cache format"):
         LatentCacheStream(tmp_path, 0, 1, 2, 0, 0)
+
+
+def test_batches_are_padded_with_a_mask(tmp_path):
+    cache = make_cache(tmp_path / "cache")
+    batch = next(
+        iter(LatentCacheStream(cache, 0, 1, micro_batch_size=5, num_loader_workers=0, seed=0))
+    )
+    assert batch.context.shape == (5, 6, 8) and batch.mask.shape == (5, 6)
+    assert batch.mask.sum(1).tolist() == [int(m) for m in (batch.context.abs().sum(-1) > 0).sum(1)]

@@ -181,12 +181,16 @@ def reconstruct(vae: torch.nn.Module, images: np.ndarray, batch_size: int = 64) 
 
 
 @torch.inference_mode()
-def latent_scaling_factor(
+def latent_normalization(
     vae: torch.nn.Module, images: np.ndarray, generator: torch.Generator, batch_size: int = 64
-) -> float:
-    """1 / std of posterior samples, so the diffusion model sees latents of unit variance.
+) -> tuple[float, float]:
+    """(shift, scale) = (mean, 1 / std) of posterior samples.
 
-    Samples rather than means, because training draws samples from the cached moments.
+    The diffusion model sees (z - shift) * scale: zero mean and unit variance, which the
+    noise schedule assumes (a KL autoencoder trained briefly has a clear offset, and an
+    offset latent is never fully destroyed by the forward process, so pure-noise sampling
+    starts off the training distribution). Samples rather than means, because training
+    draws samples from the cached moments.
     """
     device = next(vae.parameters()).device
     pick = torch.randperm(len(images), generator=generator)[:SCALING_IMAGES].numpy()
@@ -196,7 +200,8 @@ def latent_scaling_factor(
         dist = vae.encode(x).latent_dist
         noise = torch.randn(dist.mean.shape, generator=generator).to(device)
         latents.append((dist.mean + dist.std * noise).flatten().cpu())
-    return float(1.0 / torch.cat(latents).std())
+    latents = torch.cat(latents)
+    return float(latents.mean()), float(1.0 / latents.std())
 
 
 def _usable_cores() -> int:
@@ -321,12 +326,13 @@ def train_autoencoder(config: ExperimentConfig, progress: bool = True) -> dict[s
         vae.eval()
         recon = reconstruct(vae, test)
         baseline = bicubic_baseline(test, ae.downsample_factor)
-        scaling = latent_scaling_factor(vae, train, generator)
-        vae.register_to_config(scaling_factor=scaling)
+        shift, scaling = latent_normalization(vae, train, generator)
+        vae.register_to_config(scaling_factor=scaling, shift_factor=shift)
         metrics = {
             "psnr": psnr(test, recon),
             "psnr_bicubic": psnr(test, baseline),
             "scaling_factor": scaling,
+            "shift_factor": shift,
             "steps": float(ae.num_steps),
             "final_loss": last.get("loss", math.nan),
             "train_images": float(counts["train"]),

@@ -12,7 +12,7 @@ import json
 import random
 import re
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,8 @@ class TrainState:
 
     step: int = 0
     samples_seen: int = 0
-    micro_batches_per_rank: int = 0  # the data cursor: batches each rank has consumed
+    data_cursor: dict[str, Any] = field(default_factory=dict)  # data_pipeline.stream.DataCursor
+    world_size: int = 0  # ranks that wrote the tag
     mlflow_run_id: str | None = None
     config_digest: str = ""
     rng: dict[str, Any] = field(default_factory=dict)  # per rank, see rng_state()
@@ -47,7 +48,9 @@ class TrainState:
 
     @classmethod
     def load(cls, path: Path) -> TrainState:
-        return cls(**json.loads(path.read_text()))
+        data = json.loads(path.read_text())
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
 
 
 def rng_state() -> dict[str, Any]:

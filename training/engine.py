@@ -16,6 +16,11 @@ import torch
 os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
 
 import deepspeed  # noqa: E402
+import deepspeed.ops  # noqa: E402
+
+# DeepSpeed's shared-memory op serves only its inference all-reduce, never training, yet it is
+# compiled (60-110 s of C++ on a fresh CPU machine) when the comm backend starts: skip it.
+deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 from orchestrator.config import ExperimentConfig  # noqa: E402
 
@@ -28,7 +33,9 @@ def deepspeed_config(config: ExperimentConfig, world_size: int) -> dict[str, Any
         "train_batch_size": t.micro_batch_size * world_size * accumulation,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": accumulation,
-        "zero_optimization": {"stage": t.zero_stage},
+        # Elastic ZeRO-1/2 checkpoints store the optimizer state unpartitioned per parameter,
+        # so a run can resume on another number of ranks.
+        "zero_optimization": {"stage": t.zero_stage, "elastic_checkpoint": t.zero_stage in (1, 2)},
         "bf16": {"enabled": t.precision == "bf16"},
         "steps_per_print": 10**9,  # our loop logs; DeepSpeed's own prints would only add noise
         "wall_clock_breakdown": False,

@@ -7,6 +7,7 @@ plain torch.distributed group in tests) and knows nothing of Ray: the launcher p
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,11 +16,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
 
-from data_pipeline.cache import EMPTY_PROMPT, CacheBatch, LatentCacheStream, npy_load, read_manifest
+from data_pipeline.cache import EMPTY_PROMPT, CacheBatch, npy_load, read_manifest
+from data_pipeline.stream import DataCursor, LatentCacheStream
 from orchestrator.config import ExperimentConfig
 from training import checkpoint as ckpt
 from training.engine import build_engine, full_state_dict, load_engine, save_engine
@@ -46,13 +47,22 @@ class Rank0:
         text = " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
         print(f"step {step}: {text}", flush=True)
 
+    def note(self, text: str) -> None:
+        print(text, flush=True)
+
+    def clear(self, tag_dir: Path) -> None:
+        if tag_dir.exists():
+            shutil.rmtree(tag_dir)
+
     def sample(self, ema: EMAModel, unet: torch.nn.Module, step: int) -> None:
         from training.sampling import prompt_grid
 
-        if self.sample_unet is None:
-            self.sample_unet = type(unet).from_config(unet.config)
-        ema.copy_to(self.sample_unet.parameters())
-        image = prompt_grid(self.sampler, self.sample_unet, self.config)
+        # Building a UNet draws from torch's RNG; training's noise stream must not notice.
+        with torch.random.fork_rng(devices=[]):
+            if self.sample_unet is None:
+                self.sample_unet = type(unet).from_config(unet.config)
+            ema.copy_to(self.sample_unet.parameters())
+            image = prompt_grid(self.sampler, self.sample_unet, self.config)
         self.tracker.log_image(image, key="samples", step=step)
 
     def write_tag_files(
@@ -97,6 +107,12 @@ class NullRank0(Rank0):
     def commit(self, tag_dir):  # noqa: D102
         pass
 
+    def note(self, text):  # noqa: D102
+        pass
+
+    def clear(self, tag_dir):  # noqa: D102
+        pass
+
     def close(self):  # noqa: D102
         pass
 
@@ -105,31 +121,40 @@ def diffusion_loss(
     unet: torch.nn.Module,
     batch: CacheBatch,
     scheduler,
-    scaling_factor: float,
+    latent_norm: tuple[float, float],
     empty: tuple[torch.Tensor, torch.Tensor],
     caption_dropout: float,
+    snr_gamma: float | None = None,
 ) -> torch.Tensor:
-    """The DDPM objective on a cached batch: a fresh latent draw, noise, and CFG dropout."""
+    """The DDPM objective on a cached batch: a fresh latent draw, noise, and CFG dropout.
+
+    `latent_norm` is the autoencoder's (shift, scale); `snr_gamma` turns on Min-SNR-gamma
+    loss weighting (Hang et al., 2023), which stops the many easy low-noise steps from
+    dominating the gradient and converges several times faster.
+    """
+    shift, scale = latent_norm
     mean, logvar = batch.moments.chunk(2, dim=1)
     latents = (
-        mean + torch.exp(0.5 * logvar.clamp(-30, 20)) * torch.randn_like(mean)
-    ) * scaling_factor
+        mean + torch.exp(0.5 * logvar.clamp(-30, 20)) * torch.randn_like(mean) - shift
+    ) * scale
     noise = torch.randn_like(latents)
     t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],))
     noisy = scheduler.add_noise(latents, noise, t)
     drop = torch.rand(latents.shape[0]) < caption_dropout
     context = torch.where(drop[:, None, None], empty[0], batch.context)
     mask = torch.where(drop[:, None], empty[1], batch.mask)
-    target = (
-        noise
-        if scheduler.config.prediction_type == "epsilon"
-        else scheduler.get_velocity(latents, noise, t)
-    )
+    epsilon = scheduler.config.prediction_type == "epsilon"
+    target = noise if epsilon else scheduler.get_velocity(latents, noise, t)
     dtype = next(unet.parameters()).dtype
     pred = unet(
         noisy.to(dtype), t, encoder_hidden_states=context.to(dtype), encoder_attention_mask=mask
     ).sample
-    return F.mse_loss(pred.float(), target)
+    per_sample = (pred.float() - target).pow(2).mean(dim=(1, 2, 3))
+    if snr_gamma is not None:
+        alpha_bar = scheduler.alphas_cumprod[t]
+        snr = alpha_bar / (1 - alpha_bar)
+        per_sample = per_sample * snr.clamp(max=snr_gamma) / (snr if epsilon else snr + 1)
+    return per_sample.mean()
 
 
 def _empty_prompt(cache_dir: Path, max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,9 +171,14 @@ def train_worker(
     config: ExperimentConfig,
     cache_dir: Path,
     mlflow_run_id: str | None,
+    resume_from: Path | None = None,
     report: Callable[[dict[str, Any], Path | None], None] = lambda metrics, tag: None,
 ) -> dict[str, float]:
-    """One rank's whole job. Returns the final metrics."""
+    """One rank's whole job, from `resume_from` (a committed tag) or from scratch.
+
+    Stops early, after saving a checkpoint, once `config.stop_file` appears (the launcher
+    writes it on SIGTERM). Returns the final metrics.
+    """
     rank, world = dist.get_rank(), dist.get_world_size()
     t = config.train
     manifest = read_manifest(cache_dir)
@@ -161,10 +191,12 @@ def train_worker(
     ema = EMAModel(unet.parameters(), decay=t.ema_decay)
     scheduler = build_noise_scheduler(config)
     empty = _empty_prompt(cache_dir, spec["text_max_length"])
+    latent_norm = (spec.get("shift_factor", 0.0), spec["scaling_factor"])
+    snr_gamma = config.diffusion.snr_gamma
     state = ckpt.TrainState(mlflow_run_id=mlflow_run_id, config_digest=config.digest())
 
     # Resume.
-    tag = ckpt.resolve_resume(t.resume, config.checkpoint_dir)
+    tag = resume_from
     if tag is not None:
         ckpt.verify(tag)
         load_engine(engine, tag.parent, tag.name)
@@ -172,10 +204,9 @@ def train_worker(
         shadow = load_file(tag / EMA_FILE)
         ema.shadow_params = [shadow[name].clone() for name, _ in unet.named_parameters()]
         ema.optimization_step = state.step
-        ckpt.set_rng_state(state.rng[str(rank)])
         mlflow_run_id = state.mlflow_run_id or mlflow_run_id
-    else:
-        torch.manual_seed(config.run.seed * 1000 + rank + 1)  # per-rank noise streams
+        if rank == 0:
+            print(f"train: resuming from {tag} (step {state.step})", flush=True)
 
     tracker = tracker_for(rank, config.tracking_uri, mlflow_run_id)
     main = Rank0(config, tracker) if rank == 0 else NullRank0()
@@ -186,7 +217,7 @@ def train_worker(
         t.micro_batch_size,
         t.num_loader_workers,
         config.run.seed,
-        start_batch=state.micro_batches_per_rank,
+        cursor=DataCursor.from_dict(state.data_cursor),
     )
     loader = torch.utils.data.DataLoader(
         stream,
@@ -194,7 +225,12 @@ def train_worker(
         num_workers=t.num_loader_workers,
         persistent_workers=t.num_loader_workers > 0,
     )
-    batches = iter(loader)
+    batches = iter(loader)  # draws a worker seed from torch's RNG: set the RNG only after it
+    if str(rank) in state.rng:
+        ckpt.set_rng_state(state.rng[str(rank)])
+    else:  # per-rank noise streams; also a rank that an elastic restart added
+        torch.manual_seed(config.run.seed * 1000 + rank + 1 + state.step)
+    batches_taken = 0  # by this rank since the stream's start cursor
     accumulation = config.gradient_accumulation_steps
     window_start, window_samples, window_wait = time.perf_counter(), 0, 0.0
     metrics: dict[str, float] = {}
@@ -207,17 +243,18 @@ def train_worker(
             batch = next(batches)
             window_wait += time.perf_counter() - wait
             loss = diffusion_loss(
-                engine, batch, scheduler, spec["scaling_factor"], empty, t.caption_dropout
+                engine, batch, scheduler, latent_norm, empty, t.caption_dropout, snr_gamma
             )
             engine.backward(loss)
             engine.step()
             losses.append(loss.detach())
         ema.step(unet.parameters())
         state.step += 1
-        state.micro_batches_per_rank += accumulation
+        batches_taken += accumulation
         state.samples_seen += t.global_batch_size
         window_samples += t.global_batch_size
         final = state.step == t.num_steps
+        stopping = _any_rank(config.stop_file.exists())
 
         if state.step % t.log_every == 0 or final:
             loss_value = torch.stack(losses).mean()
@@ -234,15 +271,26 @@ def train_worker(
             main.log(metrics, state.step)
             window_start, window_samples, window_wait = time.perf_counter(), 0, 0.0
 
-        if state.step % t.checkpoint_every == 0 or final:
+        if state.step % t.checkpoint_every == 0 or final or stopping:
+            state.data_cursor = stream.cursor_after(batches_taken).to_dict()
             tag_dir = save_checkpoint(engine, ema, unet, state, config, main)
             report(metrics, tag_dir)
 
+        if stopping:
+            main.note(f"train: stop requested; saved {tag_dir.name}, stopping")
+            break
         if state.step % t.sample_every == 0 or final:
             main.sample(ema, unet, state.step)
 
     main.close()
     return metrics
+
+
+def _any_rank(flag: bool) -> bool:
+    """True on every rank if it is true on any: ranks must agree before a collective save."""
+    value = torch.tensor([1.0 if flag else 0.0])
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
 
 
 def save_checkpoint(
@@ -252,10 +300,13 @@ def save_checkpoint(
     started = time.perf_counter()
     tag = ckpt.tag_for(state.step)
     tag_dir = config.checkpoint_dir / tag
+    main.clear(tag_dir)  # what a crash left half-written, or a tag of an abandoned branch
+    dist.barrier()
     # Every rank contributes its RNG state; rank 0 writes them into the one train state.
     rngs: list[dict] = [None] * dist.get_world_size()  # type: ignore[list-item]
     dist.all_gather_object(rngs, ckpt.rng_state())
     state.rng = {str(r): s for r, s in enumerate(rngs)}
+    state.world_size = dist.get_world_size()
     save_engine(engine, config.checkpoint_dir, tag)
     weights = full_state_dict(engine)  # a collective under ZeRO-3: every rank takes part
     main.write_tag_files(tag_dir, ema, unet, weights, state)

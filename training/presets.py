@@ -11,11 +11,13 @@ from collections.abc import Callable
 from orchestrator.config import ExperimentConfig, build_config
 from orchestrator.errors import LdmError
 
+# Prompts from large visual groups of the data (1,880 skin-tone variants, 275 flags, 207
+# faces), so a model this small, trained this briefly, can show that the prompt matters.
 DEMO_PROMPTS = [
-    "an emoji of red heart",
-    "an emoji of blue heart",
-    "an emoji of green heart",
-    "an emoji of yellow heart",
+    "an emoji of thumbs up sign, light skin tone",
+    "an emoji of thumbs up sign, dark skin tone",
+    "an emoji of flag of japan",
+    "an emoji of grinning face",
 ]
 
 
@@ -28,26 +30,32 @@ def demo() -> ExperimentConfig:
             "autoencoder": {
                 "downsample_factor": 4,
                 "block_out_channels": [32, 64, 64],
-                "num_steps": 900,
+                "num_steps": 700,
                 "batch_size": 16,
                 "learning_rate": 4e-3,
                 "train_crop": 32,
                 "num_holdout": 64,
             },
             "unet": {"block_out_channels": [32, 64, 128], "cross_attention_levels": 2},
+            "diffusion": {"snr_gamma": 5.0},
             "train": {
                 "num_workers": 2,
-                "num_steps": 600,
+                "num_steps": 1000,
                 "global_batch_size": 32,
                 "micro_batch_size": 16,
-                "learning_rate": 5e-4,
+                "learning_rate": 2e-3,
                 "warmup_steps": 50,
                 "ema_decay": 0.995,
-                "checkpoint_every": 200,
-                "sample_every": 200,
+                "checkpoint_every": 500,
+                "sample_every": 500,
                 "log_every": 20,
             },
-            "sample": {"prompts": DEMO_PROMPTS, "num_inference_steps": 30, "images_per_prompt": 4},
+            "sample": {
+                "prompts": DEMO_PROMPTS,
+                "num_inference_steps": 30,
+                "images_per_prompt": 4,
+                "guidance_scale": 6.0,
+            },
         },
         absolute_paths=False,
     )

@@ -85,7 +85,9 @@ class Sampler:
                     latents, t, encoder_hidden_states=context, encoder_attention_mask=mask
                 ).sample
             latents = self.scheduler.step(pred, t, latents).prev_sample
-        images = self.vae.decode(latents / self.vae.config.scaling_factor).sample
+        vae = self.vae.config
+        latents = latents / vae.scaling_factor + (getattr(vae, "shift_factor", None) or 0.0)
+        images = self.vae.decode(latents).sample
         return to_uint8(images)
 
 

@@ -53,6 +53,11 @@ def start_run(
     return run.info.run_id
 
 
+def reopen_run(uri: str, run_id: str) -> None:
+    """A resumed job logs into its earlier run: mark it running again."""
+    _client(uri).update_run(run_id, status="RUNNING")
+
+
 def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
     _client(uri).set_terminated(run_id, status=status)
 

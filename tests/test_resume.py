@@ -1,0 +1,209 @@
+"""Checkpoints that can be trusted: exact resume, crash during save, preemption, recovery.
+
+Every run here is a real `ldm train` (Ray Train, 2 DeepSpeed ZeRO-2 ranks unless stated) on
+the latent cache the session's `pipeline` fixture built.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+from safetensors.torch import load_file
+
+from tests.conftest import ROOT, ok, run_ldm
+
+pytestmark = pytest.mark.slow
+
+QUIET = ("train.sample_every=100000", "train.log_every=1")
+
+
+def _train_run(uri: str, name: str):
+    client = MlflowClient(uri)
+    runs = [
+        r
+        for r in client.search_runs(client.get_experiment_by_name("ldm").experiment_id)
+        if r.data.tags.get("ldm.stage") == "train" and r.info.run_name == name
+    ]
+    assert len(runs) == 1, f"{len(runs)} MLflow runs named {name}"
+    return client, runs[0]
+
+
+def _losses(uri: str, name: str) -> list[tuple[int, float]]:
+    client, run = _train_run(uri, name)
+    return sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "loss"))
+
+
+def _tags(work: Path, name: str) -> list[str]:
+    folder = work / "runs" / name / "checkpoints"
+    return sorted(p.name for p in folder.glob("step_*") if (p / "COMMITTED.json").is_file())
+
+
+def _weights(work: Path, name: str, tag: str):
+    return load_file(work / "runs" / name / "checkpoints" / tag / "unet.safetensors")
+
+
+def _same_weights(a, b) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def test_resume_equals_uninterrupted_and_survives_a_crash_during_save(pipeline):
+    work, uri, _ = pipeline
+    exp = str(work / "exp.yaml")
+    ok(run_ldm("train", exp, "run.name=full", "train.num_steps=6", *QUIET))
+    ok(run_ldm("train", exp, "run.name=split", "train.num_steps=3", *QUIET))
+    resumed = ok(run_ldm("train", exp, "run.name=split", "train.num_steps=6", *QUIET))
+    assert "resuming from" in resumed.stdout and "step_00000003 (step 3)" in resumed.stdout
+
+    # Same losses at every step and bitwise-equal weights: nothing repeated, nothing skipped.
+    full = _losses(uri, "full")
+    assert [s for s, _ in full] == [1, 2, 3, 4, 5, 6]
+    assert _losses(uri, "split") == full
+    assert (
+        _same_weights(
+            _weights(work, "full", "step_00000006"), _weights(work, "split", "step_00000006")
+        )
+        == 0.0
+    )
+
+    # A crash while saving step 6: the marker never landed and a file is half-written.
+    # Resume must ignore that tag, redo steps 4-6 from step 3, and land on the same weights.
+    broken = work / "runs" / "split" / "checkpoints" / "step_00000006"
+    (broken / "COMMITTED.json").unlink()
+    (broken / "unet.safetensors").write_bytes(b"half-written")
+    again = ok(run_ldm("train", exp, "run.name=split", "train.num_steps=6", *QUIET))
+    assert "step_00000003 (step 3)" in again.stdout
+    assert _tags(work, "split") == ["step_00000003", "step_00000006"]
+    assert (
+        _same_weights(
+            _weights(work, "full", "step_00000006"), _weights(work, "split", "step_00000006")
+        )
+        == 0.0
+    )
+
+
+class _Job:
+    """A background `ldm train` whose output is collected line by line."""
+
+    def __init__(self, *args: str):
+        self.lines: list[str] = []
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "orchestrator.cli", "train", *args],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    def wait_for(self, predicate, timeout: float = 300) -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            assert self.proc.poll() is None, "".join(self.lines[-60:])
+            assert time.monotonic() < deadline, "".join(self.lines[-60:])
+            time.sleep(0.2)
+
+    def finish(self, timeout: float = 300) -> tuple[int, str]:
+        code = self.proc.wait(timeout=timeout)
+        self._reader.join(timeout=10)
+        return code, "".join(self.lines)
+
+
+def test_sigterm_saves_then_resumes_on_more_workers(pipeline):
+    work, uri, _ = pipeline
+    exp = str(work / "exp.yaml")
+    job = _Job(
+        exp,
+        "run.name=preempt",
+        "train.num_workers=1",
+        "train.num_steps=100000",
+        "train.checkpoint_every=100000",
+        *QUIET,
+    )
+    job.wait_for(lambda: any(line.startswith("step 3:") for line in job.lines))
+    job.proc.send_signal(signal.SIGTERM)
+    code, out = job.finish(timeout=120)
+    assert code == 143, out[-3000:]
+    assert "stopped by SIGTERM: the checkpoint was saved" in out
+    (tag,) = _tags(work, "preempt")
+    step = int(tag.split("_")[1])
+    assert step >= 3
+    assert not (work / "runs" / "preempt" / "STOP_REQUESTED").exists()
+
+    # Elastic 1 -> 2: the next start, on twice the workers, continues the same MLflow run.
+    resumed = ok(run_ldm("train", exp, "run.name=preempt", f"train.num_steps={step + 2}", *QUIET))
+    assert f"{tag} (step {step})" in resumed.stdout
+    steps = [s for s, _ in _losses(uri, "preempt")]
+    assert steps == list(range(1, step + 3))
+    assert (
+        len(
+            list(
+                (work / "runs" / "preempt" / "checkpoints" / f"step_{step + 2:08d}").glob(
+                    "zero_pp_rank_*_optim_states.pt"
+                )
+            )
+        )
+        == 2
+    )
+
+
+def test_killed_worker_recovers_from_newest_commit_then_resumes_on_fewer_workers(pipeline):
+    work, uri, _ = pipeline
+    exp = str(work / "exp.yaml")
+    job = _Job(
+        exp,
+        "run.name=recover",
+        "train.max_failures=1",
+        "train.num_steps=30",
+        "train.checkpoint_every=5",
+        *QUIET,
+    )
+    marker = work / "runs" / "recover" / "checkpoints" / "step_00000005" / "COMMITTED.json"
+    job.wait_for(marker.is_file)
+    pids = [int(line.split(" pid ")[1]) for line in job.lines if "worker rank 1 on node" in line]
+    os.kill(pids[0], signal.SIGKILL)
+    code, out = job.finish()
+    assert code == 0, out[-3000:]
+    after_kill = out.split("resuming from", 1)
+    assert len(after_kill) == 2, out[-3000:]
+    assert "step_00000030" in _tags(work, "recover")
+    steps = sorted({s for s, _ in _losses(uri, "recover")})
+    assert steps == list(range(1, 31))
+
+    # Elastic 2 -> 1.
+    resumed = ok(
+        run_ldm(
+            "train", exp, "run.name=recover", "train.num_workers=1", "train.num_steps=32", *QUIET
+        )
+    )
+    assert "step_00000030 (step 30)" in resumed.stdout
+    assert (
+        len(
+            list(
+                (work / "runs" / "recover" / "checkpoints" / "step_00000032").glob(
+                    "zero_pp_rank_*_optim_states.pt"
+                )
+            )
+        )
+        == 1
+    )
+
+
+def test_resume_never_refuses_a_folder_with_checkpoints(pipeline):
+    work, _, _ = pipeline
+    from tests.conftest import one_line_error
+
+    one_line_error(
+        run_ldm("train", str(work / "exp.yaml"), "train.resume=never"), "resume=never", "run.name"
+    )

@@ -1,0 +1,134 @@
+"""`ldm export`: a committed checkpoint as a diffusers StableDiffusionPipeline folder.
+
+The folder (unet, vae, text encoder, tokenizer, scheduler, `model_index.json`, safetensors
+only) loads with `StableDiffusionPipeline.from_pretrained` offline, without this project.
+Two things that pipeline does differently from training are adapted here:
+
+- it decodes `latents / scaling_factor` and ignores `shift_factor`, while training uses
+  `(z - shift) * scale`: the shift is folded into the autoencoder's 1x1 `quant_conv` (encode
+  gives `z - shift`) and `post_quant_conv` (decode adds it back), exactly, so the exported
+  autoencoder has zero-mean latents and `shift_factor=0`;
+- it pads every prompt to `tokenizer.model_max_length` and gives the UNet no attention mask.
+  The text encoder gets the mask (`use_attention_mask`), so real tokens' hidden states equal
+  training's, and the padding length is the training one; but the UNet still attends to the
+  padding positions, which training masked out. No config setting removes that, so the
+  export is close to `ldm sample`, not identical (see the README written into the folder).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import yaml
+from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+from orchestrator.config import build_config
+from orchestrator.errors import LdmError
+from training import checkpoint as ckpt
+from training.generate import load_unet
+from training.models import build_sampling_scheduler, load_autoencoder, load_text_encoder
+
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+
+
+def fold_latent_shift(vae: torch.nn.Module) -> torch.nn.Module:
+    """Make `vae` encode to `z - shift` and decode `z'` as the original decodes `z' + shift`."""
+    shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
+    if shift == 0.0:
+        return vae
+    quant, post_quant = getattr(vae, "quant_conv", None), getattr(vae, "post_quant_conv", None)
+    if quant is None or post_quant is None:
+        raise LdmError(
+            f"autoencoder {type(vae).__name__} has shift_factor={shift} but no 1x1 quant_conv "
+            "and post_quant_conv to fold it into; StableDiffusionPipeline would decode it wrong"
+        )
+    channels = vae.config.latent_channels
+    with torch.no_grad():
+        quant.bias[:channels] -= shift  # the first half of the moments is the posterior mean
+        post_quant.bias += shift * post_quant.weight.sum(dim=(1, 2, 3))
+    vae.register_to_config(shift_factor=0.0)
+    return vae
+
+
+def _readme(tag_dir: Path, config, use_ema: bool, step: int) -> str:
+    s, res = config.sample, config.data.resolution
+    return f"""# {config.run.name} — text-to-image latent diffusion model (diffusers format)
+
+Exported by `ldm export` from checkpoint `{tag_dir.name}` (training step {step}),
+{"EMA" if use_ema else "raw (non-EMA)"} UNet weights, {res}x{res} px images. Text encoder:
+`{config.text_encoder.name_or_path}` (per-token hidden states, prompts padded to
+{config.text_encoder.max_length} tokens). Scheduler: DDIM over the training noise schedule
+(prediction type `{config.diffusion.prediction_type}`). Weights are safetensors only.
+
+```python
+import torch
+from diffusers import StableDiffusionPipeline
+
+pipe = StableDiffusionPipeline.from_pretrained("path/to/this/folder")
+image = pipe(
+    "{s.prompts[0]}",
+    num_inference_steps={s.num_inference_steps},
+    guidance_scale={s.guidance_scale},
+    generator=torch.Generator().manual_seed(0),
+).images[0]
+image.save("sample.png")
+```
+
+The autoencoder's latent shift is folded into its weights (`shift_factor` is 0 here), so the
+plain `latents / scaling_factor` decode is exact. Training masked the prompt's padding tokens
+out of the UNet's cross-attention; StableDiffusionPipeline passes no such mask, so its
+images are close to, not identical with, `ldm sample` for the same seed. Loading logs that
+the pipeline expected a CLIPTextModel: any transformers text encoder works in its place.
+"""
+
+
+def export_pipeline(
+    tag_dir: Path, out: Path, use_ema: bool = True, overwrite: bool = False
+) -> Path:
+    """Write the checkpoint `tag_dir` as a diffusers pipeline folder `out`, atomically."""
+    tag_dir, out = Path(tag_dir), Path(out)
+    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
+        raise LdmError(f"{out} exists and is not empty; pass --overwrite or pick a new folder")
+    if not (tag_dir / "config.yaml").is_file():
+        raise LdmError(
+            f"{tag_dir} is not a checkpoint tag (no config.yaml); "
+            "pass e.g. runs/demo/checkpoints/step_00001500"
+        )
+    unet = load_unet(tag_dir, use_ema)  # verifies every file's sha256 first
+    config = build_config(
+        yaml.safe_load((tag_dir / "config.yaml").read_text()), absolute_paths=False
+    )
+    step = json.loads((tag_dir / ckpt.TRAIN_STATE).read_text())["step"]
+    text_encoder, tokenizer = load_text_encoder(config.text_encoder.name_or_path)
+    text_encoder.config.use_attention_mask = True
+    tokenizer.model_max_length = config.text_encoder.max_length
+    # StableDiffusionPipeline rewrites steps_offset to 1 on load anyway; say so up front.
+    scheduler = DDIMScheduler.from_config(build_sampling_scheduler(config).config, steps_offset=1)
+    pipe = StableDiffusionPipeline(
+        vae=fold_latent_shift(load_autoencoder(config.autoencoder_dir)),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        (tmp / "README.md").write_text(_readme(tag_dir, config, use_ema, step))
+        pickled = [p.name for p in tmp.rglob("*") if p.suffix in _PICKLE_SUFFIXES]
+        if pickled:
+            raise RuntimeError(f"export wrote pickle files {pickled}; expected safetensors only")
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out

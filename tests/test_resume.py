@@ -4,6 +4,7 @@ Every run here is a real `ldm train` (Ray Train, 2 DeepSpeed ZeRO-2 ranks unless
 the latent cache the session's `pipeline` fixture built.
 """
 
+import json
 import os
 import signal
 import subprocess
@@ -21,6 +22,14 @@ from tests.conftest import ROOT, ok, run_ldm
 pytestmark = pytest.mark.slow
 
 QUIET = ("train.sample_every=100000", "train.log_every=1")
+
+
+def _experiment(work: Path) -> list[str]:
+    """The fixture's config, for runs of other names that share its autoencoder and cache."""
+    return [
+        str(work / "exp.yaml"),
+        f"autoencoder.pretrained={work / 'runs' / 'tiny' / 'autoencoder'}",
+    ]
 
 
 def _train_run(uri: str, name: str):
@@ -55,10 +64,10 @@ def _same_weights(a, b) -> float:
 
 def test_resume_equals_uninterrupted_and_survives_a_crash_during_save(pipeline):
     work, uri, _ = pipeline
-    exp = str(work / "exp.yaml")
-    ok(run_ldm("train", exp, "run.name=full", "train.num_steps=6", *QUIET))
-    ok(run_ldm("train", exp, "run.name=split", "train.num_steps=3", *QUIET))
-    resumed = ok(run_ldm("train", exp, "run.name=split", "train.num_steps=6", *QUIET))
+    exp = _experiment(work)
+    ok(run_ldm("train", *exp, "run.name=full", "train.num_steps=6", *QUIET))
+    ok(run_ldm("train", *exp, "run.name=split", "train.num_steps=3", *QUIET))
+    resumed = ok(run_ldm("train", *exp, "run.name=split", "train.num_steps=6", *QUIET))
     assert "resuming from" in resumed.stdout and "step_00000003 (step 3)" in resumed.stdout
 
     # Same losses at every step and bitwise-equal weights: nothing repeated, nothing skipped.
@@ -77,7 +86,7 @@ def test_resume_equals_uninterrupted_and_survives_a_crash_during_save(pipeline):
     broken = work / "runs" / "split" / "checkpoints" / "step_00000006"
     (broken / "COMMITTED.json").unlink()
     (broken / "unet.safetensors").write_bytes(b"half-written")
-    again = ok(run_ldm("train", exp, "run.name=split", "train.num_steps=6", *QUIET))
+    again = ok(run_ldm("train", *exp, "run.name=split", "train.num_steps=6", *QUIET))
     assert "step_00000003 (step 3)" in again.stdout
     assert _tags(work, "split") == ["step_00000003", "step_00000006"]
     assert (
@@ -122,16 +131,16 @@ class _Job:
 
 def test_sigterm_saves_then_resumes_on_more_workers(pipeline):
     work, uri, _ = pipeline
-    exp = str(work / "exp.yaml")
+    exp = _experiment(work)
     job = _Job(
-        exp,
+        *exp,
         "run.name=preempt",
         "train.num_workers=1",
         "train.num_steps=100000",
         "train.checkpoint_every=100000",
         *QUIET,
     )
-    job.wait_for(lambda: any(line.startswith("step 3:") for line in job.lines))
+    job.wait_for(lambda: any(" step 3: loss" in line for line in job.lines))
     job.proc.send_signal(signal.SIGTERM)
     code, out = job.finish(timeout=120)
     assert code == 143, out[-3000:]
@@ -142,7 +151,7 @@ def test_sigterm_saves_then_resumes_on_more_workers(pipeline):
     assert not (work / "runs" / "preempt" / "STOP_REQUESTED").exists()
 
     # Elastic 1 -> 2: the next start, on twice the workers, continues the same MLflow run.
-    resumed = ok(run_ldm("train", exp, "run.name=preempt", f"train.num_steps={step + 2}", *QUIET))
+    resumed = ok(run_ldm("train", *exp, "run.name=preempt", f"train.num_steps={step + 2}", *QUIET))
     assert f"{tag} (step {step})" in resumed.stdout
     steps = [s for s, _ in _losses(uri, "preempt")]
     assert steps == list(range(1, step + 3))
@@ -160,9 +169,9 @@ def test_sigterm_saves_then_resumes_on_more_workers(pipeline):
 
 def test_killed_worker_recovers_from_newest_commit_then_resumes_on_fewer_workers(pipeline):
     work, uri, _ = pipeline
-    exp = str(work / "exp.yaml")
+    exp = _experiment(work)
     job = _Job(
-        exp,
+        *exp,
         "run.name=recover",
         "train.max_failures=1",
         "train.num_steps=30",
@@ -184,7 +193,7 @@ def test_killed_worker_recovers_from_newest_commit_then_resumes_on_fewer_workers
     # Elastic 2 -> 1.
     resumed = ok(
         run_ldm(
-            "train", exp, "run.name=recover", "train.num_workers=1", "train.num_steps=32", *QUIET
+            "train", *exp, "run.name=recover", "train.num_workers=1", "train.num_steps=32", *QUIET
         )
     )
     assert "step_00000030 (step 30)" in resumed.stdout
@@ -207,3 +216,21 @@ def test_resume_never_refuses_a_folder_with_checkpoints(pipeline):
     one_line_error(
         run_ldm("train", str(work / "exp.yaml"), "train.resume=never"), "resume=never", "run.name"
     )
+
+
+def test_elastic_load_carries_the_optimizer_state_exactly(pipeline, tmp_path):
+    work, _, _ = pipeline
+    tag = work / "runs" / "tiny" / "checkpoints" / "step_00000003"  # written by 2 ZeRO-2 ranks
+    result = subprocess.run(
+        [sys.executable, "-m", "tests.elastic_check", str(tag), str(tmp_path), "29561"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    lines = [line for line in result.stdout.splitlines() if line.startswith("ELASTIC ")]
+    assert lines, result.stdout[-2000:] + result.stderr[-3000:]
+    diffs = json.loads(lines[0].removeprefix("ELASTIC "))
+    assert diffs["saved_ranks"] == 2 and diffs["adam_step"] == 3 and diffs["lr_scheduler_step"] == 3
+    assert diffs["exp_avg_norm"] > 0 and diffs["exp_avg_sq_norm"] > 0
+    assert diffs["exp_avg"] == diffs["exp_avg_sq"] == diffs["fp32_master"] == 0.0

@@ -7,6 +7,7 @@ a linear-warmup schedule that DeepSpeed checkpoints with the rest of the engine 
 
 from __future__ import annotations
 
+import argparse
 import os
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,11 @@ import torch
 os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
 
 import deepspeed  # noqa: E402
+import deepspeed.ops  # noqa: E402
+
+# DeepSpeed's shared-memory op serves only its inference all-reduce, never training, yet it is
+# compiled (60-110 s of C++ on a fresh CPU machine) when the comm backend starts: skip it.
+deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 import deepspeed.ops  # noqa: E402
 
 # DeepSpeed's shared-memory op serves only its inference all-reduce, never training, yet it is
@@ -33,9 +39,7 @@ def deepspeed_config(config: ExperimentConfig, world_size: int) -> dict[str, Any
         "train_batch_size": t.micro_batch_size * world_size * accumulation,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": accumulation,
-        # Elastic ZeRO-1/2 checkpoints store the optimizer state unpartitioned per parameter,
-        # so a run can resume on another number of ranks.
-        "zero_optimization": {"stage": t.zero_stage, "elastic_checkpoint": t.zero_stage in (1, 2)},
+        "zero_optimization": {"stage": t.zero_stage},
         "bf16": {"enabled": t.precision == "bf16"},
         "steps_per_print": 10**9,  # our loop logs; DeepSpeed's own prints would only add noise
         "wall_clock_breakdown": False,
@@ -46,8 +50,13 @@ def deepspeed_config(config: ExperimentConfig, world_size: int) -> dict[str, Any
     return ds
 
 
-def build_engine(model: torch.nn.Module, config: ExperimentConfig, world_size: int):
-    """Wrap `model` in a DeepSpeed engine (torch.distributed must already be initialised)."""
+def build_engine(
+    model: torch.nn.Module, config: ExperimentConfig, world_size: int, load_universal: bool = False
+):
+    """Wrap `model` in a DeepSpeed engine (torch.distributed must already be initialised).
+
+    `load_universal`: the engine will load a universal checkpoint (see `to_universal`).
+    """
     t = config.train
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
@@ -59,7 +68,10 @@ def build_engine(model: torch.nn.Module, config: ExperimentConfig, world_size: i
         model=model,
         optimizer=optimizer,
         lr_scheduler=scheduler,
-        config=deepspeed_config(config, world_size),
+        config={
+            **deepspeed_config(config, world_size),
+            **({"checkpoint": {"load_universal": True}} if load_universal else {}),
+        },
         dist_init_required=False,
     )
     return engine
@@ -69,6 +81,24 @@ def save_engine(engine, checkpoint_dir: Path, tag: str) -> None:
     """Every rank writes its ZeRO shard of module, optimizer and scheduler state."""
     # The `latest` pointer DeepSpeed writes is not trusted: commit markers decide (checkpoint.py).
     engine.save_checkpoint(str(checkpoint_dir), tag=tag, save_latest=False)
+
+
+def to_universal(tag_dir: Path, out_dir: Path) -> None:
+    """Convert a ZeRO checkpoint into DeepSpeed's universal format (one file per parameter and
+    state, unpartitioned), which an engine of any world size can load: elastic restarts."""
+    from deepspeed.checkpoint import ds_to_universal
+
+    ds_to_universal.main(
+        argparse.Namespace(
+            input_folder=str(tag_dir),
+            output_folder=str(out_dir),
+            num_extract_workers=1,
+            num_merge_workers=1,
+            keep_temp_folder=False,
+            strict=True,
+            inject_missing_state=True,  # our checkpoints carry no Megatron-style metadata
+        )
+    )
 
 
 def load_engine(engine, checkpoint_dir: Path, tag: str) -> None:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from diffusers import DDIMScheduler, StableDiffusionPipeline
+from diffusers import DDIMScheduler
 
 from orchestrator.config import build_config
 from orchestrator.errors import LdmError
@@ -54,13 +54,13 @@ def fold_latent_shift(vae: torch.nn.Module) -> torch.nn.Module:
     return vae
 
 
-def _readme(tag_dir: Path, config, use_ema: bool, step: int) -> str:
+def _readme(tag_dir: Path, config, use_ema: bool, step: int, text_encoder: str) -> str:
     s, res = config.sample, config.data.resolution
     return f"""# {config.run.name} — text-to-image latent diffusion model (diffusers format)
 
 Exported by `ldm export` from checkpoint `{tag_dir.name}` (training step {step}),
 {"EMA" if use_ema else "raw (non-EMA)"} UNet weights, {res}x{res} px images. Text encoder:
-`{config.text_encoder.name_or_path}` (per-token hidden states, prompts padded to
+`{config.text_encoder.name_or_path}` ({text_encoder}; per-token hidden states, prompts padded to
 {config.text_encoder.max_length} tokens). Scheduler: DDIM over the training noise schedule
 (prediction type `{config.diffusion.prediction_type}`). Weights are safetensors only.
 
@@ -81,7 +81,7 @@ image.save("sample.png")
 The autoencoder's latent shift is folded into its weights (`shift_factor` is 0 here), so the
 plain `latents / scaling_factor` decode is exact. Training masked the prompt's padding tokens
 out of the UNet's cross-attention; StableDiffusionPipeline passes no such mask, so its
-images are close to, not identical with, `ldm sample` for the same seed. Loading logs that
+images are close to, not identical with, `ldm sample` for the same seed. If loading logs that
 the pipeline expected a CLIPTextModel: any transformers text encoder works in its place.
 """
 
@@ -91,7 +91,9 @@ def export_pipeline(
 ) -> Path:
     """Write the checkpoint `tag_dir` as a diffusers pipeline folder `out`, atomically."""
     tag_dir, out = Path(tag_dir), Path(out)
-    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
+    if out.is_file():
+        raise LdmError(f"{out} is a file; pass a folder to write the pipeline into")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise LdmError(f"{out} exists and is not empty; pass --overwrite or pick a new folder")
     if not (tag_dir / "config.yaml").is_file():
         raise LdmError(
@@ -102,8 +104,14 @@ def export_pipeline(
     config = build_config(
         yaml.safe_load((tag_dir / "config.yaml").read_text()), absolute_paths=False
     )
+    # Imported only now: diffusers' pipelines take seconds to import and log transformers
+    # warnings, which would bury the one-line errors above.
+    from diffusers import StableDiffusionPipeline
+
     step = json.loads((tag_dir / ckpt.TRAIN_STATE).read_text())["step"]
     text_encoder, tokenizer = load_text_encoder(config.text_encoder.name_or_path)
+    # The pipeline pads to model_max_length and hands the text encoder the padding mask only
+    # when use_attention_mask is set: then real tokens' hidden states equal training's.
     text_encoder.config.use_attention_mask = True
     tokenizer.model_max_length = config.text_encoder.max_length
     # StableDiffusionPipeline rewrites steps_offset to 1 on load anyway; say so up front.
@@ -118,17 +126,20 @@ def export_pipeline(
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    tmp, old = (out.with_name(f".{out.name}.{kind}{os.getpid()}") for kind in ("tmp", "old"))
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         pipe.save_pretrained(tmp, safe_serialization=True)
-        (tmp / "README.md").write_text(_readme(tag_dir, config, use_ema, step))
+        (tmp / "README.md").write_text(
+            _readme(tag_dir, config, use_ema, step, type(text_encoder).__name__)
+        )
         pickled = [p.name for p in tmp.rglob("*") if p.suffix in _PICKLE_SUFFIXES]
         if pickled:
             raise RuntimeError(f"export wrote pickle files {pickled}; expected safetensors only")
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        if out.exists():  # empty, or --overwrite: swap, so OUT is never half-written
+            os.replace(out, old)
         os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
     return out

@@ -23,7 +23,7 @@ from data_pipeline.cache import EMPTY_PROMPT, CacheBatch, npy_load, read_manifes
 from data_pipeline.stream import DataCursor, LatentCacheStream
 from orchestrator.config import ExperimentConfig
 from training import checkpoint as ckpt
-from training.engine import build_engine, full_state_dict, load_engine, save_engine
+from training.engine import build_engine, full_state_dict, load_engine, save_engine, to_universal
 from training.models import build_noise_scheduler, build_unet
 from training.tracking import NullTracker, tracker_for
 
@@ -50,9 +50,16 @@ class Rank0:
     def note(self, text: str) -> None:
         print(text, flush=True)
 
-    def clear(self, tag_dir: Path) -> None:
-        if tag_dir.exists():
-            shutil.rmtree(tag_dir)
+    def clear(self, folder: Path) -> None:
+        if folder.exists():
+            shutil.rmtree(folder)
+
+    def convert_to_universal(self, tag_dir: Path, out: Path) -> None:
+        started = time.perf_counter()
+        self.clear(out)
+        to_universal(tag_dir, out)
+        seconds = time.perf_counter() - started
+        self.note(f"train: {tag_dir.name} converted for a new world size in {seconds:.1f} s")
 
     def sample(self, ema: EMAModel, unet: torch.nn.Module, step: int) -> None:
         from training.sampling import prompt_grid
@@ -110,7 +117,10 @@ class NullRank0(Rank0):
     def note(self, text):  # noqa: D102
         pass
 
-    def clear(self, tag_dir):  # noqa: D102
+    def clear(self, folder):  # noqa: D102
+        pass
+
+    def convert_to_universal(self, tag_dir, out):  # noqa: D102
         pass
 
     def close(self):  # noqa: D102
@@ -187,29 +197,40 @@ def train_worker(
     # Build: the same seed on every rank gives identical initial weights.
     torch.manual_seed(config.run.seed)
     unet = build_unet(config, latent_channels=spec["latent_channels"])
-    engine = build_engine(unet, config, world)
+    saved = ckpt.TrainState.load(resume_from / ckpt.TRAIN_STATE) if resume_from else None
+    # A ZeRO-1/2 checkpoint of another world size loads through DeepSpeed's universal format.
+    elastic = saved is not None and saved.world_size not in (0, world) and t.zero_stage in (1, 2)
+    engine = build_engine(unet, config, world, load_universal=elastic)
     ema = EMAModel(unet.parameters(), decay=t.ema_decay)
     scheduler = build_noise_scheduler(config)
     empty = _empty_prompt(cache_dir, spec["text_max_length"])
     latent_norm = (spec.get("shift_factor", 0.0), spec["scaling_factor"])
     snr_gamma = config.diffusion.snr_gamma
-    state = ckpt.TrainState(mlflow_run_id=mlflow_run_id, config_digest=config.digest())
+    state = saved or ckpt.TrainState(mlflow_run_id=mlflow_run_id, config_digest=config.digest())
+    tracker = tracker_for(rank, config.tracking_uri, state.mlflow_run_id or mlflow_run_id)
+    main = Rank0(config, tracker) if rank == 0 else NullRank0()
 
     # Resume.
-    tag = resume_from
-    if tag is not None:
-        ckpt.verify(tag)
-        load_engine(engine, tag.parent, tag.name)
-        state = ckpt.TrainState.load(tag / ckpt.TRAIN_STATE)
-        shadow = load_file(tag / EMA_FILE)
+    if resume_from is not None:
+        started = time.perf_counter()
+        ckpt.verify(resume_from)  # before DeepSpeed unpickles anything
+        if elastic:
+            universal = config.checkpoint_dir / ".universal" / resume_from.name
+            main.convert_to_universal(resume_from, universal)
+            dist.barrier()
+            load_engine(engine, universal.parent, universal.name)
+            dist.barrier()
+            main.clear(universal.parent)
+        else:
+            load_engine(engine, resume_from.parent, resume_from.name)
+        shadow = load_file(resume_from / EMA_FILE)
         ema.shadow_params = [shadow[name].clone() for name, _ in unet.named_parameters()]
         ema.optimization_step = state.step
-        mlflow_run_id = state.mlflow_run_id or mlflow_run_id
-        if rank == 0:
-            print(f"train: resuming from {tag} (step {state.step})", flush=True)
+        main.note(
+            f"train: resuming from {resume_from} (step {state.step}), "
+            f"loaded in {time.perf_counter() - started:.2f} s"
+        )
 
-    tracker = tracker_for(rank, config.tracking_uri, mlflow_run_id)
-    main = Rank0(config, tracker) if rank == 0 else NullRank0()
     stream = LatentCacheStream(
         cache_dir,
         rank,

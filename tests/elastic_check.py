@@ -18,7 +18,9 @@ from training.models import build_unet
 
 def main(tag: Path, scratch: Path, port: int) -> dict:
     config = build_config(yaml.safe_load((tag / "config.yaml").read_text()), absolute_paths=False)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1")
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1"
+    )
     dist.init_process_group("gloo", rank=0, world_size=1)
     universal = scratch / tag.name
     shutil.rmtree(universal, ignore_errors=True)

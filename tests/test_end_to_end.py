@@ -119,10 +119,18 @@ def test_cache_from_another_autoencoder_is_refused(pipeline, tmp_path):
     one_line_error(result, "was built with autoencoder_sha256=", "ldm precompute")
 
 
-def test_too_few_shards_is_refused_before_launch(pipeline):
+def test_too_little_data_is_refused_before_launch(pipeline):
+    # 64 samples cannot give 2 ranks x 3 loader workers one micro-batch of 16 each per epoch.
+    # (Fewer shards than streams is fine: the stream deals samples, not shards.)
     work, _, _ = pipeline
-    result = run_ldm("train", str(work / "exp.yaml"), "train.num_loader_workers=3")
-    one_line_error(result, "non-empty shards", "train.num_loader_workers")
+    result = run_ldm(
+        "train",
+        str(work / "exp.yaml"),
+        "train.num_loader_workers=3",
+        "train.micro_batch_size=16",
+        "train.global_batch_size=32",
+    )
+    one_line_error(result, "has 64 samples", "need at least 96", "train.num_loader_workers")
 
 
 def test_unreachable_cluster(pipeline):

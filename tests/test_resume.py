@@ -108,6 +108,7 @@ class _Job:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
+            env={**os.environ, "RAY_DEDUP_LOGS": "0"},  # every worker's own lines, pids included
         )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()

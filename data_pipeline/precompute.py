@@ -306,6 +306,7 @@ def precompute(config: ExperimentConfig, progress: bool = True) -> Path:
         "spec": spec,
         "spec_digest": spec_digest(spec),
         "source": str(config.data.shards),
+        "autoencoder_dir": str(config.autoencoder_dir),  # where `ldm cache verify` finds it
         "shards": entries,
         "num_samples": sum(e["num_samples"] for e in entries),
         "num_bad": sum(e["num_bad"] for e in entries),

@@ -100,6 +100,27 @@ def cmd_train(args: argparse.Namespace) -> None:
     print(f"train: done; checkpoints in {result['checkpoint_dir']}; MLflow run {result['run_id']}")
 
 
+def cmd_cache(args: argparse.Namespace) -> None:
+    from data_pipeline.cache_tools import cache_info, verify_cache
+
+    cache_dir = Path(args.path)
+    if args.action == "info":
+        print("\n".join(cache_info(cache_dir)))
+        return
+    result = verify_cache(
+        cache_dir, args.num_decode, Path(args.autoencoder) if args.autoencoder else None
+    )
+    psnr = (
+        f"decoded {result['num_decoded']} samples: PSNR {result['psnr']:.2f} dB vs their sources"
+        if "psnr" in result
+        else f"decode check skipped ({result['psnr_skipped']})"
+    )
+    print(
+        f"cache OK: {result['shards']} shards, {result['samples']} samples as the manifest says; "
+        + psnr
+    )
+
+
 def cmd_sample(args: argparse.Namespace) -> None:
     from training.generate import sample_from_checkpoint
 
@@ -194,6 +215,13 @@ def _parser() -> argparse.ArgumentParser:
         "--show-defaults", action="store_true", help="every key with its default and meaning"
     )
     p.set_defaults(func=cmd_config)
+
+    p = sub.add_parser("cache", help="inspect (info) or check (verify) a latent cache")
+    p.add_argument("action", choices=["info", "verify"])
+    p.add_argument("path", help="a latent cache folder, e.g. runs/cache/<spec digest>")
+    p.add_argument("--num-decode", type=int, default=8, help="samples verify decodes")
+    p.add_argument("--autoencoder", help="autoencoder folder (default: the one the cache names)")
+    p.set_defaults(func=cmd_cache)
 
     p = sub.add_parser("sample", help="generate images from a checkpoint (DDIM + guidance)")
     p.add_argument(

@@ -156,3 +156,30 @@ def test_bad_inputs_get_one_line(tmp_path):
     one_line_error(
         run_ldm("train", str(cfg), "train.micro_batch_size=big"), "train.micro_batch_size"
     )
+
+
+def test_cache_info_and_verify(pipeline, tmp_path):
+    work, _, _ = pipeline
+    (cache,) = (work / "runs" / "cache").iterdir()
+    info = ok(run_ldm("cache", "info", str(cache))).stdout
+    assert "64 in 4 shards" in info and "KiB per sample" in info
+    verified = ok(run_ldm("cache", "verify", str(cache), "--num-decode", "4")).stdout
+    assert "cache OK: 4 shards, 64 samples" in verified and "decoded 4 samples: PSNR" in verified
+    psnr = float(verified.split("PSNR ")[1].split(" dB")[0])
+    assert 5 < psnr < 60  # a real decode of a barely trained autoencoder, not a copy or noise
+
+    broken = tmp_path / "broken"
+    shutil.copytree(cache, broken)
+    shard = sorted(broken.glob("*.tar"))[1]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    one_line_error(run_ldm("cache", "verify", str(broken)), shard.name, "sha256", "ldm precompute")
+    other = tmp_path / "other-ae"
+    shutil.copytree(work / "runs" / "tiny" / "autoencoder", other)
+    weights = next(other.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\x01")  # one byte of one weight differs
+    one_line_error(
+        run_ldm("cache", "verify", str(cache), "--autoencoder", str(other)),
+        "not the one this cache was built with",
+    )

@@ -1,0 +1,111 @@
+"""`ldm cache info` and `ldm cache verify`: what a latent cache holds, and whether to trust it.
+
+Verify checks every shard against the manifest (present, sha256, sample count), then decodes
+a few cached latents with the autoencoder the cache names (after checking its weights hash)
+and reports their PSNR against the source images they came from.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from data_pipeline.cache import file_sha256, npy_load, read_manifest
+from data_pipeline.images import image_bytes, read_shard, resize_crop, to_uint8, try_decode
+from orchestrator.errors import LdmError
+
+
+def cache_info(cache_dir: Path) -> list[str]:
+    """A human summary of the manifest, one fact per line."""
+    m = read_manifest(cache_dir)
+    spec = m["spec"]
+    size = sum(
+        (cache_dir / s["name"]).stat().st_size
+        for s in m["shards"]
+        if (cache_dir / s["name"]).is_file()
+    )
+    n = max(1, m["num_samples"])
+    return [
+        f"cache        {cache_dir} ({m['format']}, spec {m['spec_digest'][:16]})",
+        f"source       {m.get('source', '?')}",
+        f"samples      {m['num_samples']} in {len(m['shards'])} shards, {m['num_bad']} bad skipped",
+        f"size         {size / 2**20:.1f} MiB, {size / n / 1024:.1f} KiB per sample",
+        f"autoencoder  {spec['autoencoder_class']} sha256 {spec['autoencoder_sha256'][:16]} "
+        f"(scale {spec['scaling_factor']:.4g}, shift {spec.get('shift_factor', 0.0):.4g})",
+        f"text         {spec['text_encoder']} sha256 {spec['text_encoder_sha256'][:16]}, "
+        f"up to {spec['text_max_length']} tokens",
+        f"images       {spec['resolution']} px, {'center' if spec['center_crop'] else 'random'} "
+        f"crop, stored as {spec['dtype']}",
+    ]
+
+
+def _check_shards(cache_dir: Path, manifest: dict[str, Any]) -> list[str]:
+    problems = []
+    for entry in manifest["shards"]:
+        path = cache_dir / entry["name"]
+        if not path.is_file():
+            problems.append(f"{entry['name']} is missing")
+        elif file_sha256(path) != entry["sha256"]:
+            problems.append(f"{entry['name']} does not match its sha256")
+        elif (count := sum(1 for _ in read_shard(str(path)))) != entry["num_samples"]:
+            problems.append(
+                f"{entry['name']} holds {count} samples, manifest says {entry['num_samples']}"
+            )
+    return problems
+
+
+def verify_cache(
+    cache_dir: Path, num_decode: int = 8, autoencoder: Path | None = None
+) -> dict[str, Any]:
+    """Raise LdmError naming the first problem; else return counts and the decode PSNR."""
+    import torch
+
+    from training.autoencoder import psnr
+    from training.models import load_autoencoder, weights_digest
+
+    manifest = read_manifest(cache_dir)
+    problems = _check_shards(cache_dir, manifest)
+    if problems:
+        raise LdmError(
+            f"latent cache {cache_dir}: {len(problems)} bad shard(s), first: {problems[0]}; "
+            "delete those shards and their .done.json files, then re-run ldm precompute"
+        )
+    result: dict[str, Any] = {"shards": len(manifest["shards"]), "samples": manifest["num_samples"]}
+    spec = manifest["spec"]
+    ae_dir = autoencoder or (
+        Path(manifest["autoencoder_dir"]) if "autoencoder_dir" in manifest else None
+    )
+    if ae_dir is None or not spec["center_crop"]:
+        result["psnr_skipped"] = "random crops" if not spec["center_crop"] else "no autoencoder_dir"
+        return result
+    if not Path(ae_dir).is_dir() or weights_digest(Path(ae_dir)) != spec["autoencoder_sha256"]:
+        raise LdmError(
+            f"autoencoder {ae_dir} is missing or is not the one this cache was built with "
+            "(weights sha256 differs); pass the right folder with --autoencoder"
+        )
+    entry = next(s for s in manifest["shards"] if s["num_samples"])
+    if not Path(entry["source"]).is_file():
+        result["psnr_skipped"] = f"source shard {entry['source']} not found"
+        return result
+    cached = []
+    for sample in read_shard(str(cache_dir / entry["name"])):
+        cached.append((json.loads(sample["json"])["source_key"], npy_load(sample["moments.npy"])))
+        if len(cached) == num_decode:
+            break
+    wanted = {key for key, _ in cached}
+    sources = {}
+    for sample in read_shard(entry["source"]):
+        if sample["__key__"] in wanted:
+            image = try_decode(image_bytes(sample))
+            sources[sample["__key__"]] = resize_crop(image, spec["resolution"], True)
+    vae = load_autoencoder(Path(ae_dir))
+    means = torch.from_numpy(np.stack([m for _, m in cached]).astype(np.float32))
+    with torch.inference_mode():
+        mean = means[:, : means.shape[1] // 2]
+        decoded = vae.decode(mean).sample
+    result["num_decoded"] = len(cached)
+    result["psnr"] = psnr(np.stack([sources[k] for k, _ in cached]), to_uint8(decoded))
+    return result

@@ -50,6 +50,10 @@ class Rank0:
     def note(self, text: str) -> None:
         print(text, flush=True)
 
+    def stop_requested(self) -> bool:
+        # One rank polls the shared storage; _any_rank tells the others.
+        return self.config.stop_file.exists()
+
     def clear(self, folder: Path) -> None:
         if folder.exists():
             shutil.rmtree(folder)
@@ -116,6 +120,9 @@ class NullRank0(Rank0):
 
     def note(self, text):  # noqa: D102
         pass
+
+    def stop_requested(self):  # noqa: D102
+        return False
 
     def clear(self, folder):  # noqa: D102
         pass
@@ -275,7 +282,7 @@ def train_worker(
         state.samples_seen += t.global_batch_size
         window_samples += t.global_batch_size
         final = state.step == t.num_steps
-        stopping = _any_rank(config.stop_file.exists())
+        stopping = _any_rank(main.stop_requested())
 
         if state.step % t.log_every == 0 or final:
             loss_value = torch.stack(losses).mean()

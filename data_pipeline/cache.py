@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,9 +20,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from data_pipeline import storage
 from orchestrator.errors import LdmError
 
-FORMAT = "ldm-latent-cache/1"
+FORMAT = "ldm-latent-cache/2"
 MANIFEST = "manifest.json"
 EMPTY_PROMPT = "empty_prompt.npy"
 
@@ -32,9 +32,9 @@ def spec_digest(spec: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
 
-def default_cache_dir(root: str | Path, spec: dict[str, Any]) -> Path:
+def default_cache_dir(root: str, spec: dict[str, Any]) -> str:
     """`<root>/cache/<spec digest>`: two specs never share a folder."""
-    return Path(root) / "cache" / spec_digest(spec)[:16]
+    return storage.join(root, "cache", spec_digest(spec)[:16])
 
 
 def file_sha256(path: Path) -> str:
@@ -56,22 +56,22 @@ def npy_load(data: bytes) -> np.ndarray:
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    storage.write_bytes(path, data)
 
 
-def write_manifest(cache_dir: Path, manifest: dict[str, Any]) -> None:
-    write_atomic(cache_dir / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True).encode())
+def write_manifest(cache_dir: str, manifest: dict[str, Any]) -> None:
+    storage.write_bytes(
+        storage.join(cache_dir, MANIFEST), json.dumps(manifest, indent=2, sort_keys=True).encode()
+    )
 
 
 def read_manifest(cache_dir: str | Path) -> dict[str, Any]:
-    path = Path(cache_dir) / MANIFEST
-    if not path.is_file():
+    path = storage.join(cache_dir, MANIFEST)
+    if not storage.exists(path):
         raise LdmError(
             f"no latent cache at {cache_dir} (no {MANIFEST}): run `ldm precompute CONFIG`"
         )
-    manifest = json.loads(path.read_text())
+    manifest = json.loads(storage.read_bytes(path))
     if manifest.get("format") != FORMAT:
         raise LdmError(
             f"{path}: unknown cache format {manifest.get('format')!r}, expected {FORMAT}"
@@ -79,7 +79,7 @@ def read_manifest(cache_dir: str | Path) -> dict[str, Any]:
     return manifest
 
 
-def check_spec(cache_dir: Path, manifest: dict[str, Any], expected: dict[str, Any]) -> None:
+def check_spec(cache_dir: str | Path, manifest: dict[str, Any], expected: dict[str, Any]) -> None:
     """Refuse a cache built from another spec, naming the first field that differs."""
     built = manifest["spec"]
     for key in sorted(set(built) | set(expected)):
@@ -100,18 +100,36 @@ def _short(value: Any) -> str:
 class CacheBatch:
     """One micro-batch as training consumes it."""
 
-    moments: torch.Tensor  # (B, 2C, h, w) float32: mean and log-variance of q(z|x)
-    context: torch.Tensor  # (B, L, D) float32, zero beyond each caption's tokens
-    mask: torch.Tensor  # (B, L) bool, True on real tokens
+    moments: torch.Tensor
+    """(B, V, M, h, w) float32: V stored views (the image, and its mirror image when cached);
+    M = 2C channels (mean and log-variance of q(z|x)) or C (the mean only)."""
+    context: torch.Tensor
+    """(B, L, D) float32 text hidden states, zero beyond each caption; or (B, L) int64 ids."""
+    mask: torch.Tensor
+    """(B, L) bool, True on real tokens."""
+    has_logvar: bool = True
+    """False for a cache of posterior means: the latent is the mean, nothing to draw."""
 
 
-def collate(samples: list[tuple[np.ndarray, np.ndarray]], max_length: int) -> CacheBatch:
-    moments = torch.from_numpy(np.stack([m for m, _ in samples]).astype(np.float32))
-    dim = samples[0][1].shape[-1]
-    context = torch.zeros(len(samples), max_length, dim)
+def read_sample(sample: dict[str, bytes]) -> tuple[list[np.ndarray], np.ndarray]:
+    """A cache tar sample as (latent views, text): hidden states or token ids."""
+    views = [npy_load(sample["moments.npy"])]
+    if "flip.npy" in sample:
+        views.append(npy_load(sample["flip.npy"]))
+    return views, npy_load(sample["text.npy"])
+
+
+def collate(
+    samples: list[tuple[list[np.ndarray], np.ndarray]], max_length: int, has_logvar: bool = True
+) -> CacheBatch:
+    moments = torch.from_numpy(np.stack([np.stack(v) for v, _ in samples]).astype(np.float32))
+    token_ids = samples[0][1].ndim == 1
+    dtype = np.int64 if token_ids else np.float32
+    shape = (len(samples), max_length, *samples[0][1].shape[1:])
+    context = torch.zeros(shape, dtype=torch.int64 if token_ids else torch.float32)  # 0 = [PAD]
     mask = torch.zeros(len(samples), max_length, dtype=torch.bool)
     for i, (_, text) in enumerate(samples):
         n = min(len(text), max_length)
-        context[i, :n] = torch.from_numpy(text[:n].astype(np.float32))
+        context[i, :n] = torch.from_numpy(text[:n].astype(dtype))
         mask[i, :n] = True
-    return CacheBatch(moments, context, mask)
+    return CacheBatch(moments, context, mask, has_logvar)

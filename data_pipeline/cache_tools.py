@@ -13,20 +13,18 @@ from typing import Any
 
 import numpy as np
 
-from data_pipeline.cache import file_sha256, npy_load, read_manifest
+from data_pipeline import storage
+from data_pipeline.cache import npy_load, read_manifest
 from data_pipeline.images import image_bytes, read_shard, resize_crop, to_uint8, try_decode
 from orchestrator.errors import LdmError
 
 
-def cache_info(cache_dir: Path) -> list[str]:
+def cache_info(cache_dir: str) -> list[str]:
     """A human summary of the manifest, one fact per line."""
     m = read_manifest(cache_dir)
     spec = m["spec"]
-    size = sum(
-        (cache_dir / s["name"]).stat().st_size
-        for s in m["shards"]
-        if (cache_dir / s["name"]).is_file()
-    )
+    paths = [storage.join(cache_dir, s["name"]) for s in m["shards"]]
+    size = sum(storage.size(p) for p in paths if storage.exists(p))
     n = max(1, m["num_samples"])
     return [
         f"cache        {cache_dir} ({m['format']}, spec {m['spec_digest'][:16]})",
@@ -38,19 +36,21 @@ def cache_info(cache_dir: Path) -> list[str]:
         f"text         {spec['text_encoder']} sha256 {spec['text_encoder_sha256'][:16]}, "
         f"up to {spec['text_max_length']} tokens",
         f"images       {spec['resolution']} px, {'center' if spec['center_crop'] else 'random'} "
-        f"crop, stored as {spec['dtype']}",
+        f"crop{', and mirrored' if spec['flip'] else ''}",
+        f"stored       {spec['dtype']} posterior {spec['latents']}, "
+        f"text as {spec['text'].replace('_', ' ')}",
     ]
 
 
-def _check_shards(cache_dir: Path, manifest: dict[str, Any]) -> list[str]:
+def _check_shards(cache_dir: str, manifest: dict[str, Any]) -> list[str]:
     problems = []
     for entry in manifest["shards"]:
-        path = cache_dir / entry["name"]
-        if not path.is_file():
+        path = storage.join(cache_dir, entry["name"])
+        if not storage.exists(path):
             problems.append(f"{entry['name']} is missing")
-        elif file_sha256(path) != entry["sha256"]:
+        elif storage.sha256(path) != entry["sha256"]:
             problems.append(f"{entry['name']} does not match its sha256")
-        elif (count := sum(1 for _ in read_shard(str(path)))) != entry["num_samples"]:
+        elif (count := sum(1 for _ in read_shard(path))) != entry["num_samples"]:
             problems.append(
                 f"{entry['name']} holds {count} samples, manifest says {entry['num_samples']}"
             )
@@ -58,7 +58,7 @@ def _check_shards(cache_dir: Path, manifest: dict[str, Any]) -> list[str]:
 
 
 def verify_cache(
-    cache_dir: Path, num_decode: int = 8, autoencoder: Path | None = None
+    cache_dir: str, num_decode: int = 8, autoencoder: Path | None = None
 ) -> dict[str, Any]:
     """Raise LdmError naming the first problem; else return counts and the decode PSNR."""
     import torch
@@ -87,11 +87,11 @@ def verify_cache(
             "(weights sha256 differs); pass the right folder with --autoencoder"
         )
     entry = next(s for s in manifest["shards"] if s["num_samples"])
-    if not Path(entry["source"]).is_file():
+    if not storage.exists(entry["source"]):
         result["psnr_skipped"] = f"source shard {entry['source']} not found"
         return result
     cached = []
-    for sample in read_shard(str(cache_dir / entry["name"])):
+    for sample in read_shard(storage.join(cache_dir, entry["name"])):
         cached.append((json.loads(sample["json"])["source_key"], npy_load(sample["moments.npy"])))
         if len(cached) == num_decode:
             break
@@ -104,7 +104,7 @@ def verify_cache(
     vae = load_autoencoder(Path(ae_dir))
     means = torch.from_numpy(np.stack([m for _, m in cached]).astype(np.float32))
     with torch.inference_mode():
-        mean = means[:, : means.shape[1] // 2]
+        mean = means[:, : spec["latent_channels"]]  # moments or means: the mean comes first
         decoded = vae.decode(mean).sample
     result["num_decoded"] = len(cached)
     result["psnr"] = psnr(np.stack([sources[k] for k, _ in cached]), to_uint8(decoded))

@@ -31,20 +31,22 @@ class ShardReadReport:
 
 
 def list_shards(location: str | Path) -> list[str]:
-    """Sorted `*.tar` files of a folder (or a single tar); an LdmError if there are none."""
-    path = Path(location)
-    if path.is_file() and path.suffix == ".tar":
-        return [str(path)]
-    if not path.is_dir():
-        raise LdmError(f"no shard folder at {path}: run `ldm shards SRC {path}` first")
-    shards = sorted(str(p) for p in path.glob("*.tar"))
+    """Sorted `*.tar` files of a folder or prefix (or a single tar), local or remote."""
+    from data_pipeline import storage
+
+    text = str(location)
+    if text.endswith(".tar") and storage.exists(text):
+        return [text]
+    shards = storage.list_files(text, ".tar")
     if not shards:
-        raise LdmError(f"no *.tar shards in {path}: run `ldm shards SRC {path}` first")
+        raise LdmError(f"no *.tar shards in {text}: run `ldm shards SRC {text}` first")
     return shards
 
 
 def read_shard(path: str, report: ShardReadReport | None = None) -> Iterator[dict]:
     """Samples of one tar as dicts {'__key__', 'png'|'jpg'|..., 'txt', 'json'}: raw bytes."""
+    from data_pipeline import storage
+
     report = report if report is not None else ShardReadReport()
 
     def handler(exn: Exception) -> bool:
@@ -52,7 +54,7 @@ def read_shard(path: str, report: ShardReadReport | None = None) -> Iterator[dic
         return False  # a broken tar stream cannot be resynchronised: end this shard
 
     try:
-        with open(path, "rb") as stream:
+        with storage.open_read(path) as stream:
             files = tar_file_iterator(stream, handler=handler)
             files = ({**f, "__url__": path} for f in files)
             yield from group_by_keys(files, handler=handler)

@@ -1,31 +1,33 @@
 """`ldm precompute`: a Ray Data job that encodes raw shards into the latent cache.
 
 Two stages, scheduled separately by Ray Data: CPU tasks read a raw shard, decode, resize,
-crop and tokenize; encoder actors (one GPU each when the cluster has GPUs) run the
-autoencoder and the text encoder. The driver collects encoded samples, and writes one cache
-shard per raw shard (temporary name, renamed when complete) with a small sidecar of counts.
-Re-running skips shards that are complete, so a killed job resumes where it stopped.
+crop and tokenize, cutting it into fixed batches of `precompute.batch_size`; encoder actors
+(one GPU each when the cluster has GPUs) run the autoencoder and the text encoder on one
+batch at a time. Because batches never mix shards or depend on scheduling, the cache's bytes
+are the same however the job is split, killed or rerun. The driver reorders finished batches
+and writes one cache shard per raw shard (a temporary file, renamed or uploaded when
+complete) with a small sidecar of counts; a rerun skips shards whose sidecar exists.
 """
 
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 import zlib
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from data_pipeline import storage
 from data_pipeline.cache import (
     EMPTY_PROMPT,
     FORMAT,
     default_cache_dir,
-    file_sha256,
     npy_bytes,
+    npy_load,
     spec_digest,
-    write_atomic,
     write_manifest,
 )
 from data_pipeline.images import (
@@ -39,6 +41,8 @@ from data_pipeline.images import (
 from orchestrator.config import ExperimentConfig
 from orchestrator.errors import LdmError
 
+MAX_BAD_EXAMPLES = 5  # per shard, kept in its sidecar to say what went wrong
+
 
 def cache_spec(config: ExperimentConfig) -> dict[str, Any]:
     """Everything that determines the cache content; training rebuilds it to compare."""
@@ -48,6 +52,7 @@ def cache_spec(config: ExperimentConfig) -> dict[str, Any]:
     ae_dir = config.autoencoder_dir
     vae = autoencoder_config(ae_dir)
     text_dir = text_encoder_path(config.text_encoder.name_or_path)
+    p = config.precompute
     return {
         "autoencoder_class": vae.get("_class_name", "AutoencoderKL"),
         "autoencoder_sha256": weights_digest(ae_dir),
@@ -59,23 +64,34 @@ def cache_spec(config: ExperimentConfig) -> dict[str, Any]:
         else Path(text_dir).name,
         "text_encoder_sha256": weights_digest(text_dir),
         "text_max_length": config.text_encoder.max_length,
+        "text": p.text,
         "resolution": config.data.resolution,
         "center_crop": config.data.center_crop,
-        "dtype": config.precompute.dtype,
+        "flip": p.flip,
+        "latents": p.latents,
+        "dtype": p.dtype,
+        # Batches are fixed per shard; a different cut could change low bits of the encoding.
+        "batch_size": p.batch_size,
     }
 
 
-def resolve_cache_dir(config: ExperimentConfig, spec: dict[str, Any]) -> Path:
+def resolve_cache_dir(config: ExperimentConfig, spec: dict[str, Any]) -> str:
     if config.precompute.cache_dir:
-        return Path(config.precompute.cache_dir)
+        return config.precompute.cache_dir
     return default_cache_dir(config.run.root, spec)
 
 
 class _ShardDecoder:
-    """CPU stage: one raw shard in, its decoded and tokenized samples out."""
+    """CPU stage: one raw shard in, fixed batches of decoded and tokenized samples out."""
 
     def __init__(
-        self, text_encoder: str, max_length: int, resolution: int, center_crop: bool, seed: int
+        self,
+        text_encoder: str,
+        max_length: int,
+        resolution: int,
+        center_crop: bool,
+        seed: int,
+        batch_size: int,
     ):
         from transformers import AutoTokenizer
 
@@ -83,171 +99,266 @@ class _ShardDecoder:
 
         self.tokenizer = AutoTokenizer.from_pretrained(text_encoder_path(text_encoder))
         self.max_length, self.resolution = max_length, resolution
-        self.center_crop, self.seed = center_crop, seed
+        self.center_crop, self.seed, self.batch_size = center_crop, seed, batch_size
 
-    def __call__(self, row: dict[str, Any]) -> list[dict[str, Any]]:
+    def __call__(self, row: dict[str, Any]):
         from data_pipeline.images import ShardReadReport
 
         shard = row["shard"]
+        name = storage.basename(shard)
         report = ShardReadReport()
-        good, bad = [], 0
-        rng = np.random.default_rng([self.seed, zlib.crc32(Path(shard).name.encode())])
+        bad: list[str] = []
+        # Random crops are seeded per shard, so a rerun of one shard reproduces it.
+        rng = np.random.default_rng([self.seed, zlib.crc32(name.encode())])
+        chunk, batch = 0, []
         for sample in read_shard(shard, report):
             image = try_decode(image_bytes(sample))
             if image is None:
-                bad += 1
+                bad.append(f"{sample['__key__']!r}: no decodable image")
                 continue
             pixels = resize_crop(image, self.resolution, self.center_crop, rng)
-            good.append((sample["__key__"], caption_of(sample), pixels))
-        bad += len(report.errors)
+            batch.append((sample["__key__"], caption_of(sample), pixels))
+            if len(batch) == self.batch_size:
+                yield self._batch_row(name, chunk, batch, None)
+                chunk, batch = chunk + 1, []
+        bad += [f"tar: {e}" for e in report.errors]
+        yield self._batch_row(name, chunk, batch, bad)
+
+    def _batch_row(self, shard: str, chunk: int, batch: list, bad: list[str] | None) -> dict:
+        captions = [caption for _, caption, _ in batch]
         tokens = self.tokenizer(
-            [caption for _, caption, _ in good] or [""],
+            captions or [""],
             max_length=self.max_length,
             padding="max_length",
             truncation=True,
             return_tensors="np",
         )
-        name = Path(shard).name
-        if not good:  # one placeholder row, so the driver still learns the shard's counts
-            blank = np.zeros((self.resolution, self.resolution, 3), np.uint8)
-            good = [("", "", blank)]
-        return [
-            {
-                "shard": name,
-                "index": i,
-                "num_good": 0 if not key else len(good),
-                "num_bad": bad,
-                "key": key,
-                "caption": caption,
-                "pixels": pixels,
-                "input_ids": tokens["input_ids"][i].astype(np.int64),
-                "attention_mask": tokens["attention_mask"][i].astype(np.int64),
-            }
-            for i, (key, caption, pixels) in enumerate(good)
-        ]
+        shape = (0, self.resolution, self.resolution, 3)
+        pixels = np.stack([p for _, _, p in batch]) if batch else np.zeros(shape, np.uint8)
+        return {
+            "shard": shard,
+            "chunk": chunk,
+            "last": bad is not None,  # the last batch carries the shard's bad-sample report
+            "num_bad": len(bad or []),
+            "bad_examples": json.dumps((bad or [])[:MAX_BAD_EXAMPLES]),
+            "keys": json.dumps([key for key, _, _ in batch]),
+            "captions": json.dumps(captions),
+            "pixels": npy_bytes(pixels),
+            "input_ids": npy_bytes(tokens["input_ids"][: len(batch)].astype(np.int32)),
+            "attention_mask": npy_bytes(tokens["attention_mask"][: len(batch)].astype(np.int8)),
+        }
 
 
 class _Encoder:
-    """Encoder stage: autoencoder posterior moments and text hidden states, on a GPU if given."""
+    """Encoder stage: one batch of one shard in, one row per encoded sample out."""
 
-    def __init__(self, autoencoder_dir: str, text_encoder: str, dtype: str):
+    def __init__(self, autoencoder_dir: str, text_encoder: str, spec: dict[str, Any]):
         import torch
 
         from training.models import load_autoencoder, load_text_encoder
 
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.vae = load_autoencoder(Path(autoencoder_dir)).to(self.device)
-        self.text_encoder, _ = load_text_encoder(text_encoder)
-        self.text_encoder.to(self.device)
-        self.dtype = np.float16 if dtype == "float16" else np.float32
+        self.text_encoder = None
+        if spec["text"] == "hidden_states":
+            self.text_encoder, _ = load_text_encoder(text_encoder)
+            self.text_encoder.to(self.device)
+        self.spec = spec
+        self.dtype = np.float16 if spec["dtype"] == "float16" else np.float32
+
+    def _moments(self, pixels):
+        import torch
+
+        encoded = self.vae.encode(pixels)
+        if not hasattr(encoded, "latent_dist"):  # AutoencoderTiny is deterministic
+            mean = encoded.latents
+            logvar = mean.new_full(mean.shape, -30.0)
+        else:
+            mean, logvar = encoded.latent_dist.mean, encoded.latent_dist.logvar
+        moments = mean if self.spec["latents"] == "mean" else torch.cat([mean, logvar], dim=1)
+        return moments.float().cpu().numpy().astype(self.dtype)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         import torch
 
         from data_pipeline.images import to_model_range
 
+        (row,) = [{k: v[0] for k, v in batch.items()}]  # batch_size=1: one shard batch
+        pixels = npy_load(row["pixels"])
+        ids, mask = npy_load(row["input_ids"]), npy_load(row["attention_mask"])
+        n = len(pixels)
+        lengths = mask.sum(axis=1)
         with torch.inference_mode():
-            pixels = to_model_range(batch["pixels"]).to(self.device)
-            encoded = self.vae.encode(pixels)
-            if hasattr(encoded, "latent_dist"):
-                dist = encoded.latent_dist
-                moments = torch.cat([dist.mean, dist.logvar], dim=1)
-            else:  # AutoencoderTiny is deterministic: zero variance
-                mean = encoded.latents
-                moments = torch.cat([mean, torch.full_like(mean, -30.0)], dim=1)
-            ids = torch.from_numpy(batch["input_ids"]).to(self.device)
-            mask = torch.from_numpy(batch["attention_mask"]).to(self.device)
-            hidden = self.text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state
-        moments = moments.float().cpu().numpy().astype(self.dtype)
-        hidden = hidden.float().cpu().numpy().astype(self.dtype)
-        lengths = batch["attention_mask"].sum(axis=1)
+            x = to_model_range(pixels).to(self.device) if n else None
+            moments = self._moments(x) if n else []
+            flipped = self._moments(x.flip(-1)) if n and self.spec["flip"] else [None] * n
+            if self.text_encoder is not None and n:
+                hidden = self.text_encoder(
+                    input_ids=torch.from_numpy(ids.astype(np.int64)).to(self.device),
+                    attention_mask=torch.from_numpy(mask.astype(np.int64)).to(self.device),
+                ).last_hidden_state
+                texts = [h[:k] for h, k in zip(hidden.float().cpu().numpy(), lengths, strict=True)]
+                texts = [t.astype(self.dtype) for t in texts]
+            else:
+                texts = [i[:k] for i, k in zip(ids, lengths, strict=True)]
+        keys, captions = json.loads(row["keys"]), json.loads(row["captions"])
+        rows = [
+            {
+                "index": int(row["chunk"]) * self.spec["batch_size"] + i,
+                "key": keys[i],
+                "caption": captions[i],
+                "moments_npy": npy_bytes(moments[i]),
+                "flip_npy": b"" if flipped[i] is None else npy_bytes(flipped[i]),
+                "text_npy": npy_bytes(texts[i]),
+            }
+            for i in range(n)
+        ] or [
+            {
+                "index": -1,
+                "key": "",
+                "caption": "",
+                "moments_npy": b"",
+                "flip_npy": b"",
+                "text_npy": b"",
+            }
+        ]  # an empty last batch still reports the shard's counts
+        shared = {k: row[k] for k in ("shard", "chunk", "last", "num_bad", "bad_examples")}
+        columns = {k: [r[k] for r in rows] for k in rows[0]}
+        columns.update({k: [v] * len(rows) for k, v in shared.items()})
+        columns["batch_rows"] = [len(rows)] * len(rows)
+        ints = ("index", "chunk", "num_bad", "batch_rows")
         return {
-            "shard": batch["shard"],
-            "index": batch["index"],
-            "num_good": batch["num_good"],
-            "num_bad": batch["num_bad"],
-            "key": batch["key"],
-            "caption": batch["caption"],
-            "moments_npy": np.array([npy_bytes(m) for m in moments], dtype=object),
-            "text_npy": np.array(
-                [npy_bytes(h[:n]) for h, n in zip(hidden, lengths, strict=True)], dtype=object
-            ),
+            k: np.array(v, dtype=np.int64 if k in ints else bool if k == "last" else object)
+            for k, v in columns.items()
         }
 
 
-def _write_cache_shard(
-    cache_dir: Path, name: str, source: str, rows: list[dict], num_bad: int
-) -> dict:
-    import webdataset as wds
+class _ShardWriter:
+    """Writes one cache shard as its batches arrive, in batch order, then publishes it."""
 
-    rows = sorted((r for r in rows if r["key"]), key=lambda r: r["index"])
-    final = cache_dir / name
-    tmp = cache_dir / f".{name}.partial"
-    with wds.TarWriter(str(tmp)) as sink:
-        for row in rows:
-            # Keys come from the input: use our own index-based key, never a path from the data.
-            sink.write(
-                {
-                    "__key__": f"{Path(name).stem}_{row['index']:06d}",
-                    "moments.npy": row["moments_npy"],
-                    "text.npy": row["text_npy"],
-                    "txt": row["caption"],
-                    "json": json.dumps({"source_key": row["key"]}).encode(),
-                }
-            )
-    tmp.replace(final)
-    entry = {
-        "name": name,
-        "source": source,
-        "num_samples": len(rows),
-        "num_bad": num_bad,
-        "sha256": file_sha256(final),
-    }
-    write_atomic(cache_dir / f"{Path(name).stem}.done.json", json.dumps(entry).encode())
-    return entry
+    def __init__(self, cache_dir: str, name: str, source: str, staging: Path):
+        import webdataset as wds
+
+        self.cache_dir, self.name, self.source = cache_dir, name, source
+        self.partial = staging / f".{name}.partial"
+        # A fixed mtime makes the tar bytes (and so its sha256) reproducible.
+        self.sink = wds.TarWriter(str(self.partial), mtime=0.0)
+        self.rows: dict[int, list[dict]] = {}  # finished batches waiting for earlier ones
+        self.next_chunk, self.num_chunks = 0, None
+        self.num_samples, self.num_bad, self.bad_examples = 0, 0, []
+
+    def add(self, row: dict) -> None:
+        self.rows.setdefault(int(row["chunk"]), []).append(row)
+        if row["last"]:
+            self.num_chunks = int(row["chunk"]) + 1
+            self.num_bad, self.bad_examples = int(row["num_bad"]), json.loads(row["bad_examples"])
+        while len(self.rows.get(self.next_chunk, ())) == self._rows_in(self.next_chunk):
+            for r in sorted(self.rows.pop(self.next_chunk), key=lambda r: r["index"]):
+                if r["index"] >= 0:
+                    self._write(r)
+            self.next_chunk += 1
+
+    def _rows_in(self, chunk: int) -> int:
+        rows = self.rows.get(chunk)
+        return int(rows[0]["batch_rows"]) if rows else -1
+
+    @property
+    def complete(self) -> bool:
+        return self.num_chunks is not None and self.next_chunk == self.num_chunks
+
+    def _write(self, row: dict) -> None:
+        # Keys come from the input: our own index-based key, never a path from the data.
+        sample = {
+            "__key__": f"{Path(self.name).stem}_{row['index']:06d}",
+            "moments.npy": row["moments_npy"],
+            "text.npy": row["text_npy"],
+            "txt": row["caption"],
+            "json": json.dumps({"source_key": row["key"]}).encode(),
+        }
+        if row["flip_npy"]:
+            sample["flip.npy"] = row["flip_npy"]
+        self.sink.write(sample)
+        self.num_samples += 1
+
+    def publish(self) -> dict:
+        self.sink.close()
+        entry = {
+            "name": self.name,
+            "source": self.source,
+            "num_samples": self.num_samples,
+            "num_bad": self.num_bad,
+            "bad_examples": self.bad_examples,
+            "sha256": storage.sha256(self.partial),
+        }
+        storage.put_file(self.partial, storage.join(self.cache_dir, self.name))
+        storage.write_bytes(_marker(self.cache_dir, self.name), json.dumps(entry).encode())
+        return entry
 
 
-def _done_entry(cache_dir: Path, name: str) -> dict | None:
-    marker = cache_dir / f"{Path(name).stem}.done.json"
-    if marker.is_file() and (cache_dir / name).is_file():
-        return json.loads(marker.read_text())
+def _marker(cache_dir: str, name: str) -> str:
+    return storage.join(cache_dir, f"{Path(name).stem}.done.json")
+
+
+def _done_entry(cache_dir: str, name: str) -> dict | None:
+    marker = _marker(cache_dir, name)
+    if storage.exists(marker) and storage.exists(storage.join(cache_dir, name)):
+        return json.loads(storage.read_bytes(marker))
     return None
 
 
-def _empty_prompt_embedding(config: ExperimentConfig, dtype: str) -> np.ndarray:
+def _check_bad_budget(entries: list[dict], num_shards: int, max_bad_fraction: float) -> None:
+    """Fail early when the bad samples seen so far already break the budget for the job."""
+    bad = sum(e["num_bad"] for e in entries)
+    seen = bad + sum(e["num_samples"] for e in entries)
+    expected_total = seen / len(entries) * num_shards  # an estimate until every shard is done
+    if bad and bad > max_bad_fraction * expected_total:
+        worst = max(entries, key=lambda e: e["num_bad"])
+        reason = worst["bad_examples"][0] if worst["bad_examples"] else "?"
+        raise LdmError(
+            f"precompute: {bad} of {seen} samples read so far could not be decoded, over the "
+            f"budget precompute.max_bad_fraction={max_bad_fraction} (worst: {worst['name']}, "
+            f"{worst['num_bad']} bad, e.g. {reason}); fix the data or raise the budget and "
+            "re-run (finished shards are kept)"
+        )
+
+
+def _empty_prompt(config: ExperimentConfig, spec: dict[str, Any]) -> np.ndarray:
+    """What a dropped caption becomes: the encoding (or token ids) of the empty prompt."""
     import torch
 
     from training.models import load_text_encoder
 
     model, tokenizer = load_text_encoder(config.text_encoder.name_or_path)
     tokens = tokenizer([""], return_tensors="pt")
+    if spec["text"] == "token_ids":
+        return tokens["input_ids"][0].numpy().astype(np.int32)
     with torch.inference_mode():
         hidden = model(**tokens).last_hidden_state[0]
-    return hidden.numpy().astype(np.float16 if dtype == "float16" else np.float32)
+    return hidden.numpy().astype(np.float16 if spec["dtype"] == "float16" else np.float32)
 
 
-def precompute(config: ExperimentConfig, progress: bool = True) -> Path:
-    """Encode every raw shard not yet in the cache; returns the cache folder."""
+def precompute(config: ExperimentConfig, progress: bool = True) -> str:
+    """Encode every raw shard not yet in the cache; returns the cache folder (path or URI)."""
     import ray
 
     from orchestrator.cluster import ray_session
 
     spec = cache_spec(config)
     cache_dir = resolve_cache_dir(config, spec)
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    storage.makedirs(cache_dir)
     shards = list_shards(config.data.shards)
-    names = [Path(s).name for s in shards]
+    names = [storage.basename(s) for s in shards]
     if len(set(names)) != len(names):
         raise LdmError(f"data.shards: shard file names repeat in {config.data.shards}")
-    todo = [s for s in shards if _done_entry(cache_dir, Path(s).name) is None]
-    print(
-        f"precompute: {len(shards) - len(todo)} of {len(shards)} shards already cached "
-        f"in {cache_dir}"
-    )
+    done = [e for e in (_done_entry(cache_dir, n) for n in names) if e]
+    todo = [s for s, n in zip(shards, names, strict=True) if n not in {e["name"] for e in done}]
+    print(f"precompute: {len(done)} of {len(shards)} shards already cached in {cache_dir}")
     started = time.perf_counter()
     p = config.precompute
     if todo:
-        with ray_session(config.cluster.address):
+        with ray_session(config.cluster.address), tempfile.TemporaryDirectory() as tmp:
+            # Local caches stage next to their final name (a rename); remote ones upload.
+            staging = Path(tmp) if storage.is_remote(cache_dir) else Path(cache_dir)
             use_gpu = bool(ray.cluster_resources().get("GPU", 0))
             ds = ray.data.from_items([{"shard": s} for s in todo], override_num_blocks=len(todo))
             ds = ds.flat_map(
@@ -258,6 +369,7 @@ def precompute(config: ExperimentConfig, progress: bool = True) -> Path:
                     resolution=config.data.resolution,
                     center_crop=config.data.center_crop,
                     seed=config.run.seed,
+                    batch_size=p.batch_size,
                 ),
                 compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, len(todo))),
                 num_cpus=1,
@@ -267,31 +379,33 @@ def precompute(config: ExperimentConfig, progress: bool = True) -> Path:
                 fn_constructor_kwargs=dict(
                     autoencoder_dir=str(config.autoencoder_dir),
                     text_encoder=config.text_encoder.name_or_path,
-                    dtype=p.dtype,
+                    spec=spec,
                 ),
-                batch_size=p.batch_size,
+                batch_size=1,  # one shard batch per call: its size is fixed upstream
                 compute=ray.data.ActorPoolStrategy(size=p.num_encoders),
                 num_cpus=p.num_cpus_per_encoder,
                 num_gpus=1 if use_gpu else 0,
             )
-            pending: dict[str, list[dict]] = defaultdict(list)
-            sources = {Path(s).name: s for s in todo}
+            sources = {storage.basename(s): s for s in todo}
+            writers: dict[str, _ShardWriter] = {}
             for row in ds.iter_rows():
-                rows = pending[row["shard"]]
-                rows.append(row)
-                if len(rows) >= max(1, row["num_good"]):
-                    entry = _write_cache_shard(
-                        cache_dir, row["shard"], sources[row["shard"]], rows, row["num_bad"]
-                    )
-                    del pending[row["shard"]]
+                name = row["shard"]
+                if name not in writers:
+                    writers[name] = _ShardWriter(cache_dir, name, sources[name], staging)
+                writer = writers[name]
+                writer.add(row)
+                if writer.complete:
+                    entry = writers.pop(name).publish()
+                    done.append(entry)
                     if progress:
                         print(
                             f"precompute: wrote {entry['name']} ({entry['num_samples']} "
                             f"samples, {entry['num_bad']} bad)"
                         )
-            if pending:
+                    _check_bad_budget(done, len(shards), p.max_bad_fraction)
+            if writers:
                 raise LdmError(
-                    f"precompute: shards {sorted(pending)} ended incomplete; re-run to retry them"
+                    f"precompute: shards {sorted(writers)} ended incomplete; re-run to retry them"
                 )
     entries = [_done_entry(cache_dir, name) for name in names]
     missing = [n for n, e in zip(names, entries, strict=True) if e is None]
@@ -299,8 +413,9 @@ def precompute(config: ExperimentConfig, progress: bool = True) -> Path:
         raise LdmError(
             f"precompute: shards {missing} are not cached; re-run `ldm precompute CONFIG`"
         )
-    empty = _empty_prompt_embedding(config, p.dtype)
-    write_atomic(cache_dir / EMPTY_PROMPT, npy_bytes(empty))
+    _check_bad_budget(entries, len(shards), p.max_bad_fraction)
+    empty = npy_bytes(_empty_prompt(config, spec))
+    storage.write_bytes(storage.join(cache_dir, EMPTY_PROMPT), empty)
     manifest = {
         "format": FORMAT,
         "spec": spec,
@@ -310,13 +425,25 @@ def precompute(config: ExperimentConfig, progress: bool = True) -> Path:
         "shards": entries,
         "num_samples": sum(e["num_samples"] for e in entries),
         "num_bad": sum(e["num_bad"] for e in entries),
-        "empty_prompt": {"file": EMPTY_PROMPT, "sha256": file_sha256(cache_dir / EMPTY_PROMPT)},
+        "empty_prompt": {"file": EMPTY_PROMPT, "sha256": _sha256_bytes(empty)},
     }
     write_manifest(cache_dir, manifest)
     elapsed = time.perf_counter() - started
+    for entry in entries:
+        if entry["num_bad"]:
+            print(
+                f"precompute: {entry['name']}: {entry['num_bad']} bad samples skipped, e.g. "
+                + "; ".join(entry["bad_examples"][:2])
+            )
     print(
         f"precompute: cache {cache_dir}: {manifest['num_samples']} samples in "
         f"{len(entries)} shards, "
         f"{manifest['num_bad']} bad samples skipped ({elapsed:.1f} s)"
     )
     return cache_dir
+
+
+def _sha256_bytes(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()

@@ -26,7 +26,8 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset
 
-from data_pipeline.cache import CacheBatch, collate, npy_load, read_manifest
+from data_pipeline import storage
+from data_pipeline.cache import CacheBatch, collate, read_manifest, read_sample
 from orchestrator.errors import LdmError
 
 
@@ -167,7 +168,7 @@ def _read_indices(path: str, indices: np.ndarray) -> Iterator[tuple[np.ndarray, 
         if target is None:
             return
         if position == target:
-            yield npy_load(sample["moments.npy"]), npy_load(sample["text.npy"])
+            yield read_sample(sample)
             target = next(wanted, None)
 
 
@@ -187,9 +188,10 @@ class LatentCacheStream(IterableDataset):
     ):
         manifest = read_manifest(cache_dir)
         shards = [s for s in manifest["shards"] if s["num_samples"]]
-        self.paths = [str(Path(cache_dir) / s["name"]) for s in shards]
+        self.paths = [storage.join(cache_dir, s["name"]) for s in shards]
         self.plan = EpochPlan([s["num_samples"] for s in shards], seed, shuffle_buffer)
         self.max_length = int(manifest["spec"]["text_max_length"])
+        self.has_logvar = manifest["spec"]["latents"] == "moments"
         self.rank = rank
         self.layout = Layout(world_size, max(1, num_loader_workers), micro_batch_size)
         check_enough_samples(cache_dir, self.plan.num_samples, self.layout)
@@ -239,7 +241,7 @@ class LatentCacheStream(IterableDataset):
             for sample in samples:
                 batch.append(sample)
                 if len(batch) == mb:
-                    yield collate(batch, self.max_length)
+                    yield collate(batch, self.max_length, self.has_logvar)
                     batch = []
             epoch, finished, skip = epoch + 1, [], 0
 

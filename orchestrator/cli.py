@@ -103,7 +103,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_cache(args: argparse.Namespace) -> None:
     from data_pipeline.cache_tools import cache_info, verify_cache
 
-    cache_dir = Path(args.path)
+    cache_dir = args.path
     if args.action == "info":
         print("\n".join(cache_info(cache_dir)))
         return

@@ -89,13 +89,24 @@ class PrecomputeConfig(Section):
     cache_dir: str | None = None
     """Latent cache folder; default `<root>/cache/<spec hash>` so different specs never mix."""
     batch_size: int = Field(64, ge=1)
-    """Images per encoder call."""
+    """Images per encoder call; a shard is cut into batches of this size in a fixed way, so
+    the cache's bytes do not depend on scheduling."""
     num_encoders: int = Field(1, ge=1)
     """Encoder actors (each holds the autoencoder and text encoder; one GPU each if present)."""
     num_cpus_per_encoder: float = Field(1.0, gt=0)
     """CPUs reserved by each encoder actor."""
     dtype: Literal["float16", "float32"] = "float16"
     """Storage dtype of latent moments and text hidden states."""
+    latents: Literal["moments", "mean"] = "moments"
+    """`moments` stores the posterior mean and log-variance, so training draws a fresh latent
+    at every read; `mean` stores the mean only (half the bytes, no sampling)."""
+    flip: bool = False
+    """Also encode each image flipped left-right; training picks one of the two at random."""
+    text: Literal["hidden_states", "token_ids"] = "hidden_states"
+    """`hidden_states` of the frozen text encoder (real tokens only), or `token_ids` for a
+    text encoder trained jointly with the UNet."""
+    max_bad_fraction: float = Field(0.01, ge=0, le=1)
+    """Fail once more than this fraction of samples cannot be decoded (bad data, wrong path)."""
 
 
 class UNetConfig(Section):

@@ -123,7 +123,7 @@ def _ray_worker(loop_config: dict[str, Any]) -> None:
 
     train_worker(
         config,
-        Path(loop_config["cache_dir"]),
+        loop_config["cache_dir"],
         loop_config["mlflow_run_id"],
         Path(resume_from) if resume_from else None,
         report,
@@ -146,6 +146,11 @@ def train(config: ExperimentConfig) -> dict[str, Any]:
     cache_dir = resolve_cache_dir(config, spec)
     manifest = read_manifest(cache_dir)
     check_spec(cache_dir, manifest, spec)
+    if spec["text"] == "token_ids":
+        raise LdmError(
+            f"latent cache {cache_dir} stores token ids, for a text encoder trained jointly with "
+            "the UNet, which this version cannot train yet: set precompute.text=hidden_states"
+        )
     t = config.train
     check_enough_samples(
         cache_dir,

@@ -29,12 +29,12 @@ def make_cache(path, num_shards=4, per_shard=10, dim=8):
                     }
                 )
         entries.append({"name": name, "num_samples": per_shard, "num_bad": 0, "sha256": ""})
-    write_manifest(path, {"format": FORMAT, "spec": {"text_max_length": 6}, "shards": entries})
+    write_manifest(path, {"format": FORMAT, "spec": {"text_max_length": 6, "latents": "moments"}, "shards": entries})
     return path
 
 
 def ids(batch):
-    return batch.moments[:, 0, 0, 0].round().long().tolist()
+    return batch.moments[:, 0, 0, 0, 0].round().long().tolist()
 
 
 def take(stream, num_workers, num_batches):

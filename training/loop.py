@@ -19,6 +19,7 @@ import torch.distributed as dist
 from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
 
+from data_pipeline import storage
 from data_pipeline.cache import EMPTY_PROMPT, CacheBatch, npy_load, read_manifest
 from data_pipeline.stream import DataCursor, LatentCacheStream
 from orchestrator.config import ExperimentConfig
@@ -134,6 +135,28 @@ class NullRank0(Rank0):
         pass
 
 
+def draw_latents(batch: CacheBatch) -> torch.Tensor:
+    """One latent per sample: a random cached view (image or mirror), then a draw from q(z|x)."""
+    b, num_views = batch.moments.shape[:2]
+    chosen = batch.moments[torch.arange(b), torch.randint(0, num_views, (b,))]
+    if not batch.has_logvar:
+        return chosen
+    mean, logvar = chosen.chunk(2, dim=1)
+    return mean + torch.exp(0.5 * logvar.clamp(-30, 20)) * torch.randn_like(mean)
+
+
+def drop_captions(
+    batch: CacheBatch, empty: tuple[torch.Tensor, torch.Tensor], probability: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Classifier-free guidance training: each caption becomes the empty prompt with
+    `probability`. Returns (context, mask, dropped)."""
+    dropped = torch.rand(batch.mask.shape[0]) < probability
+    spread = dropped.view(-1, *[1] * (batch.context.dim() - 1))
+    context = torch.where(spread, empty[0], batch.context)
+    mask = torch.where(dropped[:, None], empty[1], batch.mask)
+    return context, mask, dropped
+
+
 def diffusion_loss(
     unet: torch.nn.Module,
     batch: CacheBatch,
@@ -142,24 +165,20 @@ def diffusion_loss(
     empty: tuple[torch.Tensor, torch.Tensor],
     caption_dropout: float,
     snr_gamma: float | None = None,
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The DDPM objective on a cached batch: a fresh latent draw, noise, and CFG dropout.
 
     `latent_norm` is the autoencoder's (shift, scale); `snr_gamma` turns on Min-SNR-gamma
     loss weighting (Hang et al., 2023), which stops the many easy low-noise steps from
-    dominating the gradient and converges several times faster.
+    dominating the gradient and converges several times faster. Returns the loss and which
+    captions were dropped.
     """
     shift, scale = latent_norm
-    mean, logvar = batch.moments.chunk(2, dim=1)
-    latents = (
-        mean + torch.exp(0.5 * logvar.clamp(-30, 20)) * torch.randn_like(mean) - shift
-    ) * scale
+    latents = (draw_latents(batch) - shift) * scale
     noise = torch.randn_like(latents)
     t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],))
     noisy = scheduler.add_noise(latents, noise, t)
-    drop = torch.rand(latents.shape[0]) < caption_dropout
-    context = torch.where(drop[:, None, None], empty[0], batch.context)
-    mask = torch.where(drop[:, None], empty[1], batch.mask)
+    context, mask, dropped = drop_captions(batch, empty, caption_dropout)
     epsilon = scheduler.config.prediction_type == "epsilon"
     target = noise if epsilon else scheduler.get_velocity(latents, noise, t)
     dtype = next(unet.parameters()).dtype
@@ -171,12 +190,15 @@ def diffusion_loss(
         alpha_bar = scheduler.alphas_cumprod[t]
         snr = alpha_bar / (1 - alpha_bar)
         per_sample = per_sample * snr.clamp(max=snr_gamma) / (snr if epsilon else snr + 1)
-    return per_sample.mean()
+    return per_sample.mean(), dropped
 
 
-def _empty_prompt(cache_dir: Path, max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    hidden = torch.from_numpy(npy_load((cache_dir / EMPTY_PROMPT).read_bytes()).astype(np.float32))
-    context = torch.zeros(max_length, hidden.shape[-1])
+def empty_prompt(cache_dir: str | Path, max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cached empty-prompt encoding, padded like a batch row: (context, mask)."""
+    stored = npy_load(storage.read_bytes(storage.join(cache_dir, EMPTY_PROMPT)))
+    token_ids = stored.ndim == 1
+    hidden = torch.from_numpy(stored.astype(np.int64 if token_ids else np.float32))
+    context = torch.zeros(max_length, *hidden.shape[1:], dtype=hidden.dtype)
     n = min(len(hidden), max_length)
     context[:n] = hidden[:n]
     mask = torch.zeros(max_length, dtype=torch.bool)
@@ -186,7 +208,7 @@ def _empty_prompt(cache_dir: Path, max_length: int) -> tuple[torch.Tensor, torch
 
 def train_worker(
     config: ExperimentConfig,
-    cache_dir: Path,
+    cache_dir: str,
     mlflow_run_id: str | None,
     resume_from: Path | None = None,
     report: Callable[[dict[str, Any], Path | None], None] = lambda metrics, tag: None,
@@ -210,7 +232,7 @@ def train_worker(
     engine = build_engine(unet, config, world, load_universal=elastic)
     ema = EMAModel(unet.parameters(), decay=t.ema_decay)
     scheduler = build_noise_scheduler(config)
-    empty = _empty_prompt(cache_dir, spec["text_max_length"])
+    empty = empty_prompt(cache_dir, spec["text_max_length"])
     latent_norm = (spec.get("shift_factor", 0.0), spec["scaling_factor"])
     snr_gamma = config.diffusion.snr_gamma
     state = saved or ckpt.TrainState(mlflow_run_id=mlflow_run_id, config_digest=config.digest())
@@ -261,6 +283,7 @@ def train_worker(
     batches_taken = 0  # by this rank since the stream's start cursor
     accumulation = config.gradient_accumulation_steps
     window_start, window_samples, window_wait = time.perf_counter(), 0, 0.0
+    window_dropped = 0
     metrics: dict[str, float] = {}
 
     while state.step < t.num_steps:
@@ -270,9 +293,10 @@ def train_worker(
             wait = time.perf_counter()
             batch = next(batches)
             window_wait += time.perf_counter() - wait
-            loss = diffusion_loss(
+            loss, dropped = diffusion_loss(
                 engine, batch, scheduler, latent_norm, empty, t.caption_dropout, snr_gamma
             )
+            window_dropped += int(dropped.sum())
             engine.backward(loss)
             engine.step()
             losses.append(loss.detach())
@@ -285,11 +309,13 @@ def train_worker(
         stopping = _any_rank(main.stop_requested())
 
         if state.step % t.log_every == 0 or final:
-            loss_value = torch.stack(losses).mean()
-            dist.all_reduce(loss_value)
+            # One all-reduce for both: mean loss, and captions dropped across ranks.
+            totals = torch.stack([torch.stack(losses).mean(), torch.tensor(float(window_dropped))])
+            dist.all_reduce(totals)
             elapsed = time.perf_counter() - window_start
             metrics = {
-                "loss": loss_value.item() / world,
+                "loss": totals[0].item() / world,
+                "caption_dropout_rate": totals[1].item() / window_samples,
                 "lr": engine.get_lr()[0],
                 "grad_norm": float(engine.get_global_grad_norm() or 0.0),
                 "samples_per_s": window_samples / elapsed,
@@ -298,6 +324,7 @@ def train_worker(
             }
             main.log(metrics, state.step)
             window_start, window_samples, window_wait = time.perf_counter(), 0, 0.0
+            window_dropped = 0
 
         if state.step % t.checkpoint_every == 0 or final or stopping:
             state.data_cursor = stream.cursor_after(batches_taken).to_dict()

@@ -1,0 +1,118 @@
+"""Paths or URIs for data and caches: local paths, shared filesystems, and `s3://` via fsspec.
+
+Every stage names its inputs and outputs as strings, never `pathlib.Path` (which would fold
+`s3://bucket` into `s3:/bucket`). Writes are all-or-nothing: a local file is written under a
+temporary name and renamed; an object store PUT only becomes visible once complete. S3
+credentials and endpoint come from the usual AWS variables (`AWS_ACCESS_KEY_ID`,
+`AWS_SECRET_ACCESS_KEY`, `AWS_ENDPOINT_URL` for S3-compatible servers).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import posixpath
+from pathlib import Path
+from typing import IO, Any
+
+from orchestrator.errors import LdmError
+
+
+def is_remote(url: str | Path) -> bool:
+    text = str(url)
+    return "://" in text and not text.startswith("file://")
+
+
+def join(base: str | Path, *parts: str) -> str:
+    if is_remote(base):
+        return posixpath.join(str(base).rstrip("/"), *parts)
+    return os.path.join(str(base), *parts)
+
+
+def basename(url: str | Path) -> str:
+    return posixpath.basename(str(url).rstrip("/"))
+
+
+def _fs(url: str | Path) -> tuple[Any, str]:
+    import fsspec
+
+    try:
+        return fsspec.core.url_to_fs(str(url))
+    except (ImportError, ValueError) as exn:
+        raise LdmError(f"cannot open {url}: {exn}") from None
+
+
+def open_read(url: str | Path) -> IO[bytes]:
+    if not is_remote(url):
+        return open(url, "rb")
+    fs, path = _fs(url)
+    return fs.open(path, "rb", block_size=8 << 20)
+
+
+def read_bytes(url: str | Path) -> bytes:
+    with open_read(url) as f:
+        return f.read()
+
+
+def exists(url: str | Path) -> bool:
+    if not is_remote(url):
+        return Path(url).is_file()
+    fs, path = _fs(url)
+    return fs.isfile(path)
+
+
+def size(url: str | Path) -> int:
+    if not is_remote(url):
+        return Path(url).stat().st_size
+    fs, path = _fs(url)
+    return int(fs.size(path))
+
+
+def makedirs(url: str | Path) -> None:
+    if not is_remote(url):
+        Path(url).mkdir(parents=True, exist_ok=True)
+    # Object stores have no folders: nothing to create.
+
+
+def write_bytes(url: str | Path, data: bytes) -> None:
+    """Write a whole file at once; readers never see it half written."""
+    if not is_remote(url):
+        path = Path(url)
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+        return
+    fs, path = _fs(url)
+    fs.pipe_file(path, data)
+
+
+def put_file(local: Path, url: str | Path) -> None:
+    """Move a finished local file to its final place (a rename, or one upload)."""
+    if not is_remote(url):
+        os.replace(local, url)
+        return
+    fs, path = _fs(url)
+    fs.put_file(str(local), path)
+    local.unlink()
+
+
+def list_files(location: str | Path, suffix: str) -> list[str]:
+    """Sorted files ending in `suffix` directly inside a folder or prefix ([] if none)."""
+    if not is_remote(location):
+        path = Path(location)
+        return sorted(str(p) for p in path.glob(f"*{suffix}")) if path.is_dir() else []
+    fs, path = _fs(location)
+    protocol = str(location).split("://", 1)[0]
+    try:
+        names = fs.ls(path.rstrip("/"), detail=False, refresh=True)
+    except FileNotFoundError:
+        return []
+    return sorted(f"{protocol}://{n}" for n in names if n.endswith(suffix))
+
+
+def sha256(url: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open_read(url) as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

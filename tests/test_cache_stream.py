@@ -29,7 +29,10 @@ def make_cache(path, num_shards=4, per_shard=10, dim=8):
                     }
                 )
         entries.append({"name": name, "num_samples": per_shard, "num_bad": 0, "sha256": ""})
-    write_manifest(path, {"format": FORMAT, "spec": {"text_max_length": 6, "latents": "moments"}, "shards": entries})
+    write_manifest(
+        path,
+        {"format": FORMAT, "spec": {"text_max_length": 6, "latents": "moments"}, "shards": entries},
+    )
     return path
 
 
@@ -134,3 +137,43 @@ def test_batches_are_padded_with_a_mask(tmp_path):
     )
     assert batch.context.shape == (5, 6, 8) and batch.mask.shape == (5, 6)
     assert batch.mask.sum(1).tolist() == [int(m) for m in (batch.context.abs().sum(-1) > 0).sum(1)]
+
+
+def test_caption_dropout_rate_matches_the_config(tmp_path):
+    """Dropout happens at train time, per caption, at the configured rate."""
+    from training.loop import drop_captions
+
+    cache = make_cache(tmp_path / "cache")
+    batch = next(iter(LatentCacheStream(cache, 0, 1, 20, 0, seed=0)))
+    empty = (torch.full((6, 8), 7.0), torch.tensor([True, True, False, False, False, False]))
+    torch.manual_seed(0)
+    for probability in (0.1, 0.5):
+        draws = [drop_captions(batch, empty, probability) for _ in range(2000)]
+        dropped = torch.cat([d for _, _, d in draws]).float()
+        # 40,000 Bernoulli draws: the standard error of the rate is <= 0.0025.
+        assert abs(dropped.mean().item() - probability) < 4 * 0.0025
+        context, mask, which = draws[0]
+        assert torch.equal(context[which], empty[0].expand(int(which.sum()), 6, 8))
+        assert torch.equal(mask[which], empty[1].expand(int(which.sum()), 6))
+        assert torch.equal(context[~which], batch.context[~which])
+    assert not drop_captions(batch, empty, 0.0)[2].any()
+
+
+def test_train_time_latents_draw_from_the_posterior_and_pick_a_view():
+    from data_pipeline.cache import collate
+    from training.loop import draw_latents
+
+    mean, flipped = np.zeros((2, 2, 2)), np.ones((2, 2, 2))
+    logvar = np.full((2, 2, 2), 2 * np.log(0.5))  # std 0.5
+    moments = [[np.concatenate([mean, logvar]), np.concatenate([flipped, logvar])]]
+    batch = collate([(views, np.ones((3, 4))) for views in moments * 4000], 4)
+    torch.manual_seed(0)
+    latents = draw_latents(batch)
+    assert latents.shape == (4000, 2, 2, 2)
+    views = latents.mean(dim=(1, 2, 3))  # ~0 for the image, ~1 for its mirror
+    assert abs((views > 0.5).float().mean().item() - 0.5) < 0.03
+    noise = latents - (views > 0.5).float()[:, None, None, None]
+    assert abs(noise.std().item() - 0.5) < 0.01
+
+    means_only = collate([([mean], np.ones((3, 4)))] * 3, 4, has_logvar=False)
+    assert torch.equal(draw_latents(means_only), torch.zeros(3, 2, 2, 2))

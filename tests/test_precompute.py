@@ -1,0 +1,192 @@
+"""`ldm precompute` as a user runs it: killed and rerun, fed broken data, and on S3.
+
+Each test compares against the cache the session's `pipeline` fixture built without
+interruption: a cache's bytes must not depend on how the job was run.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+
+import psutil
+import pytest
+import webdataset as wds
+
+from data_pipeline.images import read_shard
+from tests.conftest import ROOT, ok, run_ldm
+from tests.s3_server import local_s3, s3_filesystem
+
+pytestmark = pytest.mark.slow
+
+
+def reference_cache(work):
+    (cache,) = (work / "runs" / "cache").iterdir()
+    return cache, json.loads((cache / "manifest.json").read_text())
+
+
+def _kill_tagged(tag: str) -> int:
+    """SIGKILL every process whose environment carries `tag` (the job and its Ray)."""
+    killed = 0
+    for proc in psutil.process_iter():
+        try:
+            if proc.environ().get("LDM_TEST_TAG") == tag:
+                proc.kill()
+                killed += 1
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            pass
+    return killed
+
+
+def test_killed_precompute_reruns_to_an_identical_cache(pipeline, tmp_path):
+    work, _, _ = pipeline
+    reference, expected = reference_cache(work)
+    cache = tmp_path / "cache"
+    tag = uuid.uuid4().hex
+    job = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator.cli", "precompute", str(work / "exp.yaml")]
+        + [f"precompute.cache_dir={cache}"],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "LDM_TEST_TAG": tag},
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 300
+    while not list(cache.glob("*.done.json")):
+        assert job.poll() is None and time.monotonic() < deadline, "precompute never wrote a shard"
+        time.sleep(0.05)
+    _kill_tagged(tag)  # SIGKILL: no handler runs, as in an OOM kill or a lost node
+    job.wait()
+    time.sleep(1)
+    assert _kill_tagged(tag) == 0
+    done = sorted(p.name for p in cache.glob("*.done.json"))
+    assert 1 <= len(done) < 4 and not (cache / "manifest.json").exists()
+    # What a kill can leave besides: a half-written shard, and a shard moved into place whose
+    # sidecar was never written. Both must be redone, not trusted.
+    (cache / ".00003.tar.partial").write_bytes(b"half a tar")
+    (cache / "00003.tar").write_bytes(b"a shard without its sidecar")
+    (cache / "00003.done.json").unlink(missing_ok=True)
+
+    rerun = ok(run_ldm("precompute", str(work / "exp.yaml"), f"precompute.cache_dir={cache}"))
+    skipped = len(done) - ("00003.done.json" in done)
+    assert f"{skipped} of 4 shards already cached" in rerun.stdout
+    manifest = json.loads((cache / "manifest.json").read_text())
+    assert manifest["shards"] == expected["shards"]
+    assert manifest["spec_digest"] == expected["spec_digest"]
+    for entry in expected["shards"]:
+        assert (cache / entry["name"]).read_bytes() == (reference / entry["name"]).read_bytes()
+    assert not list(cache.glob(".*.partial"))
+
+
+def _clean(sample: dict) -> dict:
+    return {k: v for k, v in sample.items() if k == "__key__" or not k.startswith("_")}
+
+
+def _broken_shards(work, folder):
+    raw = sorted((work / "shards").glob("*.tar"))
+    folder.mkdir()
+    # 00000: 16 samples, of which one has bytes that are no image, one a PNG cut in half, and
+    # one no image at all.
+    with wds.TarWriter(str(folder / "00000.tar")) as sink:
+        for i, sample in enumerate(read_shard(str(raw[0]))):
+            sample = _clean(sample)
+            if i == 3:
+                sample["png"] = b"this is not an image"
+            elif i == 5:
+                sample["png"] = sample["png"][: len(sample["png"]) // 2]
+            elif i == 7:
+                del sample["png"]
+            sink.write(sample)
+    data = raw[1].read_bytes()
+    (folder / "00001.tar").write_bytes(data[: len(data) // 2 + 100])  # a truncated download
+    (folder / "00002.tar").write_bytes(os.urandom(3000))  # not a tar at all
+    shutil.copy(raw[2], folder / "00003.tar")
+    return folder
+
+
+def test_corrupt_samples_and_broken_tars_are_counted_and_skipped(pipeline, tmp_path):
+    work, _, _ = pipeline
+    shards = _broken_shards(work, tmp_path / "shards")
+    args = ["precompute", str(work / "exp.yaml"), f"data.shards={shards}"]
+    result = ok(
+        run_ldm(
+            *args, f"precompute.cache_dir={tmp_path / 'cache'}", "precompute.max_bad_fraction=0.5"
+        )
+    )
+    manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
+    counts = {e["name"]: (e["num_samples"], e["num_bad"]) for e in manifest["shards"]}
+    truncated_good = counts["00001.tar"][0]
+    assert 0 < truncated_good < 16
+    assert counts == {
+        "00000.tar": (13, 3),
+        "00001.tar": (truncated_good, 1),
+        "00002.tar": (0, 1),
+        "00003.tar": (16, 0),
+    }
+    assert manifest["num_bad"] == 5
+    assert "00000.tar: 3 bad samples skipped" in result.stdout
+    assert "00002.tar: 1 bad samples skipped, e.g. tar:" in result.stdout
+    verified = ok(run_ldm("cache", "verify", str(tmp_path / "cache"), "--num-decode", "2"))
+    assert "cache OK" in verified.stdout
+
+    refused = run_ldm(*args, f"precompute.cache_dir={tmp_path / 'strict'}")  # default: 1%
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
+    last = refused.stderr.strip().splitlines()[-1]
+    assert "could not be decoded" in last and "precompute.max_bad_fraction=0.01" in last, last
+    assert not (tmp_path / "strict" / "manifest.json").exists()
+
+
+def test_s3_input_and_cache_end_to_end(pipeline, tmp_path):
+    work, _, _ = pipeline
+    reference, expected = reference_cache(work)
+    with local_s3() as env:
+        fs = s3_filesystem(env)
+        fs.mkdir("ldm")
+        for shard in sorted((work / "shards").glob("*.tar")):
+            fs.put_file(str(shard), f"ldm/raw/{shard.name}")
+        exp = str(work / "exp.yaml")
+        on_s3 = ["data.shards=s3://ldm/raw", "precompute.cache_dir=s3://ldm/cache"]
+        first = ok(run_ldm("precompute", exp, *on_s3, env=env))
+        assert "0 of 4 shards already cached in s3://ldm/cache" in first.stdout
+        manifest = json.loads(fs.cat("ldm/cache/manifest.json"))
+        assert manifest["source"] == "s3://ldm/raw"
+        for entry in expected["shards"]:
+            assert fs.cat(f"ldm/cache/{entry['name']}") == (reference / entry["name"]).read_bytes()
+        again = ok(run_ldm("precompute", exp, *on_s3, env=env))
+        assert "4 of 4 shards already cached" in again.stdout
+
+        verified = ok(run_ldm("cache", "verify", "s3://ldm/cache", "--num-decode", "2", env=env))
+        assert "cache OK: 4 shards, 64 samples" in verified.stdout and "PSNR" in verified.stdout
+
+        trained = ok(
+            run_ldm(
+                "train",
+                exp,
+                *on_s3,
+                "run.name=from-s3",
+                f"autoencoder.pretrained={work / 'runs' / 'tiny' / 'autoencoder'}",
+                "train.num_workers=1",
+                "train.num_loader_workers=1",  # a forked loader process reads S3 too
+                "train.num_steps=2",
+                "train.checkpoint_every=2",
+                "train.log_every=1",
+                env=env,
+            )
+        )
+        assert "train: done" in trained.stdout
+    assert (work / "runs" / "from-s3" / "checkpoints" / "step_00000002").is_dir()
+
+
+def test_no_shards_at_an_s3_prefix_is_one_line(pipeline):
+    work, _, _ = pipeline
+    with local_s3() as env:
+        s3_filesystem(env).mkdir("empty")
+        result = run_ldm(
+            "precompute", str(work / "exp.yaml"), "data.shards=s3://empty/raw", env=env
+        )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "no *.tar shards in s3://empty/raw" in result.stderr

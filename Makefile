@@ -45,5 +45,9 @@ format: install
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
+# Each benchmark prints ratios against a baseline run side by side; JSON in bench/results/.
+bench: install
+	$(BIN)/python -m bench.run
+
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

@@ -12,6 +12,7 @@ complete) with a small sidecar of counts; a rerun skips shards whose sidecar exi
 from __future__ import annotations
 
 import json
+import math
 import tempfile
 import time
 import zlib
@@ -95,9 +96,8 @@ class _ShardDecoder:
     ):
         from transformers import AutoTokenizer
 
-        from training.models import text_encoder_path
-
-        self.tokenizer = AutoTokenizer.from_pretrained(text_encoder_path(text_encoder))
+        # A resolved folder: importing the model code (diffusers) here would cost seconds.
+        self.tokenizer = AutoTokenizer.from_pretrained(text_encoder)
         self.max_length, self.resolution = max_length, resolution
         self.center_crop, self.seed, self.batch_size = center_crop, seed, batch_size
 
@@ -152,11 +152,14 @@ class _ShardDecoder:
 class _Encoder:
     """Encoder stage: one batch of one shard in, one row per encoded sample out."""
 
-    def __init__(self, autoencoder_dir: str, text_encoder: str, spec: dict[str, Any]):
+    def __init__(
+        self, autoencoder_dir: str, text_encoder: str, spec: dict[str, Any], num_threads: int
+    ):
         import torch
 
         from training.models import load_autoencoder, load_text_encoder
 
+        torch.set_num_threads(num_threads)  # Ray caps an actor at 1 thread unless told
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.vae = load_autoencoder(Path(autoencoder_dir)).to(self.device)
         self.text_encoder = None
@@ -342,6 +345,7 @@ def precompute(config: ExperimentConfig, progress: bool = True) -> str:
     import ray
 
     from orchestrator.cluster import ray_session
+    from training.models import text_encoder_path
 
     spec = cache_spec(config)
     cache_dir = resolve_cache_dir(config, spec)
@@ -364,7 +368,7 @@ def precompute(config: ExperimentConfig, progress: bool = True) -> str:
             ds = ds.flat_map(
                 _ShardDecoder,
                 fn_constructor_kwargs=dict(
-                    text_encoder=config.text_encoder.name_or_path,
+                    text_encoder=str(text_encoder_path(config.text_encoder.name_or_path)),
                     max_length=config.text_encoder.max_length,
                     resolution=config.data.resolution,
                     center_crop=config.data.center_crop,
@@ -372,7 +376,7 @@ def precompute(config: ExperimentConfig, progress: bool = True) -> str:
                     batch_size=p.batch_size,
                 ),
                 compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, len(todo))),
-                num_cpus=1,
+                num_cpus=p.num_cpus_per_decoder,
             )
             ds = ds.map_batches(
                 _Encoder,
@@ -380,6 +384,7 @@ def precompute(config: ExperimentConfig, progress: bool = True) -> str:
                     autoencoder_dir=str(config.autoencoder_dir),
                     text_encoder=config.text_encoder.name_or_path,
                     spec=spec,
+                    num_threads=math.ceil(p.num_cpus_per_encoder),
                 ),
                 batch_size=1,  # one shard batch per call: its size is fixed upstream
                 compute=ray.data.ActorPoolStrategy(size=p.num_encoders),

@@ -94,7 +94,10 @@ class PrecomputeConfig(Section):
     num_encoders: int = Field(1, ge=1)
     """Encoder actors (each holds the autoencoder and text encoder; one GPU each if present)."""
     num_cpus_per_encoder: float = Field(1.0, gt=0)
-    """CPUs reserved by each encoder actor."""
+    """CPUs reserved by each encoder actor; it runs that many (rounded up) torch threads."""
+    num_cpus_per_decoder: float = Field(1.0, gt=0)
+    """CPUs reserved by each decode/resize/tokenize actor. Decoding is cheap next to encoding
+    on a CPU, so CPU-only machines give most of their cores to encoders."""
     dtype: Literal["float16", "float32"] = "float16"
     """Storage dtype of latent moments and text hidden states."""
     latents: Literal["moments", "mean"] = "moments"

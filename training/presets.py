@@ -36,6 +36,12 @@ def demo() -> ExperimentConfig:
                 "train_crop": 32,
                 "num_holdout": 64,
             },
+            # No GPU: decoding is cheap, so two encoders share the cores (see `make bench`).
+            "precompute": {
+                "num_encoders": 2,
+                "num_cpus_per_encoder": 0.75,
+                "num_cpus_per_decoder": 0.5,
+            },
             "unet": {"block_out_channels": [32, 64, 128], "cross_attention_levels": 2},
             "diffusion": {"snr_gamma": 5.0},
             "train": {

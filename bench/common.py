@@ -1,0 +1,98 @@
+"""What every benchmark shares: the demo data, an encoder to time, and how results are kept.
+
+Benchmarks time real work on the real demo data (Twemoji, 64x64) at demo model sizes, run
+the system and its baseline side by side in the same process tree, and write one JSON file
+per benchmark to `bench/results/` next to a printed table. Figures are ratios against the
+baseline measured in the same run, never absolute timings compared across machines.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+WORK = ROOT / "runs" / "bench"
+RESULTS = ROOT / "bench" / "results"
+
+
+def demo_shards(num_shards: int) -> Path:
+    """The first `num_shards` demo shards (256 images each), fetched and written once."""
+    from data_pipeline.emoji import fetch_emoji
+    from data_pipeline.shards import write_shards
+
+    images = ROOT / "data" / "emoji"
+    cache = Path(os.environ.get("LDM_CACHE_DIR", Path(tempfile.gettempdir()) / "ldm-cache"))
+    fetch_emoji(images, npm_cache=cache / "npm")
+    every = WORK / "shards-all"
+    if not (every / "_summary.json").is_file():
+        write_shards(images, every, 256, progress=False)
+    subset = WORK / f"shards-{num_shards}"
+    subset.mkdir(parents=True, exist_ok=True)
+    for shard in sorted(every.glob("*.tar"))[:num_shards]:
+        link = subset / shard.name
+        if not link.exists():
+            link.symlink_to(shard)
+    return subset
+
+
+def bench_config(overrides: list[str] = ()):
+    """The demo preset, rooted in the bench folder, with an untrained demo-size autoencoder.
+
+    Encoding cost does not depend on the weights' values, so no training is needed.
+    """
+    from orchestrator.config import build_config
+    from training.models import build_autoencoder
+
+    config = build_config({"preset": "demo", "run": {"root": str(WORK)}}, overrides)
+    folder = WORK / "autoencoder"
+    if not (folder / "config.json").is_file():
+        import torch
+
+        torch.manual_seed(0)
+        build_autoencoder(config).save_pretrained(folder)
+    config.autoencoder.pretrained = str(folder)
+    return config
+
+
+class Timer:
+    def __enter__(self):
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self.start
+
+
+def machine() -> dict[str, Any]:
+    import torch
+
+    return {
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+
+
+def write_result(name: str, result: dict[str, Any]) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps({"benchmark": name, **result, "machine": machine()}, indent=2))
+    return path
+
+
+def table(rows: list[tuple[str, str, str, str]]) -> str:
+    """Rows of (figure, system, baseline, ratio) as aligned text."""
+    header = ("figure", "system", "baseline", "ratio")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in [header, *rows]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -83,51 +84,288 @@ class NullTracker:
         pass
 
 
-class MLflowTracker(NullTracker):
-    """Logs into an existing run by id (never opens a run of its own)."""
+MAX_METRICS_PER_BATCH = 1000  # MLflow's limit for one log_batch call
 
-    def __init__(self, uri: str, run_id: str):
+
+class MLflowTracker(NullTracker):
+    """Logs into an existing run by id, never blocking the caller and surviving outages.
+
+    Every call appends a record to a write-ahead log on disk (`spool`) and returns; a
+    background thread delivers records in order and advances a delivered counter. When the
+    tracking server is unreachable, records wait (and training goes on); they are delivered
+    once it answers again. Past `max_pending` undelivered records the oldest are dropped and
+    counted (`tracking_dropped_records` is logged when delivery resumes). A tracker opened on
+    the same spool later (a restarted or resumed job) first delivers what an earlier process
+    left undelivered, so a crash loses nothing either. `close()` waits at most
+    `flush_timeout_s` for delivery.
+    """
+
+    def __init__(
+        self,
+        uri: str,
+        run_id: str,
+        spool: Path | None = None,
+        max_pending: int = 50_000,
+        flush_timeout_s: float = 30.0,
+        retry_max_s: float = 10.0,
+    ):
+        import collections
+        import json
+        import threading
+
+        # Fail a request fast and let this class retry: MLflow's own retries (7, with
+        # exponential backoff, 120 s timeouts) would hold records back for minutes.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         self.client = _client(uri)
-        self.run_id = run_id
+        self.uri, self.run_id = uri, run_id
+        self.max_pending, self.flush_timeout_s = max_pending, flush_timeout_s
+        self.retry_max_s = retry_max_s
+        self.spool = Path(spool or tempfile.mkdtemp(prefix="ldm-mlflow-")) / run_id
+        self.spool.mkdir(parents=True, exist_ok=True)
+        self._log = self.spool / "records.jsonl"
+        self._done = self.spool / "delivered"
+        self._lock = threading.Condition()
+        self._pending: collections.deque[tuple[int, dict]] = collections.deque()
+        self._next_index, self._delivered, self._dropped = 0, 0, 0
+        self._closing, self._down_since = False, None
+        if self._log.exists():  # what an earlier process of this run left undelivered
+            done = int(self._done.read_text() or 0) if self._done.exists() else 0
+            lines = self._log.read_text().splitlines()
+            for index, line in enumerate(lines):
+                if index >= done and line.strip():
+                    try:
+                        self._pending.append((index, json.loads(line)))
+                    except json.JSONDecodeError:  # a line cut short by a crash
+                        pass
+            self._next_index, self._delivered = len(lines), done
+            if self._pending:
+                print(f"tracking: delivering {len(self._pending)} records left by an earlier run")
+        self._file = open(self._log, "a")  # noqa: SIM115 - kept open for appends
+        self._thread = threading.Thread(target=self._deliver_forever, daemon=True)
+        self._thread.start()
+
+    # The caller's side: append and return.
+    def _put(self, record: dict) -> None:
+        import json
+
+        with self._lock:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+            self._pending.append((self._next_index, record))
+            self._next_index += 1
+            while len(self._pending) > self.max_pending:
+                self._pending.popleft()
+                self._dropped += 1
+            self._lock.notify()
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         import time
 
-        from mlflow.entities import Metric
-
         now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
-        self.client.log_batch(self.run_id, metrics=batch, synchronous=False)
+        values = [[k, float(v), now, step] for k, v in metrics.items()]
+        self._put({"kind": "metrics", "metrics": values})
 
     def log_image(self, image: np.ndarray, key: str, step: int) -> None:
-        self.client.log_image(self.run_id, image, key=key, step=step)
+        from PIL import Image
+
+        path = self.spool / f"{key}_step{step:08d}.png"
+        Image.fromarray(image).save(path)
+        self._put({"kind": "image", "file": path.name, "key": key, "step": step})
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
-        path = Path(path)
-        if path.is_dir():
-            self.client.log_artifacts(self.run_id, str(path), artifact_path)
-        else:
-            self.client.log_artifact(self.run_id, str(path), artifact_path)
+        self._put({"kind": "artifact", "path": str(path), "artifact_path": artifact_path})
 
     def log_text(self, text: str, file_name: str) -> None:
-        with tempfile.TemporaryDirectory() as tmp:
-            target = Path(tmp) / file_name
-            target.write_text(text)
-            self.client.log_artifact(self.run_id, str(target))
+        path = self.spool / file_name
+        path.write_text(text)
+        self._put({"kind": "artifact", "path": str(path), "artifact_path": None})
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        for key, value in tags.items():
-            self.client.set_tag(self.run_id, key, str(value))
+        self._put({"kind": "tags", "tags": {k: str(v) for k, v in tags.items()}})
+
+    # The delivery thread.
+    def _deliver_forever(self) -> None:
+        import time
+
+        wait = 0.5
+        while True:
+            with self._lock:
+                while not self._pending and not self._closing:
+                    self._lock.wait()
+                if not self._pending:
+                    return
+                batch = self._next_batch()
+                dropped, self._dropped = self._dropped, 0
+            try:
+                if dropped:
+                    self._send(
+                        {
+                            "kind": "metrics",
+                            "metrics": [
+                                [
+                                    "tracking_dropped_records",
+                                    float(dropped),
+                                    int(time.time() * 1000),
+                                    0,
+                                ]
+                            ],
+                        }
+                    )
+                self._send(_merged(batch))
+            except Exception as err:  # the server is unreachable or refused: keep, retry later
+                with self._lock:
+                    self._pending.extendleft(reversed(batch))
+                    self._dropped += dropped
+                    while len(self._pending) > self.max_pending:
+                        self._pending.popleft()
+                        self._dropped += 1
+                if self._down_since is None:
+                    self._down_since = time.monotonic()
+                    first = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
+                    print(
+                        f"tracking: MLflow at {self.uri} is unreachable ({type(err).__name__}: "
+                        f"{first}); training goes on, records wait in {self.spool}",
+                        flush=True,
+                    )
+                with self._lock:
+                    if self._closing and time.monotonic() > self._close_deadline:
+                        return
+                    self._lock.wait(wait)
+                wait = min(wait * 2, self.retry_max_s)
+                continue
+            wait = 0.5
+            with self._lock:
+                self._delivered = batch[-1][0] + 1
+                backlog = len(self._pending)
+                if not backlog:  # everything delivered: start the log afresh
+                    self._file.truncate(0)
+                    self._delivered = self._next_index = 0
+                self._done.write_text(str(self._delivered))
+            if self._down_since is not None:
+                seconds = time.monotonic() - self._down_since
+                self._down_since = None
+                print(
+                    f"tracking: MLflow is back after {seconds:.0f} s; delivering the "
+                    f"{backlog + len(batch)} records that waited",
+                    flush=True,
+                )
+
+    def _next_batch(self) -> list[tuple[int, dict]]:
+        """Consecutive metric records merge into one call; anything else goes alone."""
+        first = self._pending.popleft()
+        batch, count = [first], len(first[1].get("metrics", ()))
+        while (
+            first[1]["kind"] == "metrics"
+            and self._pending
+            and self._pending[0][1]["kind"] == "metrics"
+            and count + len(self._pending[0][1]["metrics"]) <= MAX_METRICS_PER_BATCH
+        ):
+            record = self._pending.popleft()
+            batch.append(record)
+            count += len(record[1]["metrics"])
+        return batch
+
+    def _send(self, record: dict) -> None:
+        from mlflow.entities import Metric
+
+        kind = record["kind"]
+        if kind == "metrics":
+            metrics = [Metric(k, v, ts, step) for k, v, ts, step in record["metrics"]]
+            self.client.log_batch(self.run_id, metrics=metrics)
+        elif kind == "image":
+            from PIL import Image
+
+            path = self.spool / record["file"]
+            if path.exists():
+                with Image.open(path) as image:
+                    self.client.log_image(
+                        self.run_id, image.copy(), key=record["key"], step=record["step"]
+                    )
+                path.unlink()
+        elif kind == "artifact":
+            path = Path(record["path"])
+            if path.is_dir():
+                self.client.log_artifacts(self.run_id, str(path), record["artifact_path"])
+            elif path.exists():
+                self.client.log_artifact(self.run_id, str(path), record["artifact_path"])
+        elif kind == "tags":
+            for key, value in record["tags"].items():
+                self.client.set_tag(self.run_id, key, value)
+
+    def pending(self) -> int:
+        with self._lock:
+            return len(self._pending)
 
     def close(self) -> None:
-        import mlflow
+        """Deliver what is pending, waiting at most `flush_timeout_s`; the rest stays spooled."""
+        import time
 
-        # Asynchronous metric batches must land before the process exits.
-        mlflow.flush_async_logging()
+        with self._lock:
+            self._closing = True
+            self._close_deadline = time.monotonic() + self.flush_timeout_s
+            self._lock.notify()
+        self._thread.join(self.flush_timeout_s + 1)
+        self._file.close()
+        left = self.pending()
+        if left:
+            print(
+                f"tracking: {left} records could not reach MLflow at {self.uri}; they stay in "
+                f"{self.spool} and are delivered when this run is resumed",
+                flush=True,
+            )
 
 
-def tracker_for(rank: int, uri: str | None, run_id: str | None) -> NullTracker:
+def _merged(batch: list[tuple[int, dict]]) -> dict:
+    if len(batch) == 1:
+        return batch[0][1]
+    return {"kind": "metrics", "metrics": [m for _, r in batch for m in r["metrics"]]}
+
+
+def tracker_for(
+    rank: int, uri: str | None, run_id: str | None, spool: Path | None = None, **kwargs
+) -> NullTracker:
     """Rank 0 with a run gets the real tracker; everyone else the null one."""
     if rank == 0 and uri and run_id:
-        return MLflowTracker(uri, run_id)
+        return MLflowTracker(uri, run_id, spool, **kwargs)
     return NullTracker()
+
+
+class SystemMetrics:
+    """MLflow's system-metrics monitors (CPU, memory, disk, network, and GPU when present),
+    sampled on this node every `every_s` seconds and logged through `tracker` as `system/*`
+    on the training step axis, so an outage buffers them like every other metric."""
+
+    def __init__(self, tracker: NullTracker, every_s: float, step: Callable[[], int]):
+        import threading
+
+        from mlflow.system_metrics.metrics.cpu_monitor import CPUMonitor
+        from mlflow.system_metrics.metrics.disk_monitor import DiskMonitor
+        from mlflow.system_metrics.metrics.network_monitor import NetworkMonitor
+
+        self.monitors = [CPUMonitor(), DiskMonitor(), NetworkMonitor()]
+        try:
+            from mlflow.system_metrics.metrics.gpu_monitor import GPUMonitor
+
+            self.monitors.append(GPUMonitor())
+        except Exception:  # no NVIDIA GPU or no pynvml: CPU metrics only
+            pass
+        self.tracker, self.every_s, self.step = tracker, every_s, step
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            metrics: dict[str, float] = {}
+            for monitor in self.monitors:
+                try:
+                    monitor.collect_metrics()
+                    metrics.update(monitor.aggregate_metrics())
+                finally:
+                    monitor.clear_metrics()
+            self.tracker.log_metrics({f"system/{k}": v for k, v in metrics.items()}, self.step())
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=self.every_s + 5)

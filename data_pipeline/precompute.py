@@ -66,6 +66,7 @@ def cache_spec(config: ExperimentConfig) -> dict[str, Any]:
         "text_encoder_sha256": weights_digest(text_dir),
         "text_max_length": config.text_encoder.max_length,
         "text": p.text,
+        "holdout_shards": config.data.holdout_shards,
         "resolution": config.data.resolution,
         "center_crop": config.data.center_crop,
         "flip": p.flip,
@@ -74,6 +75,18 @@ def cache_spec(config: ExperimentConfig) -> dict[str, Any]:
         # Batches are fixed per shard; a different cut could change low bits of the encoding.
         "batch_size": p.batch_size,
     }
+
+
+def cached_shards(config: ExperimentConfig) -> list[str]:
+    """The raw shards that go into the cache: all but the held-out last `holdout_shards`."""
+    shards = list_shards(config.data.shards)
+    keep = len(shards) - config.data.holdout_shards
+    if keep < 1:
+        raise LdmError(
+            f"data.holdout_shards={config.data.holdout_shards} leaves none of the "
+            f"{len(shards)} shards in {config.data.shards} to train on"
+        )
+    return shards[:keep]
 
 
 def resolve_cache_dir(config: ExperimentConfig, spec: dict[str, Any]) -> str:
@@ -340,17 +353,103 @@ def _empty_prompt(config: ExperimentConfig, spec: dict[str, Any]) -> np.ndarray:
     return hidden.numpy().astype(np.float16 if spec["dtype"] == "float16" else np.float32)
 
 
-def precompute(config: ExperimentConfig, progress: bool = True) -> str:
-    """Encode every raw shard not yet in the cache; returns the cache folder (path or URI)."""
+def _encode(
+    config: ExperimentConfig,
+    spec: dict[str, Any],
+    cache_dir: str,
+    todo: list[str],
+    done: list[dict],
+    num_shards: int,
+    progress: bool,
+) -> None:
+    """The Ray Data job: encode the `todo` shards, publishing each as it completes."""
     import ray
 
     from orchestrator.cluster import ray_session
     from training.models import text_encoder_path
 
+    if not todo:
+        return
+    p = config.precompute
+    with ray_session(config.cluster.address), tempfile.TemporaryDirectory() as tmp:
+        # Local caches stage next to their final name (a rename); remote ones upload.
+        staging = Path(tmp) if storage.is_remote(cache_dir) else Path(cache_dir)
+        use_gpu = bool(ray.cluster_resources().get("GPU", 0))
+        ds = ray.data.from_items([{"shard": s} for s in todo], override_num_blocks=len(todo))
+        ds = ds.flat_map(
+            _ShardDecoder,
+            fn_constructor_kwargs=dict(
+                text_encoder=str(text_encoder_path(config.text_encoder.name_or_path)),
+                max_length=config.text_encoder.max_length,
+                resolution=config.data.resolution,
+                center_crop=config.data.center_crop,
+                seed=config.run.seed,
+                batch_size=p.batch_size,
+            ),
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, len(todo))),
+            num_cpus=p.num_cpus_per_decoder,
+        )
+        ds = ds.map_batches(
+            _Encoder,
+            fn_constructor_kwargs=dict(
+                autoencoder_dir=str(config.autoencoder_dir),
+                text_encoder=config.text_encoder.name_or_path,
+                spec=spec,
+                num_threads=math.ceil(p.num_cpus_per_encoder),
+            ),
+            batch_size=1,  # one shard batch per call: its size is fixed upstream
+            compute=ray.data.ActorPoolStrategy(size=p.num_encoders),
+            num_cpus=p.num_cpus_per_encoder,
+            num_gpus=1 if use_gpu else 0,
+        )
+        sources = {storage.basename(s): s for s in todo}
+        writers: dict[str, _ShardWriter] = {}
+        for row in ds.iter_rows():
+            name = row["shard"]
+            if name not in writers:
+                writers[name] = _ShardWriter(cache_dir, name, sources[name], staging)
+            writer = writers[name]
+            writer.add(row)
+            if writer.complete:
+                entry = writers.pop(name).publish()
+                done.append(entry)
+                if progress:
+                    print(
+                        f"precompute: wrote {entry['name']} ({entry['num_samples']} "
+                        f"samples, {entry['num_bad']} bad)"
+                    )
+                _check_bad_budget(done, num_shards, p.max_bad_fraction)
+        if writers:
+            raise LdmError(
+                f"precompute: shards {sorted(writers)} ended incomplete; re-run to retry them"
+            )
+
+
+def _start_run(config: ExperimentConfig, spec: dict[str, Any], cache_dir: str) -> str:
+    from training.tracking import start_run
+
+    run_id = start_run(
+        config.tracking_uri,
+        config.tracking.experiment,
+        f"{config.run.name}-precompute",
+        {**config.flat(), **{f"spec.{k}": v for k, v in spec.items()}},
+        tags={
+            "ldm.stage": "precompute",
+            "ldm.cache_spec": spec_digest(spec),
+            "ldm.cache_dir": str(cache_dir),
+        },
+        artifact_root=Path(config.run.root) / "mlartifacts",
+    )
+    print(f"precompute: MLflow run {run_id} at {config.tracking_uri}", flush=True)
+    return run_id
+
+
+def precompute(config: ExperimentConfig, progress: bool = True) -> str:
+    """Encode every raw shard not yet in the cache; returns the cache folder (path or URI)."""
     spec = cache_spec(config)
     cache_dir = resolve_cache_dir(config, spec)
     storage.makedirs(cache_dir)
-    shards = list_shards(config.data.shards)
+    shards = cached_shards(config)
     names = [storage.basename(s) for s in shards]
     if len(set(names)) != len(names):
         raise LdmError(f"data.shards: shard file names repeat in {config.data.shards}")
@@ -358,67 +457,36 @@ def precompute(config: ExperimentConfig, progress: bool = True) -> str:
     todo = [s for s, n in zip(shards, names, strict=True) if n not in {e["name"] for e in done}]
     print(f"precompute: {len(done)} of {len(shards)} shards already cached in {cache_dir}")
     started = time.perf_counter()
-    p = config.precompute
+    previous = storage.join(cache_dir, "manifest.json")
+    run_id = (
+        json.loads(storage.read_bytes(previous)).get("mlflow_run_id")
+        if not todo and storage.exists(previous)
+        else None
+    )
     if todo:
-        with ray_session(config.cluster.address), tempfile.TemporaryDirectory() as tmp:
-            # Local caches stage next to their final name (a rename); remote ones upload.
-            staging = Path(tmp) if storage.is_remote(cache_dir) else Path(cache_dir)
-            use_gpu = bool(ray.cluster_resources().get("GPU", 0))
-            ds = ray.data.from_items([{"shard": s} for s in todo], override_num_blocks=len(todo))
-            ds = ds.flat_map(
-                _ShardDecoder,
-                fn_constructor_kwargs=dict(
-                    text_encoder=str(text_encoder_path(config.text_encoder.name_or_path)),
-                    max_length=config.text_encoder.max_length,
-                    resolution=config.data.resolution,
-                    center_crop=config.data.center_crop,
-                    seed=config.run.seed,
-                    batch_size=p.batch_size,
-                ),
-                compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, len(todo))),
-                num_cpus=p.num_cpus_per_decoder,
-            )
-            ds = ds.map_batches(
-                _Encoder,
-                fn_constructor_kwargs=dict(
-                    autoencoder_dir=str(config.autoencoder_dir),
-                    text_encoder=config.text_encoder.name_or_path,
-                    spec=spec,
-                    num_threads=math.ceil(p.num_cpus_per_encoder),
-                ),
-                batch_size=1,  # one shard batch per call: its size is fixed upstream
-                compute=ray.data.ActorPoolStrategy(size=p.num_encoders),
-                num_cpus=p.num_cpus_per_encoder,
-                num_gpus=1 if use_gpu else 0,
-            )
-            sources = {storage.basename(s): s for s in todo}
-            writers: dict[str, _ShardWriter] = {}
-            for row in ds.iter_rows():
-                name = row["shard"]
-                if name not in writers:
-                    writers[name] = _ShardWriter(cache_dir, name, sources[name], staging)
-                writer = writers[name]
-                writer.add(row)
-                if writer.complete:
-                    entry = writers.pop(name).publish()
-                    done.append(entry)
-                    if progress:
-                        print(
-                            f"precompute: wrote {entry['name']} ({entry['num_samples']} "
-                            f"samples, {entry['num_bad']} bad)"
-                        )
-                    _check_bad_budget(done, len(shards), p.max_bad_fraction)
-            if writers:
-                raise LdmError(
-                    f"precompute: shards {sorted(writers)} ended incomplete; re-run to retry them"
-                )
+        run_id = _start_run(config, spec, cache_dir)
+    status = "FAILED"
+    try:
+        _encode(config, spec, cache_dir, todo, done, len(shards), progress)
+        manifest = _finish(config, spec, cache_dir, names, run_id)
+        status = "FINISHED"
+    finally:
+        if todo:
+            _end_run(config, run_id, status, manifest if status == "FINISHED" else None, started)
+    return cache_dir
+
+
+def _finish(
+    config: ExperimentConfig, spec: dict, cache_dir: str, names: list[str], run_id: str | None
+) -> dict:
+    """Check every shard is there and within budget, then write the manifest."""
     entries = [_done_entry(cache_dir, name) for name in names]
     missing = [n for n, e in zip(names, entries, strict=True) if e is None]
     if missing:
         raise LdmError(
             f"precompute: shards {missing} are not cached; re-run `ldm precompute CONFIG`"
         )
-    _check_bad_budget(entries, len(shards), p.max_bad_fraction)
+    _check_bad_budget(entries, len(names), config.precompute.max_bad_fraction)
     empty = npy_bytes(_empty_prompt(config, spec))
     storage.write_bytes(storage.join(cache_dir, EMPTY_PROMPT), empty)
     manifest = {
@@ -427,13 +495,13 @@ def precompute(config: ExperimentConfig, progress: bool = True) -> str:
         "spec_digest": spec_digest(spec),
         "source": str(config.data.shards),
         "autoencoder_dir": str(config.autoencoder_dir),  # where `ldm cache verify` finds it
+        "mlflow_run_id": run_id,
         "shards": entries,
         "num_samples": sum(e["num_samples"] for e in entries),
         "num_bad": sum(e["num_bad"] for e in entries),
         "empty_prompt": {"file": EMPTY_PROMPT, "sha256": _sha256_bytes(empty)},
     }
     write_manifest(cache_dir, manifest)
-    elapsed = time.perf_counter() - started
     for entry in entries:
         if entry["num_bad"]:
             print(
@@ -442,10 +510,31 @@ def precompute(config: ExperimentConfig, progress: bool = True) -> str:
             )
     print(
         f"precompute: cache {cache_dir}: {manifest['num_samples']} samples in "
-        f"{len(entries)} shards, "
-        f"{manifest['num_bad']} bad samples skipped ({elapsed:.1f} s)"
+        f"{len(entries)} shards, {manifest['num_bad']} bad samples skipped"
     )
-    return cache_dir
+    return manifest
+
+
+def _end_run(
+    config: ExperimentConfig, run_id: str, status: str, manifest: dict | None, started: float
+) -> None:
+    from training.tracking import end_run, tracker_for
+
+    if manifest is not None:
+        seconds = time.perf_counter() - started
+        tracker = tracker_for(0, config.tracking_uri, run_id, config.run_dir / "mlflow-spool")
+        tracker.log_metrics(
+            {
+                "num_samples": manifest["num_samples"],
+                "num_bad": manifest["num_bad"],
+                "seconds": seconds,
+            },
+            0,
+        )
+        tracker.log_text(json.dumps(manifest, indent=2), "manifest.json")
+        tracker.close()
+        print(f"precompute: done in {seconds:.1f} s", flush=True)
+    end_run(config.tracking_uri, run_id, status)
 
 
 def _sha256_bytes(data: bytes) -> str:

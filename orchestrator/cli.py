@@ -182,6 +182,28 @@ def cmd_demo(args: argparse.Namespace) -> None:
     run_demo(Path(args.config), _split_overrides(args.overrides))
 
 
+def _tracking_target(args: argparse.Namespace):
+    """The tracking store and experiment: from a config if given, else the defaults."""
+    from orchestrator.config import build_config
+
+    config = _load(args) if args.config else build_config({})
+    return config.tracking_uri, config.tracking.experiment, Path(config.run.root)
+
+
+def cmd_runs(args: argparse.Namespace) -> None:
+    from orchestrator.runs import list_runs
+
+    uri, experiment, _ = _tracking_target(args)
+    print("\n".join(list_runs(uri, experiment, args.max_runs)))
+
+
+def cmd_ui(args: argparse.Namespace) -> None:
+    from orchestrator.runs import run_ui
+
+    uri, _, root = _tracking_target(args)
+    run_ui(uri, args.port, root / "mlartifacts")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ldm", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -261,6 +283,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--follow", action="store_true", help="with logs: stream until the job ends")
     p.set_defaults(func=cmd_jobs)
+
+    p = sub.add_parser("runs", help="list MLflow runs: stage, status, step, loss, samples/s")
+    p.add_argument("config", nargs="?", help="experiment YAML (default: runs/mlflow.db)")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--max-runs", type=int, default=50)
+    p.set_defaults(func=cmd_runs)
+
+    p = sub.add_parser("ui", help="the MLflow UI for the local store, on 127.0.0.1")
+    p.add_argument("config", nargs="?", help="experiment YAML (default: runs/mlflow.db)")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--port", type=int, default=5000)
+    p.set_defaults(func=cmd_ui)
 
     p = sub.add_parser("demo", help="the whole pipeline on the real emoji demo data")
     p.add_argument("config", nargs="?", default="configs/demo.yaml")

@@ -48,6 +48,8 @@ class DataConfig(Section):
     """Center crop after resizing (False: random crop, drawn per sample from the seed)."""
     samples_per_shard: int = Field(256, ge=1)
     """Samples per tar file written by `ldm shards`."""
+    holdout_shards: int = Field(0, ge=0)
+    """The last N raw shards are held out: never cached or trained on; evaluation reads them."""
 
 
 class AutoencoderConfig(Section):
@@ -183,6 +185,10 @@ class TrainConfig(Section):
     preempt_grace_s: float = Field(60.0, gt=0)
     """After SIGTERM (what Kubernetes sends on preemption), seconds to save a checkpoint before
     the job exits anyway; keep it below the pod's terminationGracePeriodSeconds."""
+    eval_every: int = Field(0, ge=0)
+    """Steps between FID-style evaluations on the held-out shards (0: never)."""
+    eval_num_images: int = Field(64, ge=8)
+    """Held-out images per evaluation: half give the prompts, half are the real reference."""
 
 
 class SampleConfig(Section):
@@ -203,6 +209,20 @@ class TrackingConfig(Section):
     """MLflow tracking URI; default `$MLFLOW_TRACKING_URI`, else `<run.root>/mlflow.db` (SQLite)."""
     experiment: str = "ldm"
     """MLflow experiment name."""
+    flush_timeout_s: float = Field(30.0, ge=0)
+    """At the end of a job, how long to wait for MLflow to take buffered records; what is
+    left stays spooled under the run folder and is sent when the run resumes."""
+    max_pending_records: int = Field(50_000, ge=1)
+    """Records buffered while MLflow is unreachable; past this the oldest are dropped (and
+    counted as `tracking_dropped_records`)."""
+    system_metrics_every_s: float = Field(10.0, ge=0)
+    """Seconds between MLflow system metrics (CPU, memory, disk, network, GPU; 0: off)."""
+    peak_tflops: dict[str, float] = {}
+    """Dense peak TFLOP/s by device name (substring, e.g. `{"cpu": 1.5}`), for model FLOPs
+    utilisation; common GPUs are built in (training/flops.py)."""
+    log_model: bool = True
+    """At the end of training, export the final checkpoint as a diffusers pipeline and log
+    it as the run's `model` artifact."""
 
 
 class ClusterConfig(Section):

@@ -140,7 +140,7 @@ def train(config: ExperimentConfig) -> dict[str, Any]:
     from data_pipeline.stream import Layout, check_enough_samples
     from orchestrator.cluster import ray_session
     from training.checkpoint import TRAIN_STATE, TrainState, latest_committed, resolve_resume
-    from training.tracking import end_run, reopen_run, start_run
+    from training.tracking import end_run, log_cache_input, reopen_run, start_run
 
     spec = cache_spec(config)
     cache_dir = resolve_cache_dir(config, spec)
@@ -174,24 +174,19 @@ def train(config: ExperimentConfig) -> dict[str, Any]:
             f"train.num_workers={resumed.world_size} (ZeRO-1/2 checkpoints resume on any count)"
         )
     run_id = resumed.mlflow_run_id if resumed else None
+    tags = lineage_tags(config, cache_dir, manifest)
     if run_id is not None:
-        reopen_run(config.tracking.uri, run_id)
+        reopen_run(config.tracking.uri, run_id, tags)
     else:
         run_id = start_run(
             config.tracking.uri,
             config.tracking.experiment,
             config.run.name,
             config.flat(),
-            tags={
-                "ldm.stage": "train",
-                "ldm.world_size": str(config.train.num_workers),
-                "ldm.zero_stage": str(config.train.zero_stage),
-                "ldm.cache_spec": manifest["spec_digest"],
-                "ldm.ray_job_id": os.environ.get("RAY_JOB_ID", ""),
-                "ldm.cluster_address": config.cluster.address or "embedded",
-            },
+            tags={"ldm.stage": "train", **tags},
             artifact_root=Path(config.run.root) / "mlartifacts",
         )
+        log_cache_input(config.tracking.uri, run_id, cache_dir, manifest)
     print(f"train: MLflow run {run_id} at {config.tracking.uri}", flush=True)
     c = config.cluster
     status = "FAILED"
@@ -242,11 +237,81 @@ def train(config: ExperimentConfig) -> dict[str, Any]:
             f"stopped by {stop.signal_name}: {saved}; newest checkpoint "
             f"{newest.name if newest else '(none)'}; run the same command again to resume"
         )
+    if config.tracking.log_model:
+        log_final_model(config, run_id)
     return {
         "run_id": run_id,
         "metrics": dict(result.metrics or {}),
         "checkpoint_dir": str(config.checkpoint_dir),
     }
+
+
+def lineage_tags(config: ExperimentConfig, cache_dir: str, manifest: dict) -> dict[str, str]:
+    """What produced this run: code, cluster, job, and the cache and autoencoder it used."""
+    import hashlib
+    import json
+
+    from data_pipeline import storage
+
+    ae_lineage = config.autoencoder_dir / "lineage.json"
+    manifest_bytes = storage.read_bytes(storage.join(cache_dir, "manifest.json"))
+    return {
+        "ldm.world_size": str(config.train.num_workers),
+        "ldm.zero_stage": str(config.train.zero_stage),
+        "ldm.ray_job_id": os.environ.get("RAY_JOB_ID", ""),
+        "ldm.cluster_address": config.cluster.address or "embedded",
+        "ldm.git_commit": git_commit(),
+        "ldm.cache_dir": str(cache_dir),
+        "ldm.cache_spec": manifest["spec_digest"],
+        "ldm.cache_manifest_sha256": hashlib.sha256(manifest_bytes).hexdigest(),
+        "ldm.precompute_run_id": manifest.get("mlflow_run_id") or "",
+        "ldm.autoencoder_run_id": json.loads(ae_lineage.read_text()).get("mlflow_run_id", "")
+        if ae_lineage.is_file()
+        else "",
+        "mlflow.source.git.commit": git_commit(),
+    }
+
+
+def git_commit() -> str:
+    """The commit of the code that runs (with `+dirty` for uncommitted changes), if known."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return (commit + ("+dirty" if dirty else "")) if commit else "unknown"
+
+
+def log_final_model(config: ExperimentConfig, run_id: str) -> None:
+    """Export the final checkpoint as a diffusers pipeline into the run's `model` artifact."""
+    from training.checkpoint import latest_committed
+    from training.export import export_pipeline
+    from training.tracking import MLflowTracker
+
+    tag = latest_committed(config.checkpoint_dir)
+    if tag is None:
+        return
+    out = export_pipeline(tag, config.run_dir / "export" / tag.name, overwrite=True)
+    tracker = MLflowTracker(
+        config.tracking.uri,
+        run_id,
+        config.run_dir / "mlflow-spool",
+        flush_timeout_s=config.tracking.flush_timeout_s,
+    )
+    tracker.log_artifact(out, "model")
+    tracker.log_artifact(tag / "config.yaml", "config")
+    tracker.close()
+    print(f"train: exported {tag.name} to {out} and logged it as the run's model artifact")
 
 
 def _find_user_error(err: BaseException) -> LdmError | None:

@@ -277,7 +277,13 @@ def train_autoencoder(config: ExperimentConfig, progress: bool = True) -> dict[s
         tags={"ldm.stage": "autoencoder"},
         artifact_root=Path(config.run.root) / "mlartifacts",
     )
-    tracker = tracker_for(0, uri, run_id)
+    tracker = tracker_for(
+        0,
+        uri,
+        run_id,
+        config.run_dir / "mlflow-spool",
+        flush_timeout_s=config.tracking.flush_timeout_s,
+    )
     print(f"autoencoder: MLflow run {run_id} at {uri}", flush=True)
     # Stage 1 runs alone on the driver, so it takes every core it may use (Ray may have set
     # OMP_NUM_THREADS=1 for its workers, which would leave this run on one core).
@@ -347,6 +353,8 @@ def train_autoencoder(config: ExperimentConfig, progress: bool = True) -> dict[s
         vae.cpu()
         # Saved before anything else is logged, so a tracking hiccup cannot cost the training.
         _publish(vae, metrics, config.autoencoder_dir)
+        # Which MLflow run trained these weights: training runs link back to it.
+        (config.autoencoder_dir / "lineage.json").write_text(json.dumps({"mlflow_run_id": run_id}))
         tracker.log_metrics(metrics, ae.num_steps)
         shown = min(GRID_IMAGES, len(test))
         # Rows: originals, autoencoder reconstructions, bicubic baseline.

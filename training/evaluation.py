@@ -111,9 +111,7 @@ class Evaluator:
 
     def score(self, sampler, unet) -> dict[str, float]:
         s = self.config.sample
-        generated = sampler(
-            unet, self.prompts, s.seed, s.num_inference_steps, s.guidance_scale
-        )
+        generated = sampler(unet, self.prompts, s.seed, s.num_inference_steps, s.guidance_scale)
         return {
             "eval/fd_efficientnet_lite0": frechet_distance(self.features(generated), self.real_b),
             "eval/fd_efficientnet_lite0_real_vs_real": self.reference,

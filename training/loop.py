@@ -10,6 +10,7 @@ from __future__ import annotations
 import shutil
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +43,32 @@ class Rank0:
         self.config, self.tracker = config, tracker
         self.sampler = Sampler(config)
         self.sample_unet = None
+        self.evaluator = None
+        self.flops_per_sample, self.peak_flops = None, None
+        self.system = None
+
+    def start_monitoring(self, unet: torch.nn.Module, spec: dict, step: Callable[[], int]) -> None:
+        """Count the model's FLOPs once, find the device peak, start system metrics."""
+        from training.flops import peak_flops, train_flops_per_sample
+        from training.tracking import SystemMetrics
+
+        size = self.config.data.resolution // self.config.autoencoder.downsample_factor
+        context = (spec["text_max_length"], unet.config.cross_attention_dim)
+        self.flops_per_sample = train_flops_per_sample(unet, size, context)
+        device = next(unet.parameters()).device
+        self.peak_flops = peak_flops(device, self.config.tracking.peak_tflops)
+        self.tracker.log_metrics({"model_gflops_per_sample": self.flops_per_sample / 1e9}, 0)
+        every = self.config.tracking.system_metrics_every_s
+        if every > 0:
+            self.system = SystemMetrics(self.tracker, every, step)
 
     def log(self, metrics: dict[str, float], step: int) -> None:
+        if self.flops_per_sample and "samples_per_s" in metrics:
+            achieved = metrics["samples_per_s"] * self.flops_per_sample
+            metrics = {**metrics, "model_tflops_per_s": achieved / 1e12}
+            if self.peak_flops:
+                world = self.config.train.num_workers
+                metrics["mfu"] = achieved / (self.peak_flops * world)
         self.tracker.log_metrics(metrics, step)
         text = " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
         print(f"step {step}: {text}", flush=True)
@@ -77,6 +102,20 @@ class Rank0:
             image = prompt_grid(self.sampler, self.sample_unet, self.config)
         self.tracker.log_image(image, key="samples", step=step)
 
+    def evaluate(self, ema: EMAModel, unet: torch.nn.Module, step: int) -> None:
+        from training.evaluation import Evaluator
+
+        started = time.perf_counter()
+        with torch.random.fork_rng(devices=[]):
+            if self.evaluator is None:
+                self.evaluator = Evaluator(self.config)
+            if self.sample_unet is None:
+                self.sample_unet = type(unet).from_config(unet.config)
+            ema.copy_to(self.sample_unet.parameters())
+            scores = self.evaluator.score(self.sampler, self.sample_unet)
+        scores["eval/seconds"] = time.perf_counter() - started
+        self.log(scores, step)
+
     def write_tag_files(
         self,
         tag_dir: Path,
@@ -100,11 +139,19 @@ class Rank0:
         ckpt.prune(tag_dir.parent, self.config.train.keep_last)
 
     def close(self) -> None:
+        if self.system is not None:
+            self.system.close()
         self.tracker.close()
 
 
 class NullRank0(Rank0):
     def __init__(self):  # noqa: D107 - nothing to build on other ranks
+        pass
+
+    def start_monitoring(self, unet, spec, step):  # noqa: D102
+        pass
+
+    def evaluate(self, ema, unet, step):  # noqa: D102
         pass
 
     def log(self, metrics, step):  # noqa: D102
@@ -236,7 +283,14 @@ def train_worker(
     latent_norm = (spec.get("shift_factor", 0.0), spec["scaling_factor"])
     snr_gamma = config.diffusion.snr_gamma
     state = saved or ckpt.TrainState(mlflow_run_id=mlflow_run_id, config_digest=config.digest())
-    tracker = tracker_for(rank, config.tracking_uri, state.mlflow_run_id or mlflow_run_id)
+    tracker = tracker_for(
+        rank,
+        config.tracking_uri,
+        state.mlflow_run_id or mlflow_run_id,
+        spool=config.run_dir / "mlflow-spool",
+        max_pending=config.tracking.max_pending_records,
+        flush_timeout_s=config.tracking.flush_timeout_s,
+    )
     main = Rank0(config, tracker) if rank == 0 else NullRank0()
 
     # Resume.
@@ -282,63 +336,107 @@ def train_worker(
         torch.manual_seed(config.run.seed * 1000 + rank + 1 + state.step)
     batches_taken = 0  # by this rank since the stream's start cursor
     accumulation = config.gradient_accumulation_steps
-    window_start, window_samples, window_wait = time.perf_counter(), 0, 0.0
-    window_dropped = 0
+    window = Window()
     metrics: dict[str, float] = {}
+    main.start_monitoring(unet, spec, lambda: state.step)
 
     while state.step < t.num_steps:
         engine.train()
         losses = []
         for _ in range(accumulation):
-            wait = time.perf_counter()
-            batch = next(batches)
-            window_wait += time.perf_counter() - wait
-            loss, dropped = diffusion_loss(
-                engine, batch, scheduler, latent_norm, empty, t.caption_dropout, snr_gamma
-            )
-            window_dropped += int(dropped.sum())
-            engine.backward(loss)
-            engine.step()
+            with window.phase("data_wait"):
+                batch = next(batches)
+            with window.phase("forward"):
+                loss, dropped = diffusion_loss(
+                    engine, batch, scheduler, latent_norm, empty, t.caption_dropout, snr_gamma
+                )
+            with window.phase("backward"):  # includes ZeRO's gradient reduction
+                engine.backward(loss)
+            with window.phase("optimizer"):
+                engine.step()
             losses.append(loss.detach())
+            window.dropped += int(dropped.sum())
+            window.samples += len(dropped)
         ema.step(unet.parameters())
         state.step += 1
+        window.steps += 1
         batches_taken += accumulation
         state.samples_seen += t.global_batch_size
-        window_samples += t.global_batch_size
         final = state.step == t.num_steps
         stopping = _any_rank(main.stop_requested())
 
         if state.step % t.log_every == 0 or final:
-            # One all-reduce for both: mean loss, and captions dropped across ranks.
-            totals = torch.stack([torch.stack(losses).mean(), torch.tensor(float(window_dropped))])
-            dist.all_reduce(totals)
-            elapsed = time.perf_counter() - window_start
-            metrics = {
-                "loss": totals[0].item() / world,
-                "caption_dropout_rate": totals[1].item() / window_samples,
-                "lr": engine.get_lr()[0],
-                "grad_norm": float(engine.get_global_grad_norm() or 0.0),
-                "samples_per_s": window_samples / elapsed,
-                "data_wait_fraction": window_wait / elapsed,
-                "samples_seen": state.samples_seen,
-            }
+            metrics = window.metrics(torch.stack(losses).mean(), engine, state.samples_seen)
             main.log(metrics, state.step)
-            window_start, window_samples, window_wait = time.perf_counter(), 0, 0.0
-            window_dropped = 0
+            window = Window()
 
         if state.step % t.checkpoint_every == 0 or final or stopping:
-            state.data_cursor = stream.cursor_after(batches_taken).to_dict()
-            tag_dir = save_checkpoint(engine, ema, unet, state, config, main)
-            report(metrics, tag_dir)
+            with window.phase("checkpoint"):
+                state.data_cursor = stream.cursor_after(batches_taken).to_dict()
+                tag_dir = save_checkpoint(engine, ema, unet, state, config, main)
+                report(metrics, tag_dir)
 
         if stopping:
             main.note(f"train: stop requested; saved {tag_dir.name}, stopping")
             break
-        if state.step % t.sample_every == 0 or final:
-            main.sample(ema, unet, state.step)
+        with window.phase("sample_eval"):
+            if state.step % t.sample_every == 0 or final:
+                main.sample(ema, unet, state.step)
+            if t.eval_every and (state.step % t.eval_every == 0 or final):
+                main.evaluate(ema, unet, state.step)
 
     main.close()
     return metrics
+
+
+class Window:
+    """What this rank did in one logging interval, turned into metrics at its end."""
+
+    # Checkpoints, sample grids and evaluation pause training: their time is shown as
+    # fractions but left out of the throughput figures.
+    PHASES = ("data_wait", "forward", "backward", "optimizer", "checkpoint", "sample_eval")
+
+    def __init__(self):
+        self.start = time.perf_counter()
+        self.samples, self.dropped, self.steps = 0, 0, 0
+        self.seconds = dict.fromkeys(self.PHASES, 0.0)
+
+    @contextmanager
+    def phase(self, name: str):
+        started = time.perf_counter()
+        yield
+        if torch.cuda.is_available():  # kernels run asynchronously: time them, not launches
+            torch.cuda.synchronize()
+        self.seconds[name] += time.perf_counter() - started
+
+    def metrics(self, loss: torch.Tensor, engine, samples_seen: int) -> dict[str, float]:
+        """Collective: every rank calls it at the same step (one all-reduce for all sums)."""
+        import psutil
+
+        elapsed = time.perf_counter() - self.start
+        training = elapsed - self.seconds["checkpoint"] - self.seconds["sample_eval"]
+        world = dist.get_world_size()
+        local = [loss.float(), self.dropped, self.samples, self.samples / training]
+        totals = torch.tensor([float(v) for v in local])
+        dist.all_reduce(totals)
+        rss = torch.tensor([psutil.Process().memory_info().rss / 2**30])
+        dist.all_reduce(rss, op=dist.ReduceOp.MAX)
+        metrics = {
+            "loss": totals[0].item() / world,
+            "caption_dropout_rate": totals[1].item() / max(1.0, totals[2].item()),
+            "lr": engine.get_lr()[0],
+            "grad_norm": float(engine.get_global_grad_norm() or 0.0),
+            "samples_per_s": totals[2].item() / training,
+            "samples_per_s_per_worker": totals[3].item() / world,
+            "step_time_s": training / max(1, self.steps),
+            "samples_seen": samples_seen,
+            "memory/rss_gib_max_rank": rss.item(),
+        }
+        for name, seconds in self.seconds.items():
+            metrics[f"time/{name}_fraction"] = seconds / elapsed
+        if torch.cuda.is_available():
+            metrics["memory/device_max_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        return metrics
 
 
 def _any_rank(flag: bool) -> bool:

@@ -54,13 +54,49 @@ def start_run(
     return run.info.run_id
 
 
-def reopen_run(uri: str, run_id: str) -> None:
-    """A resumed job logs into its earlier run: mark it running again."""
-    _client(uri).update_run(run_id, status="RUNNING")
+def reopen_run(uri: str, run_id: str, tags: dict[str, str] | None = None) -> None:
+    """A resumed job logs into its earlier run: mark it running again, refresh its tags."""
+    client = _client(uri)
+    client.update_run(run_id, status="RUNNING")
+    for key, value in (tags or {}).items():
+        client.set_tag(run_id, key, value)
 
 
-def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
-    _client(uri).set_terminated(run_id, status=status)
+def log_cache_input(uri: str, run_id: str, cache_dir: str, manifest: dict[str, Any]) -> None:
+    """The latent cache as the run's dataset input: where it is, and its spec digest."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
+
+    dataset = MetaDataset(
+        source=resolve_dataset_source(str(cache_dir)),
+        name=f"latent-cache-{manifest['spec_digest'][:16]}",
+        digest=manifest["spec_digest"][:36],
+    )
+    context = InputTag(key="mlflow.data.context", value="training")
+    _client(uri).log_inputs(
+        run_id, datasets=[DatasetInput(dataset=dataset._to_mlflow_entity(), tags=[context])]
+    )
+
+
+def end_run(uri: str, run_id: str, status: str = "FINISHED", attempts: int = 3) -> None:
+    """Mark the run ended; a tracking server that stays unreachable only costs a warning."""
+    import time
+
+    for attempt in range(attempts):
+        try:
+            _client(uri).set_terminated(run_id, status=status)
+            return
+        except Exception as err:  # never let bookkeeping fail a job that did its work
+            if attempt == attempts - 1:
+                first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+                print(
+                    f"tracking: could not mark MLflow run {run_id} {status} at {uri} ({first}); "
+                    "it shows as RUNNING until a resumed job ends it",
+                    flush=True,
+                )
+            else:
+                time.sleep(2)
 
 
 class NullTracker:

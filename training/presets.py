@@ -26,7 +26,13 @@ def demo() -> ExperimentConfig:
     return build_config(
         {
             "run": {"name": "demo", "root": "runs", "seed": 0},
-            "data": {"shards": "data/emoji-shards", "resolution": 64, "samples_per_shard": 256},
+            # The last shard (202 images) is held out for the FID-style evaluation.
+            "data": {
+                "shards": "data/emoji-shards",
+                "resolution": 64,
+                "samples_per_shard": 256,
+                "holdout_shards": 1,
+            },
             "autoencoder": {
                 "downsample_factor": 4,
                 "block_out_channels": [32, 64, 64],
@@ -54,6 +60,7 @@ def demo() -> ExperimentConfig:
                 "ema_decay": 0.995,
                 "checkpoint_every": 500,
                 "sample_every": 500,
+                "eval_every": 500,
                 "log_every": 20,
             },
             "sample": {

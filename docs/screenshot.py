@@ -3,9 +3,9 @@
     python docs/screenshot.py [--store sqlite:///runs/mlflow.db] [--run demo] \
         [--out docs/mlflow-run.png]
 
-Starts `mlflow ui` on a free loopback port against the store, opens the run's "Model
-metrics" page (loss, throughput, the FID-style score and the sample grids logged by step)
-in headless Chromium (`apt-get install chromium`), writes the PNG, and stops the UI.
+Starts `mlflow ui` on a free loopback port against the store, shoots the run's "Model
+metrics" page (charts by step) and its newest sample grid in the artifacts view with headless
+Chromium (`apt-get install chromium`), puts the two side by side, and stops the UI.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from urllib.parse import quote
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,6 +45,50 @@ def find_run(store: str, run_name: str) -> tuple[str, str]:
     if not runs:
         raise SystemExit(f"no training run named {run_name!r} in {store}: run `make demo` first")
     return runs[0].info.experiment_id, runs[0].info.run_id
+
+
+def latest_grid(store: str, run_id: str) -> str:
+    """The newest sample grid logged with the run (the highest step)."""
+    from mlflow.tracking import MlflowClient
+
+    grids = [
+        a.path
+        for a in MlflowClient(store).list_artifacts(run_id, "images")
+        if a.path.endswith(".png") and "+step+" in a.path
+    ]
+    if not grids:
+        raise SystemExit(f"run {run_id} has no sample grids")
+    return max(grids, key=lambda p: int(p.split("+step+")[1].split("+")[0]))
+
+
+def shoot(chromium: str, url: str, out: Path, size: str, tmp: str) -> None:
+    subprocess.run(
+        [
+            chromium,
+            "--headless=new",
+            "--no-sandbox",  # containers run as root
+            "--disable-gpu",
+            "--hide-scrollbars",
+            f"--user-data-dir={tmp}/profile",
+            f"--window-size={size}",
+            "--virtual-time-budget=30000",  # let the app fetch and draw its charts
+            f"--screenshot={out}",
+            url,
+        ],
+        check=True,
+        capture_output=True,
+        timeout=180,
+    )
+
+
+def side_by_side(left: Path, right: Path, out: Path) -> None:
+    from PIL import Image
+
+    a, b = Image.open(left).convert("RGB"), Image.open(right).convert("RGB")
+    canvas = Image.new("RGB", (a.width + b.width, max(a.height, b.height)), "white")
+    canvas.paste(a, (0, 0))
+    canvas.paste(b, (a.width, 0))
+    canvas.save(out, optimize=True)
 
 
 def main() -> None:
@@ -79,26 +124,14 @@ def main() -> None:
                 if ui.poll() is not None or time.monotonic() > deadline:
                     raise SystemExit("mlflow ui did not start") from None
                 time.sleep(0.3)
-        url = f"{base}/#/experiments/{experiment_id}/runs/{run_id}/model-metrics"
-        with tempfile.TemporaryDirectory() as profile:
-            subprocess.run(
-                [
-                    chromium,
-                    "--headless=new",
-                    "--no-sandbox",  # containers run as root
-                    "--disable-gpu",
-                    "--hide-scrollbars",
-                    f"--user-data-dir={profile}",
-                    f"--window-size={args.size}",
-                    "--virtual-time-budget=30000",  # let the app fetch and draw its charts
-                    f"--screenshot={args.out}",
-                    url,
-                ],
-                check=True,
-                capture_output=True,
-                timeout=180,
-            )
-        print(f"wrote {args.out} ({url})")
+        run_url = f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
+        grid = latest_grid(args.store, run_id)
+        with tempfile.TemporaryDirectory() as tmp:
+            charts, images = Path(tmp) / "charts.png", Path(tmp) / "grid.png"
+            shoot(chromium, f"{run_url}/model-metrics", charts, args.size, tmp)
+            shoot(chromium, f"{run_url}/artifactPath/{quote(grid)}", images, args.size, tmp)
+            side_by_side(charts, images, Path(args.out))
+        print(f"wrote {args.out} ({run_url}: model metrics, and {grid} in the artifacts view)")
     finally:
         os.killpg(ui.pid, signal.SIGTERM)
         ui.wait(timeout=30)

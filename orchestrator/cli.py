@@ -11,9 +11,8 @@ import os
 import sys
 from pathlib import Path
 
+from orchestrator.config import STAGES
 from orchestrator.errors import LdmError
-
-STAGES = ("autoencoder", "precompute", "train")
 
 
 def set_default_env() -> None:
@@ -204,6 +203,14 @@ def cmd_ui(args: argparse.Namespace) -> None:
     run_ui(uri, args.port, root / "mlartifacts")
 
 
+def cmd_k8s(args: argparse.Namespace) -> None:
+    from orchestrator import k8s
+
+    config = _load(args)
+    documents = k8s.ray_job(config, args.stage, args.name, image=args.image)
+    print(k8s.dump(documents), end="")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ldm", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -283,6 +290,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--follow", action="store_true", help="with logs: stream until the job ends")
     p.set_defaults(func=cmd_jobs)
+
+    p = sub.add_parser("k8s", help="print a KubeRay RayJob (and its config) for an experiment")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--stage", choices=STAGES, default="train")
+    p.add_argument("--name", help="RayJob name (default ldm-<run.name>-<stage>)")
+    p.add_argument("--image", help="container image (default: the one k8s/ uses)")
+    p.set_defaults(func=cmd_k8s)
 
     p = sub.add_parser("runs", help="list MLflow runs: stage, status, step, loss, samples/s")
     p.add_argument("config", nargs="?", help="experiment YAML (default: runs/mlflow.db)")

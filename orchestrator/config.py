@@ -24,6 +24,9 @@ from orchestrator.errors import LdmError
 MINILM = "minilm"  # name of the pretrained MiniLM text encoder shipped by a PyPI package
 
 
+# The stages a user runs, in order; each is an `ldm` command and can be a Ray job.
+STAGES = ("autoencoder", "precompute", "train")
+
 class Section(BaseModel):
     model_config = ConfigDict(
         extra="forbid", use_attribute_docstrings=True, validate_assignment=True

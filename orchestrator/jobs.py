@@ -29,9 +29,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from orchestrator.cluster import auth_hint, auth_token, cache_env, tcp_unreachable
+from orchestrator.config import STAGES
 from orchestrator.errors import LdmError
 
-STAGES = ("autoencoder", "precompute", "train")
 CODE_DIRS = ("orchestrator", "training", "data_pipeline", "configs")
 JOB_CONFIG = "job_config.yaml"
 TERMINAL = frozenset({"STOPPED", "SUCCEEDED", "FAILED"})

@@ -21,7 +21,6 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
-from urllib.parse import quote
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -71,7 +70,7 @@ def shoot(chromium: str, url: str, out: Path, size: str, tmp: str) -> None:
             "--hide-scrollbars",
             f"--user-data-dir={tmp}/profile",
             f"--window-size={size}",
-            "--virtual-time-budget=30000",  # let the app fetch and draw its charts
+            "--virtual-time-budget=120000",  # let the app fetch and draw its charts
             f"--screenshot={out}",
             url,
         ],
@@ -85,9 +84,11 @@ def side_by_side(left: Path, right: Path, out: Path) -> None:
     from PIL import Image
 
     a, b = Image.open(left).convert("RGB"), Image.open(right).convert("RGB")
-    canvas = Image.new("RGB", (a.width + b.width, max(a.height, b.height)), "white")
-    canvas.paste(a, (0, 0))
-    canvas.paste(b, (a.width, 0))
+    height = min(a.height, b.height, 900)  # the first screenful: charts and the grid
+    canvas = Image.new("RGB", (a.width + b.width, height), "white")
+    canvas.paste(a.crop((0, 0, a.width, height)), (0, 0))
+    canvas.paste(b.crop((0, 0, b.width, height)), (a.width, 0))
+    canvas = canvas.resize((canvas.width * 2 // 3, height * 2 // 3), Image.Resampling.LANCZOS)
     canvas.save(out, optimize=True)
 
 
@@ -129,7 +130,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             charts, images = Path(tmp) / "charts.png", Path(tmp) / "grid.png"
             shoot(chromium, f"{run_url}/model-metrics", charts, args.size, tmp)
-            shoot(chromium, f"{run_url}/artifactPath/{quote(grid)}", images, args.size, tmp)
+            shoot(chromium, f"{run_url}/artifacts/{grid}", images, args.size, tmp)
             side_by_side(charts, images, Path(args.out))
         print(f"wrote {args.out} ({run_url}: model metrics, and {grid} in the artifacts view)")
     finally:

@@ -164,7 +164,7 @@ class MLflowTracker(NullTracker):
         self._lock = threading.Condition()
         self._pending: collections.deque[tuple[int, dict]] = collections.deque()
         self._next_index, self._delivered, self._dropped = 0, 0, 0
-        self._closing, self._down_since = False, None
+        self._closing, self._down_since, self._inflight = False, None, 0
         if self._log.exists():  # what an earlier process of this run left undelivered
             done = int(self._done.read_text() or 0) if self._done.exists() else 0
             lines = self._log.read_text().splitlines()
@@ -232,6 +232,7 @@ class MLflowTracker(NullTracker):
                 if not self._pending:
                     return
                 batch = self._next_batch()
+                self._inflight = len(batch)
                 dropped, self._dropped = self._dropped, 0
             try:
                 if dropped:
@@ -252,6 +253,7 @@ class MLflowTracker(NullTracker):
             except Exception as err:  # the server is unreachable or refused: keep, retry later
                 with self._lock:
                     self._pending.extendleft(reversed(batch))
+                    self._inflight = 0
                     self._dropped += dropped
                     while len(self._pending) > self.max_pending:
                         self._pending.popleft()
@@ -272,6 +274,7 @@ class MLflowTracker(NullTracker):
                 continue
             wait = 0.5
             with self._lock:
+                self._inflight = 0
                 self._delivered = batch[-1][0] + 1
                 backlog = len(self._pending)
                 if not backlog:  # everything delivered: start the log afresh
@@ -330,8 +333,9 @@ class MLflowTracker(NullTracker):
                 self.client.set_tag(self.run_id, key, value)
 
     def pending(self) -> int:
+        """Records not yet delivered, including any being sent right now."""
         with self._lock:
-            return len(self._pending)
+            return len(self._pending) + self._inflight
 
     def close(self) -> None:
         """Deliver what is pending, waiting at most `flush_timeout_s`; the rest stays spooled."""
@@ -344,6 +348,14 @@ class MLflowTracker(NullTracker):
         self._thread.join(self.flush_timeout_s + 1)
         self._file.close()
         left = self.pending()
+        if not left:  # all delivered: leave no spool behind
+            import shutil
+
+            shutil.rmtree(self.spool, ignore_errors=True)
+            try:
+                self.spool.parent.rmdir()  # the spool root, if no other run waits in it
+            except OSError:
+                pass
         if left:
             print(
                 f"tracking: {left} records could not reach MLflow at {self.uri}; they stay in "

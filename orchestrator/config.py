@@ -122,8 +122,11 @@ class UNetConfig(Section):
     """Widths per resolution level (the first levels use cross-attention blocks)."""
     layers_per_block: int = Field(1, ge=1)
     """ResNet (+ transformer) layers per level."""
-    num_attention_heads: int = Field(4, ge=1)
-    """Heads per attention layer (what diffusers' legacy `attention_head_dim` means)."""
+    num_attention_heads: int | list[int] = 4
+    """Heads per attention layer, one number or one per level (what diffusers' legacy
+    `attention_head_dim` means: SD 1 uses 8, SD 2 [5, 10, 20, 20])."""
+    use_linear_projection: bool = False
+    """Linear instead of 1x1-conv projections around the transformers (SD 2)."""
     cross_attention_levels: int = Field(2, ge=0)
     """How many levels, from the highest resolution down, use cross-attention blocks."""
     cross_attention_dim: int | None = None
@@ -281,11 +284,18 @@ class ExperimentConfig(Section):
             )
         if self.unet.cross_attention_levels > len(self.unet.block_out_channels):
             raise ValueError("unet.cross_attention_levels: more than the number of levels")
-        for width in self.unet.block_out_channels:
-            if width % self.unet.num_attention_heads or width % 32:
+        heads = self.unet.num_attention_heads
+        heads = [heads] * len(self.unet.block_out_channels) if isinstance(heads, int) else heads
+        if len(heads) != len(self.unet.block_out_channels):
+            raise ValueError(
+                f"unet.num_attention_heads: {len(heads)} values for "
+                f"{len(self.unet.block_out_channels)} levels"
+            )
+        for width, n in zip(self.unet.block_out_channels, heads, strict=True):
+            if width % n or width % 32:
                 raise ValueError(
                     f"unet.block_out_channels: {width} must be a multiple of 32 (group norm) "
-                    f"and of unet.num_attention_heads={self.unet.num_attention_heads}"
+                    f"and of its unet.num_attention_heads={n}"
                 )
         t = self.train
         per_step = t.micro_batch_size * t.num_workers

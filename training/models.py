@@ -43,6 +43,29 @@ def text_encoder_path(name_or_path: str) -> Path:
     return path
 
 
+# Published text towers, by name, so that a preset can be sized (`ldm plan`, tests) without
+# their weights; training needs a local folder with the weights.
+KNOWN_TEXT_ENCODERS = {
+    "clip-vit-large-patch14": dict(  # openai/clip-vit-large-patch14, the SD 1 encoder
+        vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+        num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
+    ),
+    "openclip-vit-h-14": dict(  # laion/CLIP-ViT-H-14 text tower as SD 2 runs it: 23 of 24 layers
+        vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
+        num_attention_heads=16, max_position_embeddings=77, hidden_act="gelu",
+    ),
+}  # fmt: skip
+
+
+def text_encoder_config(name_or_path: str):
+    """The text encoder's transformers config, without loading weights."""
+    from transformers import AutoConfig, CLIPTextConfig
+
+    if name_or_path in KNOWN_TEXT_ENCODERS:
+        return CLIPTextConfig(**KNOWN_TEXT_ENCODERS[name_or_path])
+    return AutoConfig.from_pretrained(text_encoder_path(name_or_path))
+
+
 def text_hidden_size(config: ExperimentConfig) -> int:
     """The text encoder's hidden size, read from its config.json without loading weights."""
     cfg = json.loads(
@@ -129,7 +152,10 @@ def build_unet(config: ExperimentConfig, latent_channels: int) -> UNet2DConditio
         up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
         block_out_channels=tuple(u.block_out_channels),
         layers_per_block=u.layers_per_block,
-        attention_head_dim=u.num_attention_heads,
+        attention_head_dim=u.num_attention_heads
+        if isinstance(u.num_attention_heads, int)
+        else tuple(u.num_attention_heads),
+        use_linear_projection=u.use_linear_projection,
         cross_attention_dim=u.cross_attention_dim or text_hidden_size(config),
     )
 

@@ -115,7 +115,67 @@ def tiny() -> ExperimentConfig:
     )
 
 
-PRESETS: dict[str, Callable[[], ExperimentConfig]] = {"demo": demo, "tiny": tiny}
+def _stable_diffusion(
+    heads: int | list[int], context: int, text_encoder: str, linear: bool, prediction: str
+) -> ExperimentConfig:
+    """The Stable Diffusion family at 512 px: f=8 KL autoencoder, 4-level 320-wide UNet."""
+    return build_config(
+        {
+            "run": {"name": "sd", "root": "runs", "seed": 0},
+            "data": {"shards": "data/shards", "resolution": 512, "samples_per_shard": 1000},
+            "autoencoder": {
+                "downsample_factor": 8,
+                "block_out_channels": [128, 256, 512, 512],
+                "layers_per_block": 2,
+                "latent_channels": 4,
+            },
+            "text_encoder": {"name_or_path": text_encoder, "max_length": 77},
+            "unet": {
+                "block_out_channels": [320, 640, 1280, 1280],
+                "layers_per_block": 2,
+                "num_attention_heads": heads,
+                "use_linear_projection": linear,
+                "cross_attention_levels": 3,
+                "cross_attention_dim": context,
+            },
+            "diffusion": {
+                "beta_schedule": "scaled_linear",
+                "beta_start": 0.00085,
+                "beta_end": 0.012,
+                "prediction_type": prediction,
+            },
+            "train": {
+                "num_workers": 8,
+                "global_batch_size": 2048,
+                "micro_batch_size": 16,
+                "learning_rate": 1e-4,
+                "precision": "bf16",
+                "ema_decay": 0.9999,
+            },
+            "cluster": {"use_gpu": True},
+        },
+        absolute_paths=False,
+    )
+
+
+def sd1() -> ExperimentConfig:
+    """Stable Diffusion v1 (CompVis/runwayml): UNet 859,520,964 params, 8 heads, CLIP
+    ViT-L/14 text encoder (768-d context, 123,060,480 params), epsilon prediction."""
+    return _stable_diffusion(8, 768, "clip-vit-large-patch14", False, "epsilon")
+
+
+def sd2_base() -> ExperimentConfig:
+    """Stable Diffusion 2 base: 64-d heads ([5, 10, 20, 20]), linear projections, the
+    OpenCLIP ViT-H/14 text tower (1024-d context, penultimate layer), v-prediction."""
+    return _stable_diffusion([5, 10, 20, 20], 1024, "openclip-vit-h-14", True, "v_prediction")
+
+
+PRESETS: dict[str, Callable[[], ExperimentConfig]] = {
+    "demo": demo,
+    "tiny": tiny,
+    "sd1": sd1,
+    "sd2_base": sd2_base,
+}
 
 
 def get_preset(name: str) -> ExperimentConfig:

@@ -1,0 +1,47 @@
+"""Presets build at their published sizes: every model on the meta device, no memory used."""
+
+import pytest
+import torch
+from transformers import CLIPTextModel
+
+from training.models import build_autoencoder, build_unet, text_encoder_config
+from training.presets import PRESETS, get_preset
+
+# Published parameter counts: the diffusers/transformers checkpoints of each model.
+PUBLISHED = {
+    "sd1": {"unet": 859_520_964, "autoencoder": 83_653_863, "text_encoder": 123_060_480},
+    "sd2_base": {"unet": 865_910_724, "autoencoder": 83_653_863, "text_encoder": 340_387_840},
+}
+
+
+def count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_stable_diffusion_presets_match_published_parameter_counts(name):
+    config = get_preset(name)
+    with torch.device("meta"):
+        unet = build_unet(config, latent_channels=config.autoencoder.latent_channels)
+        autoencoder = build_autoencoder(config)
+        text = CLIPTextModel(text_encoder_config(config.text_encoder.name_or_path))
+    assert next(unet.parameters()).device.type == "meta"
+    sizes = {"unet": count(unet), "autoencoder": count(autoencoder), "text_encoder": count(text)}
+    assert sizes == PUBLISHED[name]
+    assert unet.config.cross_attention_dim == text.config.hidden_size
+
+
+def test_sd2_base_is_v_prediction_with_64_dim_heads():
+    config = get_preset("sd2_base")
+    assert config.diffusion.prediction_type == "v_prediction"
+    widths, heads = config.unet.block_out_channels, config.unet.num_attention_heads
+    assert [w // h for w, h in zip(widths, heads, strict=True)] == [64, 64, 64, 64]
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_validates_and_builds(name):
+    config = get_preset(name)
+    with torch.device("meta"):
+        unet = build_unet(config, latent_channels=config.autoencoder.latent_channels)
+    latent = config.data.resolution // config.autoencoder.downsample_factor
+    assert unet.config.sample_size == latent

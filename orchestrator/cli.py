@@ -211,6 +211,31 @@ def cmd_k8s(args: argparse.Namespace) -> None:
     print(k8s.dump(documents), end="")
 
 
+def cmd_plan(args: argparse.Namespace) -> None:
+    from orchestrator.config import build_config
+    from training import plan
+
+    if args.mosaic_check:
+        print(f"{'GPUs':>5} {'px':>4} {'published':>10} {'predicted':>10} {'error':>7}")
+        for row in plan.mosaic_check(args.overlap):
+            mark = "  (calibration)" if row["calibration"] else ""
+            print(
+                f"{row['gpus']:>5} {row['resolution']:>4} {row['published']:>10,.0f} "
+                f"{row['predicted']:>10,.0f} {row['error']:>+7.1%}{mark}"
+            )
+        print(f"utilisation calibrated on 8 x A100 at 256 px: {row['utilisation']:.3f}")
+        return
+    if args.preset:
+        overrides = ([args.config] if args.config else []) + list(args.overrides)
+        config = build_config({"preset": args.preset}, _split_overrides(overrides))
+    elif args.config:
+        config = _load(args)
+    else:
+        raise LdmError("`ldm plan` needs a CONFIG file or --preset NAME")
+    p = plan.plan(config, args.gpus, args.gpu_type, args.utilisation, args.overlap)
+    print("\n".join(plan.report(config, p, args.gpus, args.gpu_type)))
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ldm", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -298,6 +323,27 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="RayJob name (default ldm-<run.name>-<stage>)")
     p.add_argument("--image", help="container image (default: the one k8s/ uses)")
     p.set_defaults(func=cmd_k8s)
+
+    p = sub.add_parser("plan", help="memory per GPU and throughput on N GPUs, without a GPU")
+    p.add_argument("config", nargs="?")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--preset", help="plan a preset instead of a config file")
+    p.add_argument("--gpus", type=int, default=8)
+    p.add_argument("--gpu-type", default="h100", help="a100, h100, h200 or l40s")
+    p.add_argument(
+        "--utilisation",
+        type=float,
+        default=0.24,
+        help="fraction of the bf16 peak the UNet reaches (default: calibrated on MosaicML's "
+        "8 x A100 SD2 figure, see --mosaic-check)",
+    )
+    p.add_argument("--overlap", type=float, default=0.5, help="communication hidden by compute")
+    p.add_argument(
+        "--mosaic-check",
+        action="store_true",
+        help="calibrate on MosaicML's 8 x A100 SD2 throughput and predict their other figures",
+    )
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("runs", help="list MLflow runs: stage, status, step, loss, samples/s")
     p.add_argument("config", nargs="?", help="experiment YAML (default: runs/mlflow.db)")

@@ -27,6 +27,7 @@ MINILM = "minilm"  # name of the pretrained MiniLM text encoder shipped by a PyP
 # The stages a user runs, in order; each is an `ldm` command and can be a Ray job.
 STAGES = ("autoencoder", "precompute", "train")
 
+
 class Section(BaseModel):
     model_config = ConfigDict(
         extra="forbid", use_attribute_docstrings=True, validate_assignment=True

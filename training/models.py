@@ -58,12 +58,33 @@ KNOWN_TEXT_ENCODERS = {
 
 
 def text_encoder_config(name_or_path: str):
-    """The text encoder's transformers config, without loading weights."""
+    """The text encoder's config, without loading weights: a known name or a local folder."""
     from transformers import AutoConfig, CLIPTextConfig
 
+    if name_or_path == "ldmbert":  # the paper's 32-layer BERT-style text transformer
+        from diffusers.pipelines.latent_diffusion.pipeline_latent_diffusion import LDMBertConfig
+
+        return LDMBertConfig()  # diffusers' defaults are the paper's LDM-KL-8-G text model
     if name_or_path in KNOWN_TEXT_ENCODERS:
         return CLIPTextConfig(**KNOWN_TEXT_ENCODERS[name_or_path])
     return AutoConfig.from_pretrained(text_encoder_path(name_or_path))
+
+
+def build_text_encoder_meta(name_or_path: str) -> torch.nn.Module:
+    """The text encoder's architecture with no weights (meta device): for sizing only."""
+    from transformers import AutoModel, CLIPTextModel
+
+    cfg = text_encoder_config(name_or_path)
+    with torch.device("meta"):
+        if cfg.model_type == "ldmbert":
+            from diffusers.pipelines.latent_diffusion.pipeline_latent_diffusion import (
+                LDMBertModel,
+            )
+
+            return LDMBertModel(cfg)
+        if cfg.model_type in ("clip", "clip_text_model"):
+            return CLIPTextModel(cfg)
+        return AutoModel.from_config(cfg)
 
 
 def text_hidden_size(config: ExperimentConfig) -> int:

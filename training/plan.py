@@ -68,22 +68,15 @@ class Plan:
 
 
 def parameter_counts(config: ExperimentConfig) -> dict[str, int]:
-    from transformers import AutoModel, CLIPTextModel
-
-    from training.models import build_autoencoder, build_unet, text_encoder_config
+    from training.models import build_autoencoder, build_text_encoder_meta, build_unet
 
     def count(module: torch.nn.Module) -> int:
         return sum(p.numel() for p in module.parameters())
 
-    text_config = text_encoder_config(config.text_encoder.name_or_path)
+    text = build_text_encoder_meta(config.text_encoder.name_or_path)
     with torch.device("meta"):
         unet = build_unet(config, latent_channels=config.autoencoder.latent_channels)
         autoencoder = build_autoencoder(config)
-        text = (
-            CLIPTextModel(text_config)
-            if text_config.model_type in ("clip", "clip_text_model")
-            else AutoModel.from_config(text_config)
-        )
     return {"unet": count(unet), "autoencoder": count(autoencoder), "text_encoder": count(text)}
 
 

@@ -170,7 +170,21 @@ def sd2_base() -> ExperimentConfig:
     return _stable_diffusion([5, 10, 20, 20], 1024, "openclip-vit-h-14", True, "v_prediction")
 
 
+def ldm_kl8_txt2img() -> ExperimentConfig:
+    """The paper's LDM-KL-8-G text-to-image model at 256 px (Rombach et al. 2022, Tab. 2):
+    f=8 KL autoencoder; UNet with 320 base channels, multipliers 1,2,4,4, 8 heads and 1280-d
+    context (872,300,484 params, as CompVis' ldm-text2im-large-256); the 32-layer BERT-style
+    text transformer (diffusers' LDMBertModel, 581,994,042 params) trained with it: 1.45 B."""
+    config = _stable_diffusion(8, 1280, "ldmbert", False, "epsilon")
+    config.run.name = "ldm-kl8"
+    config.data.resolution = 256
+    config.diffusion.beta_schedule = "linear"  # the paper's schedule
+    config.diffusion.beta_start, config.diffusion.beta_end = 0.00085, 0.012
+    return config
+
+
 PRESETS: dict[str, Callable[[], ExperimentConfig]] = {
+    "ldm_kl8_txt2img": ldm_kl8_txt2img,
     "demo": demo,
     "tiny": tiny,
     "sd1": sd1,

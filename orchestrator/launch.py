@@ -178,9 +178,10 @@ def train(config: ExperimentConfig) -> dict[str, Any]:
             f"train.num_workers={resumed.world_size} (ZeRO-1/2 checkpoints resume on any count)"
         )
     run_id = resumed.mlflow_run_id if resumed else None
+    previous_status = None  # of a reopened run, restored if this job never trains
     tags = lineage_tags(config, cache_dir, manifest)
     if run_id is not None:
-        reopen_run(config.tracking.uri, run_id, tags)
+        previous_status = reopen_run(config.tracking.uri, run_id, tags)
     else:
         run_id = start_run(
             config.tracking.uri,
@@ -193,7 +194,7 @@ def train(config: ExperimentConfig) -> dict[str, Any]:
         log_cache_input(config.tracking.uri, run_id, cache_dir, manifest)
     print(f"train: MLflow run {run_id} at {config.tracking.uri}", flush=True)
     c = config.cluster
-    status = "FAILED"
+    status, trained = "FAILED", False
     stop = _GracefulStop(config.stop_file, config.train.preempt_grace_s)
     try:
         with ray_session(c.address, runtime_env={"env_vars": worker_env()}):
@@ -222,6 +223,7 @@ def train(config: ExperimentConfig) -> dict[str, Any]:
                 ),
             )
             with stop:  # installed after ray.init, which sets a SIGTERM handler of its own
+                trained = True
                 result = trainer.fit()
         status = "KILLED" if stop.signal_name else "FINISHED"
     except _GraceExpired:
@@ -232,6 +234,8 @@ def train(config: ExperimentConfig) -> dict[str, Any]:
             raise user_error from None
         raise
     finally:
+        if not trained and previous_status:  # e.g. an unreachable cluster: nothing changed
+            status = previous_status
         end_run(config.tracking.uri, run_id, status)
         config.stop_file.unlink(missing_ok=True)
     if stop.signal_name:

@@ -54,12 +54,15 @@ def start_run(
     return run.info.run_id
 
 
-def reopen_run(uri: str, run_id: str, tags: dict[str, str] | None = None) -> None:
-    """A resumed job logs into its earlier run: mark it running again, refresh its tags."""
+def reopen_run(uri: str, run_id: str, tags: dict[str, str] | None = None) -> str:
+    """A resumed job logs into its earlier run: mark it running again, refresh its tags.
+    Returns the status it had, to restore if the job never gets to train."""
     client = _client(uri)
+    previous = client.get_run(run_id).info.status
     client.update_run(run_id, status="RUNNING")
     for key, value in (tags or {}).items():
         client.set_tag(run_id, key, value)
+    return previous
 
 
 def log_cache_input(uri: str, run_id: str, cache_dir: str, manifest: dict[str, Any]) -> None:

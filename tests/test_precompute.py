@@ -130,8 +130,6 @@ def test_corrupt_samples_and_broken_tars_are_counted_and_skipped(pipeline, tmp_p
     assert manifest["num_bad"] == 5
     assert "00000.tar: 3 bad samples skipped" in result.stdout
     assert "00002.tar: 1 bad samples skipped, e.g. tar:" in result.stdout
-    verified = ok(run_ldm("cache", "verify", str(tmp_path / "cache"), "--num-decode", "2"))
-    assert "cache OK" in verified.stdout
 
     refused = run_ldm(*args, f"precompute.cache_dir={tmp_path / 'strict'}")  # default: 1%
     assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-3000:]

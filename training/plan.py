@@ -21,6 +21,7 @@ Nothing is allocated: every model is built on the meta device. The model, the fo
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -157,6 +158,22 @@ def step_time(
     return compute, (1.0 - overlap) * comm
 
 
+@functools.lru_cache(maxsize=8)
+def _profile(config_json: str) -> tuple[dict[str, int], float, float]:
+    """(parameters, training FLOPs per sample, activation bytes per sample) of a config."""
+    from training.flops import train_flops_per_sample
+    from training.models import build_unet
+
+    config = ExperimentConfig.model_validate_json(config_json)
+    params = parameter_counts(config)
+    latent = config.data.resolution // config.autoencoder.downsample_factor
+    with torch.device("meta"):
+        unet = build_unet(config, latent_channels=config.autoencoder.latent_channels)
+    context = (config.text_encoder.max_length, unet.config.cross_attention_dim)
+    flops = train_flops_per_sample(unet, latent, context)
+    return params, flops, activation_bytes_per_sample(config)
+
+
 def plan(
     config: ExperimentConfig,
     num_gpus: int,
@@ -165,17 +182,8 @@ def plan(
     overlap: float,
     global_batch: int | None = None,
 ) -> Plan:
-    from training.flops import train_flops_per_sample
-    from training.models import build_unet
-
     gpu = gpu_of(gpu_type)
-    params = parameter_counts(config)
-    latent = config.data.resolution // config.autoencoder.downsample_factor
-    with torch.device("meta"):
-        unet = build_unet(config, latent_channels=config.autoencoder.latent_channels)
-    context = (config.text_encoder.max_length, unet.config.cross_attention_dim)
-    flops = train_flops_per_sample(unet, latent, context)
-    act = activation_bytes_per_sample(config)
+    params, flops, act = _profile(config.model_dump_json())
     micro = config.train.micro_batch_size
     memory = {s: memory_per_gpu(params["unet"], num_gpus, s, act * micro) for s in range(4)}
     batch = global_batch or config.train.global_batch_size

@@ -10,18 +10,24 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from diffusers import (
-    AutoencoderKL,
-    AutoencoderTiny,
-    DDIMScheduler,
-    DDPMScheduler,
-    UNet2DConditionModel,
-)
 
 from orchestrator.config import MINILM, ExperimentConfig
 from orchestrator.errors import LdmError
+
+if TYPE_CHECKING:
+    from diffusers import (
+        AutoencoderKL,
+        AutoencoderTiny,
+        DDIMScheduler,
+        DDPMScheduler,
+        UNet2DConditionModel,
+    )
+
+# diffusers is imported inside the builders: importing it costs ~5 s, and drivers that only
+# read configs and hash weights (precompute, train, cache tools) should not pay for it.
 
 
 def text_encoder_path(name_or_path: str) -> Path:
@@ -127,6 +133,8 @@ def weights_digest(folder: Path) -> str:
 
 def build_autoencoder(config: ExperimentConfig) -> AutoencoderKL:
     """A fresh KL autoencoder (stage 1 of the paper) with downsampling factor f from the config."""
+    from diffusers import AutoencoderKL
+
     ae = config.autoencoder
     levels = len(ae.block_out_channels)
     return AutoencoderKL(
@@ -155,6 +163,8 @@ def autoencoder_config(folder: Path) -> dict:
 
 def load_autoencoder(folder: Path) -> AutoencoderKL | AutoencoderTiny:
     """A trained or pretrained diffusers autoencoder folder, frozen, in eval mode."""
+    from diffusers import AutoencoderKL, AutoencoderTiny
+
     class_name = autoencoder_config(folder).get("_class_name", "AutoencoderKL")
     cls = AutoencoderTiny if class_name == "AutoencoderTiny" else AutoencoderKL
     return cls.from_pretrained(folder).eval().requires_grad_(False)
@@ -162,6 +172,8 @@ def load_autoencoder(folder: Path) -> AutoencoderKL | AutoencoderTiny:
 
 def build_unet(config: ExperimentConfig, latent_channels: int) -> UNet2DConditionModel:
     """The cross-attention UNet of the paper, sized by the config."""
+    from diffusers import UNet2DConditionModel
+
     u = config.unet
     levels = len(u.block_out_channels)
     attn = [i < u.cross_attention_levels for i in range(levels)]
@@ -194,9 +206,13 @@ def _scheduler_kwargs(config: ExperimentConfig) -> dict:
 
 def build_noise_scheduler(config: ExperimentConfig) -> DDPMScheduler:
     """The forward process used for training."""
+    from diffusers import DDPMScheduler
+
     return DDPMScheduler(**_scheduler_kwargs(config))
 
 
 def build_sampling_scheduler(config: ExperimentConfig) -> DDIMScheduler:
     """DDIM (the paper's sampler) over the same noise schedule."""
+    from diffusers import DDIMScheduler
+
     return DDIMScheduler(**_scheduler_kwargs(config), clip_sample=False, set_alpha_to_one=False)

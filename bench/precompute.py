@@ -52,8 +52,11 @@ def bare_precompute(config, spec: dict, shards: list[str], out: Path) -> None:
 
 
 def cache_bytes(cache: Path, max_length: int) -> dict[str, float]:
-    """Bytes per sample as stored, and as they would be with padded text embeddings."""
-    num_samples, total, text, padded = 0, 0, 0, 0
+    """Bytes per sample as stored, and as they would be with padded text embeddings.
+
+    A tar member rounds up to 512-byte blocks; the padded text members are counted the same.
+    """
+    num_samples, total, text, text_blocks, padded = 0, 0, 0, 0, 0
     for shard in sorted(cache.glob("*.tar")):
         total += shard.stat().st_size
         with tarfile.open(shard) as tar:
@@ -62,22 +65,14 @@ def cache_bytes(cache: Path, max_length: int) -> dict[str, float]:
                     num_samples += 1
                     stored = np.load(io.BytesIO(tar.extractfile(member).read()))
                     text += member.size
+                    text_blocks += -(-member.size // 512) * 512
                     pad_bytes = (max_length - len(stored)) * stored.shape[1] * stored.itemsize
-                    # A tar member rounds up to 512-byte blocks: count the padded one the same.
                     padded += -(-(member.size + pad_bytes) // 512) * 512
     return {
         "bytes_per_sample": total / num_samples,
-        "bytes_per_sample_padded": (total - _blocks(cache, ".text.npy") + padded) / num_samples,
+        "bytes_per_sample_padded": (total - text_blocks + padded) / num_samples,
         "text_bytes_per_sample": text / num_samples,
     }
-
-
-def _blocks(cache: Path, suffix: str) -> int:
-    total = 0
-    for shard in sorted(cache.glob("*.tar")):
-        with tarfile.open(shard) as tar:
-            total += sum(-(-m.size // 512) * 512 for m in tar if m.name.endswith(suffix))
-    return total
 
 
 def steady_images_per_s(cache: Path) -> float:

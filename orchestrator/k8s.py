@@ -31,25 +31,21 @@ S3_SECRET = "ldm-s3"  # keys AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY (optional)
 UID = 1000
 
 
+# What pods and containers share: a fixed non-root identity and the default seccomp profile.
+_IDENTITY = {
+    "runAsNonRoot": True,
+    "runAsUser": UID,
+    "runAsGroup": UID,
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+
+
 def container_security() -> dict[str, Any]:
-    return {
-        "runAsNonRoot": True,
-        "runAsUser": UID,
-        "runAsGroup": UID,
-        "allowPrivilegeEscalation": False,
-        "capabilities": {"drop": ["ALL"]},
-        "seccompProfile": {"type": "RuntimeDefault"},
-    }
+    return {**_IDENTITY, "allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
 
 
 def pod_security() -> dict[str, Any]:
-    return {
-        "runAsNonRoot": True,
-        "runAsUser": UID,
-        "runAsGroup": UID,
-        "fsGroup": UID,
-        "seccompProfile": {"type": "RuntimeDefault"},
-    }
+    return {**_IDENTITY, "fsGroup": UID}
 
 
 def _env(mlflow: bool = True) -> list[dict[str, Any]]:
@@ -159,7 +155,7 @@ def ray_cluster_spec(
         "headGroupSpec": {
             "serviceType": "ClusterIP",
             # The head schedules no work of its own: drivers only.
-            "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},
+            "rayStartParams": {"num-cpus": "0"},
             "template": _pod(head, grace, extra_volumes),
         },
         "workerGroupSpecs": [
@@ -271,13 +267,14 @@ def mlflow_server() -> list[dict]:
         "image": IMAGE,
         "command": ["mlflow", "server"],
         "args": [
-            "--host=0.0.0.0",
+            "--host=$(POD_IP)",  # the pod's own address, which the Service routes to
             "--port=5000",
             "--backend-store-uri=sqlite:////mlflow/mlflow.db",
             "--artifacts-destination=/mlflow/artifacts",
             "--workers=2",
         ],
         "env": [
+            {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
             {"name": "MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "value": "false"},
             {"name": "MLFLOW_DISABLE_TELEMETRY", "value": "true"},
         ],

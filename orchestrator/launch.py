@@ -263,12 +263,13 @@ def lineage_tags(config: ExperimentConfig, cache_dir: str, manifest: dict) -> di
 
     ae_lineage = config.autoencoder_dir / "lineage.json"
     manifest_bytes = storage.read_bytes(storage.join(cache_dir, "manifest.json"))
+    commit = git_commit()
     return {
         "ldm.world_size": str(config.train.num_workers),
         "ldm.zero_stage": str(config.train.zero_stage),
         "ldm.ray_job_id": os.environ.get("RAY_JOB_ID", ""),
         "ldm.cluster_address": config.cluster.address or "embedded",
-        "ldm.git_commit": git_commit(),
+        "ldm.git_commit": commit,
         "ldm.cache_dir": str(cache_dir),
         "ldm.cache_spec": manifest["spec_digest"],
         "ldm.cache_manifest_sha256": hashlib.sha256(manifest_bytes).hexdigest(),
@@ -276,7 +277,7 @@ def lineage_tags(config: ExperimentConfig, cache_dir: str, manifest: dict) -> di
         "ldm.autoencoder_run_id": json.loads(ae_lineage.read_text()).get("mlflow_run_id", "")
         if ae_lineage.is_file()
         else "",
-        "mlflow.source.git.commit": git_commit(),
+        "mlflow.source.git.commit": commit,
     }
 
 

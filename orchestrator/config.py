@@ -169,7 +169,18 @@ class TrainConfig(Section):
     zero_stage: Literal[0, 1, 2, 3] = 2
     """DeepSpeed ZeRO stage."""
     precision: Literal["fp32", "bf16"] = "fp32"
-    """Training precision."""
+    """Training precision: `bf16` keeps bf16 weights and activations (DeepSpeed's bf16 mode,
+    fp32 master weights in the optimizer); about half the activation memory of fp32."""
+    gradient_checkpointing: bool = False
+    """Recompute the UNet's block activations in the backward pass instead of keeping them:
+    far less activation memory for ~30% more compute; what makes large micro batches fit."""
+    attention: Literal["sdpa", "eager"] = "sdpa"
+    """`sdpa`: PyTorch's scaled_dot_product_attention (flash / memory-efficient kernels on
+    GPUs); `eager`: the plain matmul-softmax-matmul, which materialises the attention matrix
+    (for debugging and comparison only)."""
+    channels_last: bool = False
+    """Feed the UNet channels-last (NHWC) inputs, a layout convolutions keep through the
+    network: faster convolutions on tensor-core GPUs; usually slower on CPUs."""
     ema_decay: float = Field(0.999, ge=0, lt=1)
     """EMA decay of the weights used for sampling."""
     caption_dropout: float = Field(0.1, ge=0, le=1)

@@ -22,11 +22,6 @@ import deepspeed.ops  # noqa: E402
 # DeepSpeed's shared-memory op serves only its inference all-reduce, never training, yet it is
 # compiled (60-110 s of C++ on a fresh CPU machine) when the comm backend starts: skip it.
 deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-import deepspeed.ops  # noqa: E402
-
-# DeepSpeed's shared-memory op serves only its inference all-reduce, never training, yet it is
-# compiled (60-110 s of C++ on a fresh CPU machine) when the comm backend starts: skip it.
-deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 from orchestrator.config import ExperimentConfig  # noqa: E402
 

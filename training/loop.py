@@ -217,6 +217,7 @@ def diffusion_loss(
     empty: tuple[torch.Tensor, torch.Tensor],
     caption_dropout: float,
     snr_gamma: float | None = None,
+    channels_last: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The DDPM objective on a cached batch: a fresh latent draw, noise, and CFG dropout.
 
@@ -234,8 +235,12 @@ def diffusion_loss(
     epsilon = scheduler.config.prediction_type == "epsilon"
     target = noise if epsilon else scheduler.get_velocity(latents, noise, t)
     dtype = next(unet.parameters()).dtype
+    layout = torch.channels_last if channels_last else torch.contiguous_format
     pred = unet(
-        noisy.to(dtype), t, encoder_hidden_states=context.to(dtype), encoder_attention_mask=mask
+        noisy.to(dtype, memory_format=layout),
+        t,
+        encoder_hidden_states=context.to(dtype),
+        encoder_attention_mask=mask,
     ).sample
     per_sample = (pred.float() - target).pow(2).mean(dim=(1, 2, 3))
     if snr_gamma is not None:
@@ -353,7 +358,14 @@ def train_worker(
                 batch = next(batches)
             with window.phase("forward"):
                 loss, dropped = diffusion_loss(
-                    engine, batch, scheduler, latent_norm, empty, t.caption_dropout, snr_gamma
+                    engine,
+                    batch,
+                    scheduler,
+                    latent_norm,
+                    empty,
+                    t.caption_dropout,
+                    snr_gamma,
+                    t.channels_last,
                 )
             with window.phase("backward"):  # includes ZeRO's gradient reduction
                 engine.backward(loss)

@@ -177,7 +177,7 @@ def build_unet(config: ExperimentConfig, latent_channels: int) -> UNet2DConditio
     u = config.unet
     levels = len(u.block_out_channels)
     attn = [i < u.cross_attention_levels for i in range(levels)]
-    return UNet2DConditionModel(
+    unet = UNet2DConditionModel(
         sample_size=config.data.resolution // config.autoencoder.downsample_factor,
         in_channels=latent_channels,
         out_channels=latent_channels,
@@ -191,6 +191,21 @@ def build_unet(config: ExperimentConfig, latent_channels: int) -> UNet2DConditio
         use_linear_projection=u.use_linear_projection,
         cross_attention_dim=u.cross_attention_dim or text_hidden_size(config),
     )
+    apply_memory_options(unet, config)
+    return unet
+
+
+def apply_memory_options(unet: UNet2DConditionModel, config: ExperimentConfig) -> None:
+    """The training-time switches that trade memory for speed; none changes the weights."""
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    t = config.train
+    if t.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.set_attn_processor(AttnProcessor2_0() if t.attention == "sdpa" else AttnProcessor())
+    # train.channels_last is applied to the inputs (training.loop.diffusion_loss), not here:
+    # ZeRO moves weights into flat contiguous buffers, and convolutions keep the layout of
+    # a channels-last input through the network anyway.
 
 
 def _scheduler_kwargs(config: ExperimentConfig) -> dict:

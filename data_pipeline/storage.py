@@ -33,6 +33,12 @@ def basename(url: str | Path) -> str:
     return posixpath.basename(str(url).rstrip("/"))
 
 
+def dirname(url: str | Path) -> str:
+    if is_remote(url):
+        return posixpath.dirname(str(url).rstrip("/"))
+    return os.path.dirname(str(url))
+
+
 def _fs(url: str | Path) -> tuple[Any, str]:
     import fsspec
 
@@ -116,3 +122,54 @@ def sha256(url: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def glob(pattern: str | Path) -> list[str]:
+    """Sorted paths or URIs matching a glob pattern."""
+    if not is_remote(pattern):
+        import glob as globbing
+
+        return sorted(globbing.glob(str(pattern)))
+    fs, path = _fs(pattern)
+    fs.invalidate_cache()  # another node may have written since this process last looked
+    protocol = str(pattern).split("://", 1)[0]
+    return sorted(f"{protocol}://{p}" for p in fs.glob(path))
+
+
+def get_file(url: str | Path, local: Path) -> None:
+    """Download (or copy) one file to a local path, atomically."""
+    tmp = local.with_name(f".{local.name}.tmp{os.getpid()}")
+    if is_remote(url):
+        fs, path = _fs(url)
+        fs.get_file(path, str(tmp))
+    else:
+        import shutil
+
+        shutil.copyfile(url, tmp)
+    os.replace(tmp, local)
+
+
+def remove(url: str | Path) -> None:
+    """Delete one file if it exists."""
+    if not is_remote(url):
+        Path(url).unlink(missing_ok=True)
+        return
+    fs, path = _fs(url)
+    try:
+        fs.rm_file(path)
+    except FileNotFoundError:
+        pass
+
+
+def remove_tree(url: str | Path) -> None:
+    """Delete a folder or prefix and everything under it, if it exists."""
+    if not is_remote(url):
+        import shutil
+
+        shutil.rmtree(url, ignore_errors=True)
+        return
+    fs, path = _fs(url)
+    try:
+        fs.rm(path, recursive=True)
+    except FileNotFoundError:
+        pass

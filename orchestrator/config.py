@@ -38,7 +38,13 @@ class RunConfig(Section):
     name: str = Field("demo", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     """Run name: outputs go to `<root>/<name>/` and the MLflow run is named after it."""
     root: str = "runs"
-    """Folder (a shared filesystem on clusters) for every run's outputs and the MLflow store."""
+    """Folder for every run's outputs and the default MLflow store; on clusters a shared
+    filesystem, unless `run.storage` holds the run state."""
+    storage: str | None = None
+    """Where checkpoints and the run state live, so that any node can resume the run: a
+    path (a shared filesystem on clusters) or an object store URI (`s3://bucket/runs`);
+    the run's are under `<storage>/<name>/`. Default: `run.root`. With an object store each
+    node stages checkpoints through `<root>/<name>/staging/`."""
     seed: int = 0
     """Seed for model init, data order, noise and sampling."""
 
@@ -316,7 +322,8 @@ class ExperimentConfig(Section):
                 f"train.global_batch_size: {t.global_batch_size} is not a multiple of "
                 f"train.micro_batch_size x train.num_workers = {per_step}"
             )
-        if t.resume not in ("auto", "never") and not Path(t.resume).exists():
+        remote = "://" in t.resume
+        if t.resume not in ("auto", "never") and not remote and not Path(t.resume).exists():
             raise ValueError(f"train.resume: no checkpoint folder at {t.resume}")
         return self
 
@@ -326,13 +333,35 @@ class ExperimentConfig(Section):
         return Path(self.run.root) / self.run.name
 
     @property
-    def checkpoint_dir(self) -> Path:
-        return self.run_dir / "checkpoints"
+    def storage_dir(self) -> str:
+        """The run's folder or URI on `run.storage` (its run folder when that is unset)."""
+        if self.run.storage is None:
+            return str(self.run_dir)
+        if "://" in self.run.storage:
+            return f"{self.run.storage.rstrip('/')}/{self.run.name}"
+        return str(Path(self.run.storage) / self.run.name)
 
     @property
-    def stop_file(self) -> Path:
-        """Written by the launcher on SIGTERM; every rank polls it (so it must be shared)."""
-        return self.run_dir / "STOP_REQUESTED"
+    def remote_checkpoints(self) -> str | None:
+        """The object-store prefix of the checkpoints, or None when they are files."""
+        if self.run.storage is None or "://" not in self.run.storage:
+            return None
+        return f"{self.storage_dir}/checkpoints"
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        """Local checkpoint folder: the checkpoints themselves, or the staging folder where
+        ranks write tags before uploading them to `remote_checkpoints`."""
+        if self.remote_checkpoints is not None:
+            return self.run_dir / "staging" / "checkpoints"
+        return Path(self.storage_dir) / "checkpoints"
+
+    @property
+    def stop_file(self) -> str:
+        """Written by the launcher on SIGTERM; rank 0 polls it (so it lives on the storage)."""
+        if self.remote_checkpoints is not None:
+            return f"{self.storage_dir}/STOP_REQUESTED"
+        return str(Path(self.storage_dir) / "STOP_REQUESTED")
 
     @property
     def autoencoder_dir(self) -> Path:
@@ -374,6 +403,7 @@ class ExperimentConfig(Section):
 
 _PATH_KEYS = (
     ("run", "root"),
+    ("run", "storage"),
     ("data", "shards"),
     ("autoencoder", "pretrained"),
     ("precompute", "cache_dir"),

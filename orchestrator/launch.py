@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from data_pipeline import storage
 from orchestrator.config import ExperimentConfig
 from orchestrator.errors import LdmError, Preempted
 
@@ -31,7 +32,7 @@ class _GracefulStop:
     way the newest committed checkpoint stays valid, so only unsaved steps are lost.
     """
 
-    def __init__(self, stop_file: Path, grace_s: float):
+    def __init__(self, stop_file: str, grace_s: float):
         self.stop_file, self.grace_s = stop_file, grace_s
         self.signal_name: str | None = None
         self.saved_in_time = True
@@ -42,8 +43,8 @@ class _GracefulStop:
             self.saved_in_time = False
             raise _GraceExpired()
         self.signal_name = signal.Signals(signum).name
-        self.stop_file.parent.mkdir(parents=True, exist_ok=True)
-        self.stop_file.write_text(self.signal_name)
+        storage.makedirs(storage.dirname(self.stop_file))
+        storage.write_bytes(self.stop_file, self.signal_name.encode())
         print(
             f"train: {self.signal_name}: saving a checkpoint and stopping "
             f"(grace {self.grace_s:g} s)",
@@ -56,7 +57,7 @@ class _GracefulStop:
         raise _GraceExpired()
 
     def __enter__(self) -> _GracefulStop:
-        self.stop_file.unlink(missing_ok=True)  # a request left by an earlier, killed job
+        storage.remove(self.stop_file)  # a request left by an earlier, killed job
         for sig, handler in (
             (signal.SIGTERM, self._handle),
             (signal.SIGINT, self._handle),
@@ -92,7 +93,6 @@ def _ray_worker(loop_config: dict[str, Any]) -> None:
     import ray
     import ray.train
 
-    from training.checkpoint import latest_committed
     from training.loop import train_worker
 
     config = ExperimentConfig.model_validate(loop_config["config"])
@@ -103,11 +103,11 @@ def _ray_worker(loop_config: dict[str, Any]) -> None:
     # After a worker failure Ray Train runs this function again: continue from the newest tag
     # this job committed, whether or not Ray Train had registered it before the failure.
     resume_from = loop_config["resume_from"]
-    newest = latest_committed(config.checkpoint_dir)
-    if newest is not None and newest.name > (loop_config["newest_at_start"] or ""):
-        resume_from = str(newest)
+    newest = newest_tag(config)
+    if newest is not None and storage.basename(newest) > (loop_config["newest_at_start"] or ""):
+        resume_from = newest
 
-    def report(metrics: dict[str, Any], tag_dir: Path | None) -> None:
+    def report(metrics: dict[str, Any], tag_dir: str | None) -> None:
         # Ray Train registers a small pointer; the tag on storage (with its commit marker)
         # stays the source of truth, so a large checkpoint is never copied twice.
         with tempfile.TemporaryDirectory() as tmp:
@@ -118,16 +118,53 @@ def _ray_worker(loop_config: dict[str, Any]) -> None:
             ray.train.report(
                 metrics,
                 checkpoint=checkpoint,
-                checkpoint_dir_name=tag_dir.name if tag_dir else None,
+                checkpoint_dir_name=storage.basename(tag_dir) if tag_dir else None,
             )
 
     train_worker(
         config,
         loop_config["cache_dir"],
         loop_config["mlflow_run_id"],
-        Path(resume_from) if resume_from else None,
+        resume_from,
         report,
     )
+
+
+def newest_tag(config: ExperimentConfig) -> str | None:
+    """The newest committed checkpoint of this run, on its storage (a folder or a URI)."""
+    from training.checkpoint import latest_committed, remote_latest
+
+    if config.remote_checkpoints is not None:
+        return remote_latest(config.remote_checkpoints)
+    tag = latest_committed(config.checkpoint_dir)
+    return str(tag) if tag else None
+
+
+def resume_tag(config: ExperimentConfig, newest: str | None) -> str | None:
+    """What `train.resume` points at: `auto` the newest tag, `never` nothing, or a tag."""
+    from training.checkpoint import MARKER, resolve_resume
+
+    resume = config.train.resume
+    if resume == "auto":
+        return newest
+    if storage.is_remote(resume):
+        if not storage.exists(storage.join(resume, MARKER)):
+            raise LdmError(f"train.resume={resume}: not a committed checkpoint tag (no {MARKER})")
+        return resume
+    tag = resolve_resume(resume, config.checkpoint_dir)
+    return str(tag) if tag else None
+
+
+def _ray_storage(config: ExperimentConfig) -> tuple[str, Any]:
+    """Ray Train's storage: the run folder, or the run's prefix on the object store (through
+    the same fsspec filesystem and credentials as everything else)."""
+    if config.remote_checkpoints is None:
+        return str(config.run_dir.resolve()), None
+    import fsspec
+    import pyarrow.fs
+
+    fs, path = fsspec.core.url_to_fs(config.storage_dir)
+    return path, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
 
 
 def train(config: ExperimentConfig) -> dict[str, Any]:
@@ -139,7 +176,7 @@ def train(config: ExperimentConfig) -> dict[str, Any]:
     from data_pipeline.precompute import cache_spec, resolve_cache_dir
     from data_pipeline.stream import Layout, check_enough_samples
     from orchestrator.cluster import ray_session
-    from training.checkpoint import TRAIN_STATE, TrainState, latest_committed, resolve_resume
+    from training.checkpoint import load_train_state
     from training.tracking import end_run, log_cache_input, reopen_run, start_run
 
     if config.train.eval_every:
@@ -164,14 +201,15 @@ def train(config: ExperimentConfig) -> dict[str, Any]:
     config = config.model_copy(deep=True)
     config.tracking.uri = config.tracking_uri  # workers must not re-derive it from their env
 
-    newest = latest_committed(config.checkpoint_dir)
+    newest = newest_tag(config)
     if config.train.resume == "never" and newest is not None:
         raise LdmError(
-            f"train.resume=never, but {config.checkpoint_dir} already holds checkpoints "
-            f"(newest {newest.name}): choose another run.name, delete them, or resume=auto"
+            f"train.resume=never, but {storage.dirname(newest)} already holds checkpoints "
+            f"(newest {storage.basename(newest)}): choose another run.name, delete them, "
+            "or resume=auto"
         )
-    tag = resolve_resume(config.train.resume, config.checkpoint_dir)
-    resumed = TrainState.load(tag / TRAIN_STATE) if tag else None
+    tag = resume_tag(config, newest)
+    resumed = load_train_state(tag) if tag else None
     if resumed and resumed.world_size not in (0, t.num_workers) and t.zero_stage == 3:
         raise LdmError(
             f"{tag} was saved by {resumed.world_size} ZeRO-3 ranks: resume it with "
@@ -196,6 +234,7 @@ def train(config: ExperimentConfig) -> dict[str, Any]:
     c = config.cluster
     status, trained = "FAILED", False
     stop = _GracefulStop(config.stop_file, config.train.preempt_grace_s)
+    storage_path, storage_filesystem = _ray_storage(config)
     try:
         with ray_session(c.address, runtime_env={"env_vars": worker_env()}):
             trainer = TorchTrainer(
@@ -204,8 +243,8 @@ def train(config: ExperimentConfig) -> dict[str, Any]:
                     "config": config.to_dict(),
                     "cache_dir": str(cache_dir),
                     "mlflow_run_id": run_id,
-                    "resume_from": str(tag) if tag else None,
-                    "newest_at_start": newest.name if newest else None,
+                    "resume_from": tag,
+                    "newest_at_start": storage.basename(newest) if newest else None,
                 },
                 scaling_config=ScalingConfig(
                     num_workers=config.train.num_workers,
@@ -218,7 +257,8 @@ def train(config: ExperimentConfig) -> dict[str, Any]:
                 ),
                 run_config=RunConfig(
                     name="ray_train",
-                    storage_path=str(config.run_dir.resolve()),
+                    storage_path=storage_path,
+                    storage_filesystem=storage_filesystem,
                     failure_config=FailureConfig(max_failures=config.train.max_failures),
                 ),
             )
@@ -237,20 +277,21 @@ def train(config: ExperimentConfig) -> dict[str, Any]:
         if not trained and previous_status:  # e.g. an unreachable cluster: nothing changed
             status = previous_status
         end_run(config.tracking.uri, run_id, status)
-        config.stop_file.unlink(missing_ok=True)
+        storage.remove(config.stop_file)
     if stop.signal_name:
-        newest = latest_committed(config.checkpoint_dir)
+        newest = newest_tag(config)
         saved = "the checkpoint was saved" if stop.saved_in_time else "the grace period ran out"
         raise Preempted(
             f"stopped by {stop.signal_name}: {saved}; newest checkpoint "
-            f"{newest.name if newest else '(none)'}; run the same command again to resume"
+            f"{storage.basename(newest) if newest else '(none)'}; "
+            "run the same command again to resume"
         )
     if config.tracking.log_model:
         log_final_model(config, run_id)
     return {
         "run_id": run_id,
         "metrics": dict(result.metrics or {}),
-        "checkpoint_dir": str(config.checkpoint_dir),
+        "checkpoint_dir": config.remote_checkpoints or str(config.checkpoint_dir),
     }
 
 
@@ -303,13 +344,18 @@ def git_commit() -> str:
 
 def log_final_model(config: ExperimentConfig, run_id: str) -> None:
     """Export the final checkpoint as a diffusers pipeline into the run's `model` artifact."""
-    from training.checkpoint import latest_committed
+    from training.checkpoint import pull
     from training.export import export_pipeline
     from training.tracking import MLflowTracker
 
-    tag = latest_committed(config.checkpoint_dir)
-    if tag is None:
+    newest = newest_tag(config)
+    if newest is None:
         return
+    tag = (
+        pull(newest, config.checkpoint_dir / ".pulled")
+        if storage.is_remote(newest)
+        else Path(newest)
+    )
     out = export_pipeline(tag, config.run_dir / "export" / tag.name, overwrite=True)
     tracker = MLflowTracker(
         config.tracking.uri,

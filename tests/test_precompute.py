@@ -4,6 +4,7 @@ Each test compares against the cache the session's `pipeline` fixture built with
 interruption: a cache's bytes must not depend on how the job was run.
 """
 
+import hashlib
 import json
 import os
 import shutil
@@ -160,23 +161,71 @@ def test_s3_input_and_cache_end_to_end(pipeline, tmp_path):
         verified = ok(run_ldm("cache", "verify", "s3://ldm/cache", "--num-decode", "2", env=env))
         assert "cache OK: 4 shards, 64 samples" in verified.stdout and "PSNR" in verified.stdout
 
+        # Training streams from S3 and keeps its run state there: a second "node" with an
+        # empty local run folder resumes the run from S3 alone, on two workers.
+        train = [
+            "train",
+            exp,
+            *on_s3,
+            "run.name=from-s3",
+            "run.storage=s3://ldm/runs",
+            f"autoencoder.pretrained={work / 'runs' / 'tiny' / 'autoencoder'}",
+            "train.checkpoint_every=2",
+            "train.log_every=1",
+            "train.keep_last=1",
+        ]
         trained = ok(
             run_ldm(
-                "train",
-                exp,
-                *on_s3,
-                "run.name=from-s3",
-                f"autoencoder.pretrained={work / 'runs' / 'tiny' / 'autoencoder'}",
+                *train,
                 "train.num_workers=1",
                 "train.num_loader_workers=1",  # a forked loader process reads S3 too
                 "train.num_steps=2",
-                "train.checkpoint_every=2",
-                "train.log_every=1",
+                "tracking.log_model=false",
                 env=env,
             )
         )
         assert "train: done" in trained.stdout
-    assert (work / "runs" / "from-s3" / "checkpoints" / "step_00000002").is_dir()
+        first = "ldm/runs/from-s3/checkpoints/step_00000002"
+        marker = json.loads(fs.cat(f"{first}/COMMITTED.json"))["files"]
+        assert {"train_state.json", "ema_unet.safetensors", "mp_rank_00_model_states.pt"} <= set(
+            marker
+        )
+        for name, digest in marker.items():
+            assert hashlib.sha256(fs.cat(f"{first}/{name}")).hexdigest() == digest, name
+        staging = work / "runs" / "from-s3" / "staging" / "checkpoints"
+        assert not list(staging.rglob("*.pt")), "staged files stay behind after the upload"
+
+        other_node = tmp_path / "other-node"
+        resumed = ok(
+            run_ldm(
+                *train,
+                f"run.root={other_node}",
+                "train.num_workers=2",
+                "train.num_loader_workers=0",
+                "train.num_steps=4",
+                env=env,
+            )
+        )
+        assert "resuming from" in resumed.stdout and "(step 2)" in resumed.stdout
+        assert "converted for a new world size" in resumed.stdout
+        last = "ldm/runs/from-s3/checkpoints/step_00000004"
+        state = json.loads(fs.cat(f"{last}/train_state.json"))
+        assert state["step"] == 4 and state["world_size"] == 2
+        first_state = json.loads(
+            (
+                other_node
+                / "from-s3"
+                / "staging"
+                / "checkpoints"
+                / ".pulled"
+                / "rank0"
+                / "step_00000002"
+                / "train_state.json"
+            ).read_text()
+        )
+        assert state["mlflow_run_id"] == first_state["mlflow_run_id"]  # one run, two jobs
+        assert not fs.exists(f"{first}/COMMITTED.json")  # keep_last=1 pruned the older tag
+        assert "exported step_00000004" in resumed.stdout
 
 
 def test_no_shards_at_an_s3_prefix_is_one_line(pipeline):

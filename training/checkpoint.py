@@ -4,6 +4,11 @@ A tag folder (`step_00001000`) counts only once `COMMITTED.json` is in it: writt
 by rank 0 after every rank has finished writing, listing each file with its sha256. Resume
 picks the newest committed tag, and verifies the hashes before anything is unpickled
 (DeepSpeed's loader uses pickle: only load what we wrote and verified).
+
+On an object store (`run.storage=s3://...`) the same protocol runs over uploads: ranks write
+a tag into a local staging folder, each uploads the files it wrote, and rank 0 uploads the
+marker (with every rank's hashes) last. Resuming downloads a committed tag into staging and
+verifies it there, so any node can resume a run.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from data_pipeline import storage
 from data_pipeline.cache import file_sha256, write_atomic
 from orchestrator.errors import LdmError
 
@@ -125,3 +131,90 @@ def resolve_resume(resume: str, checkpoint_dir: Path) -> Path | None:
     if not is_committed(tag):
         raise LdmError(f"train.resume={resume}: not a committed checkpoint tag (no {MARKER})")
     return tag
+
+
+# --- tags on an object store -------------------------------------------------------------
+
+_RANK_FILE = re.compile(r"^zero_pp_rank_(\d+)_")
+
+
+def owned_files(local_tag: Path, rank: int) -> list[Path]:
+    """The files of a staged tag that `rank` wrote: DeepSpeed names per-rank shards
+    `zero_pp_rank_<r>_*`; everything else (model states, EMA, train state) is rank 0's."""
+    owned = []
+    for path in sorted(local_tag.rglob("*")):
+        if not path.is_file() or ".tmp" in path.name:
+            continue
+        match = _RANK_FILE.match(path.name)
+        if (int(match.group(1)) if match else 0) == rank:
+            owned.append(path)
+    return owned
+
+
+def push(local_tag: Path, remote_tag: str, rank: int) -> dict[str, str]:
+    """Upload this rank's files of a staged tag; returns their sha256 by relative name.
+
+    The local copies are removed once uploaded: staging holds at most the tag being saved.
+    """
+    hashes = {}
+    for path in owned_files(local_tag, rank):
+        name = path.relative_to(local_tag).as_posix()
+        hashes[name] = file_sha256(path)
+        storage.put_file(path, storage.join(remote_tag, name))
+    return hashes
+
+
+def commit_remote(remote_tag: str, hashes: dict[str, str]) -> None:
+    """Seal an uploaded tag: call once every rank's `push` has returned."""
+    marker = json.dumps({"files": dict(sorted(hashes.items()))}, indent=1).encode()
+    storage.write_bytes(storage.join(remote_tag, MARKER), marker)
+
+
+def remote_committed(remote_dir: str) -> list[str]:
+    """Committed tags under an object-store prefix, oldest first (their URIs)."""
+    markers = storage.glob(storage.join(remote_dir, "step_*", MARKER))
+    tags = [storage.dirname(m) for m in markers]
+    return sorted((t for t in tags if _TAG.match(storage.basename(t))), key=storage.basename)
+
+
+def remote_latest(remote_dir: str) -> str | None:
+    tags = remote_committed(remote_dir)
+    return tags[-1] if tags else None
+
+
+def prune_remote(remote_dir: str, keep_last: int) -> None:
+    for old in remote_committed(remote_dir)[:-keep_last]:
+        # The marker goes first: a tag half deleted is never taken for a committed one.
+        storage.remove(storage.join(old, MARKER))
+        storage.remove_tree(old)
+
+
+def pull(remote_tag: str, local_dir: Path) -> Path:
+    """Download a committed tag into `local_dir/<tag>` and verify it; returns the local tag.
+
+    A complete, verified copy already there is reused (a restart on the same node).
+    """
+    local_tag = local_dir / storage.basename(remote_tag)
+    marker = storage.read_bytes(storage.join(remote_tag, MARKER))
+    if (local_tag / MARKER).is_file() and (local_tag / MARKER).read_bytes() == marker:
+        try:
+            verify(local_tag)
+            return local_tag
+        except LdmError:
+            pass
+    shutil.rmtree(local_tag, ignore_errors=True)
+    local_tag.mkdir(parents=True)
+    for name in json.loads(marker)["files"]:
+        target = local_tag / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        storage.get_file(storage.join(remote_tag, name), target)
+    write_atomic(local_tag / MARKER, marker)
+    verify(local_tag)
+    return local_tag
+
+
+def load_train_state(tag: str | Path) -> TrainState:
+    """A committed tag's train state, read where the tag is (a folder or a URI)."""
+    data = json.loads(storage.read_bytes(storage.join(tag, TRAIN_STATE)))
+    known = {f.name for f in fields(TrainState)}
+    return TrainState(**{k: v for k, v in data.items() if k in known})

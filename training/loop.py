@@ -46,6 +46,7 @@ class Rank0:
         self.evaluator = None
         self.flops_per_sample, self.peak_flops = None, None
         self.system = None
+        self._stop_polled = -1.0
 
     def start_monitoring(self, unet: torch.nn.Module, spec: dict, step: Callable[[], int]) -> None:
         """Count the model's FLOPs once, find the device peak, start system metrics."""
@@ -82,19 +83,20 @@ class Rank0:
         print(text, flush=True)
 
     def stop_requested(self) -> bool:
-        # One rank polls the shared storage; _any_rank tells the others.
-        return self.config.stop_file.exists()
+        # One rank polls the storage, at most once a second (on an object store each look is
+        # a request); _any_rank tells the others.
+        now = time.monotonic()
+        if now - self._stop_polled < 1.0:
+            return False
+        self._stop_polled = now
+        return storage.exists(self.config.stop_file)
 
     def clear(self, folder: Path) -> None:
         if folder.exists():
             shutil.rmtree(folder)
 
     def convert_to_universal(self, tag_dir: Path, out: Path) -> None:
-        started = time.perf_counter()
-        self.clear(out)
-        to_universal(tag_dir, out)
-        seconds = time.perf_counter() - started
-        self.note(f"train: {tag_dir.name} converted for a new world size in {seconds:.1f} s")
+        convert_to_universal(tag_dir, out)
 
     def sample(self, ema: EMAModel, unet: torch.nn.Module, step: int) -> None:
         from training.sampling import prompt_grid
@@ -143,6 +145,11 @@ class Rank0:
         ckpt.commit(tag_dir)
         ckpt.prune(tag_dir.parent, self.config.train.keep_last)
 
+    def commit_remote(self, remote_tag: str, hashes: dict[str, str], staged: Path) -> None:
+        ckpt.commit_remote(remote_tag, hashes)
+        ckpt.prune_remote(storage.dirname(remote_tag), self.config.train.keep_last)
+        shutil.rmtree(staged, ignore_errors=True)
+
     def close(self) -> None:
         if self.system is not None:
             self.system.close()
@@ -169,6 +176,9 @@ class NullRank0(Rank0):
         pass
 
     def commit(self, tag_dir):  # noqa: D102
+        pass
+
+    def commit_remote(self, remote_tag, hashes, staged):  # noqa: D102
         pass
 
     def note(self, text):  # noqa: D102
@@ -263,14 +273,23 @@ def empty_prompt(cache_dir: str | Path, max_length: int) -> tuple[torch.Tensor, 
     return context, mask
 
 
+def convert_to_universal(tag_dir: Path, out: Path) -> None:
+    started = time.perf_counter()
+    shutil.rmtree(out, ignore_errors=True)
+    to_universal(tag_dir, out)
+    seconds = time.perf_counter() - started
+    print(f"train: {tag_dir.name} converted for a new world size in {seconds:.1f} s", flush=True)
+
+
 def train_worker(
     config: ExperimentConfig,
     cache_dir: str,
     mlflow_run_id: str | None,
-    resume_from: Path | None = None,
-    report: Callable[[dict[str, Any], Path | None], None] = lambda metrics, tag: None,
+    resume_from: str | Path | None = None,
+    report: Callable[[dict[str, Any], str | None], None] = lambda metrics, tag: None,
 ) -> dict[str, float]:
-    """One rank's whole job, from `resume_from` (a committed tag) or from scratch.
+    """One rank's whole job, from `resume_from` (a committed tag, local or on an object
+    store) or from scratch.
 
     Stops early, after saving a checkpoint, once `config.stop_file` appears (the launcher
     writes it on SIGTERM). Returns the final metrics.
@@ -279,6 +298,12 @@ def train_worker(
     t = config.train
     manifest = read_manifest(cache_dir)
     spec = manifest["spec"]
+
+    remote = resume_from is not None and storage.is_remote(resume_from)
+    if remote:  # every rank takes its own verified copy: ranks may be on different nodes
+        resume_from = ckpt.pull(str(resume_from), config.checkpoint_dir / ".pulled" / f"rank{rank}")
+    elif resume_from is not None:
+        resume_from = Path(resume_from)
 
     # Build: the same seed on every rank gives identical initial weights.
     torch.manual_seed(config.run.seed)
@@ -307,7 +332,12 @@ def train_worker(
     if resume_from is not None:
         started = time.perf_counter()
         ckpt.verify(resume_from)  # before DeepSpeed unpickles anything
-        if elastic:
+        if elastic and remote:  # no shared folder: each rank converts its own copy
+            universal = config.checkpoint_dir / ".universal" / f"rank{rank}" / resume_from.name
+            convert_to_universal(resume_from, universal)
+            load_engine(engine, universal.parent, universal.name)
+            shutil.rmtree(universal.parent, ignore_errors=True)
+        elif elastic:
             universal = config.checkpoint_dir / ".universal" / resume_from.name
             main.convert_to_universal(resume_from, universal)
             dist.barrier()
@@ -394,7 +424,7 @@ def train_worker(
                 report(metrics, tag_dir)
 
         if stopping:
-            main.note(f"train: stop requested; saved {tag_dir.name}, stopping")
+            main.note(f"train: stop requested; saved {storage.basename(tag_dir)}, stopping")
             break
         with window.phase("sample_eval"):
             if state.step % t.sample_every == 0 or final:
@@ -465,12 +495,20 @@ def _any_rank(flag: bool) -> bool:
 
 def save_checkpoint(
     engine, ema, unet, state: ckpt.TrainState, config: ExperimentConfig, main: Rank0
-) -> Path:
-    """All ranks write, then rank 0 commits the tag after a barrier."""
+) -> str:
+    """All ranks write, then rank 0 commits the tag after a barrier; returns where it is.
+
+    On an object store, ranks write into local staging, upload their own files, and rank 0
+    uploads the commit marker with every rank's hashes once all uploads have finished.
+    """
     started = time.perf_counter()
     tag = ckpt.tag_for(state.step)
     tag_dir = config.checkpoint_dir / tag
-    main.clear(tag_dir)  # what a crash left half-written, or a tag of an abandoned branch
+    remote = config.remote_checkpoints
+    if remote is not None:  # staging is per node: each rank clears what a crash left there
+        shutil.rmtree(tag_dir, ignore_errors=True)
+    else:
+        main.clear(tag_dir)  # what a crash left half-written, or a tag of an abandoned branch
     dist.barrier()
     # Every rank contributes its RNG state; rank 0 writes them into the one train state.
     rngs: list[dict] = [None] * dist.get_world_size()  # type: ignore[list-item]
@@ -481,7 +519,13 @@ def save_checkpoint(
     weights = full_state_dict(engine)  # a collective under ZeRO-3: every rank takes part
     main.write_tag_files(tag_dir, ema, unet, weights, state)
     dist.barrier()  # every rank's files are on disk before the tag is sealed
-    main.commit(tag_dir)
+    if remote is not None:
+        remote_tag = storage.join(remote, tag)
+        gathered: list[dict] = [None] * dist.get_world_size()  # type: ignore[list-item]
+        dist.all_gather_object(gathered, ckpt.push(tag_dir, remote_tag, dist.get_rank()))
+        main.commit_remote(remote_tag, {k: v for h in gathered for k, v in h.items()}, tag_dir)
+    else:
+        main.commit(tag_dir)
     dist.barrier()
     main.log({"checkpoint_save_s": time.perf_counter() - started}, state.step)
-    return tag_dir
+    return storage.join(remote, tag) if remote is not None else str(tag_dir)

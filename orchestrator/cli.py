@@ -133,6 +133,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
         guidance_scale=args.guidance_scale,
         negative_prompt=args.negative_prompt,
         use_ema=not args.raw,
+        sampler=args.sampler,
     )
     for path in paths:
         print(path)
@@ -277,7 +278,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--autoencoder", help="autoencoder folder (default: the one the cache names)")
     p.set_defaults(func=cmd_cache)
 
-    p = sub.add_parser("sample", help="generate images from a checkpoint (DDIM + guidance)")
+    p = sub.add_parser("sample", help="generate images from a checkpoint (guided sampling)")
     p.add_argument(
         "checkpoint", help="a checkpoint tag folder, e.g. runs/demo/checkpoints/step_00001500"
     )
@@ -287,7 +288,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--guidance-scale", type=float, default=4.0)
-    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--negative-prompt", default=None, help="default: the run's sample config")
+    p.add_argument(
+        "--sampler",
+        choices=["ddim", "pndm", "dpm_solver++"],
+        default=None,
+        help="default: the run's sample.sampler",
+    )
     p.add_argument("--raw", action="store_true", help="raw weights instead of the EMA")
     p.set_defaults(func=cmd_sample)
 

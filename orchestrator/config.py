@@ -153,6 +153,9 @@ class DiffusionConfig(Section):
     """What the UNet predicts: the noise (the paper) or the velocity."""
     snr_gamma: float | None = Field(None, gt=0)
     """Min-SNR-gamma loss weighting (Hang et al., 2023; 5 is their choice); None: plain MSE."""
+    rescale_zero_terminal_snr: bool = False
+    """Rescale the betas so the last step is pure noise (Lin et al., 2024), through diffusers'
+    schedulers; needs v-prediction, and samples with trailing timesteps."""
 
 
 class TrainConfig(Section):
@@ -220,10 +223,18 @@ class SampleConfig(Section):
     """Fixed prompts of the sample grid logged during training and of `ldm demo`."""
     seed: int = 1234
     """Seed of the sampling noise."""
+    sampler: Literal["ddim", "pndm", "dpm_solver++"] = "ddim"
+    """diffusers scheduler used to sample: DDIM (the paper's), PNDM/PLMS, or DPM-Solver++
+    (2nd order multistep; good images in 20-25 steps)."""
     num_inference_steps: int = Field(50, ge=1)
-    """DDIM steps."""
+    """Sampler steps."""
     guidance_scale: float = Field(4.0, ge=0)
     """Classifier-free guidance scale (1: off)."""
+    guidance_rescale: float = Field(0.0, ge=0, le=1)
+    """Rescale the guided prediction's std toward the conditional one (Lin et al., 2024;
+    0.7 with zero terminal SNR); 0: off."""
+    negative_prompt: str = ""
+    """What guidance steers away from; the empty prompt by default."""
     images_per_prompt: int = Field(4, ge=1)
     """Images per prompt in grids."""
 
@@ -315,6 +326,17 @@ class ExperimentConfig(Section):
                     f"unet.block_out_channels: {width} must be a multiple of 32 (group norm) "
                     f"and of its unet.num_attention_heads={n}"
                 )
+        d = self.diffusion
+        if d.rescale_zero_terminal_snr and d.prediction_type != "v_prediction":
+            raise ValueError(
+                "diffusion.rescale_zero_terminal_snr: needs diffusion.prediction_type="
+                "v_prediction (at zero SNR the noise says nothing about the image)"
+            )
+        if d.rescale_zero_terminal_snr and self.sample.sampler == "pndm":
+            raise ValueError(
+                "sample.sampler: pndm has no zero-terminal-SNR option in diffusers; use ddim "
+                "or dpm_solver++ with diffusion.rescale_zero_terminal_snr"
+            )
         t = self.train
         per_step = t.micro_batch_size * t.num_workers
         if t.global_batch_size % per_step:

@@ -1,6 +1,6 @@
 """The memory/speed switches (train.gradient_checkpointing, attention, channels_last,
-precision): each takes effect, trains (a DeepSpeed engine's loss falls on a fixed batch),
-and, except bf16, computes the same function as the default.
+precision) and the objectives: each takes effect, trains (a DeepSpeed engine's loss falls
+on a fixed batch), and the memory switches compute the same function as the default.
 
 One in-process, one-rank gloo group serves every case: a real DeepSpeed engine per case,
 seconds each.
@@ -23,6 +23,13 @@ SWITCHES = {
     "eager_attention": ["train.attention=eager"],
     "channels_last": ["train.channels_last=true"],
     "bf16": ["train.precision=bf16"],
+    # Objectives: v-prediction with zero terminal SNR and Min-SNR weighting; the cosine schedule.
+    "v_zero_snr_min_snr": [
+        "diffusion.prediction_type=v_prediction",
+        "diffusion.rescale_zero_terminal_snr=true",
+        "diffusion.snr_gamma=5",
+    ],
+    "cosine_schedule": ["diffusion.beta_schedule=squaredcos_cap_v2"],
     "all": [
         "train.gradient_checkpointing=true",
         "train.channels_last=true",
@@ -98,7 +105,7 @@ def test_switch_takes_effect_and_trains(process_group, name):
     from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
     overrides = SWITCHES[name]
-    losses, unet, seen = _losses(overrides, num_steps=8)
+    losses, unet, seen = _losses(overrides, num_steps=6)
     assert all(torch.isfinite(torch.tensor(losses))), losses
     assert losses[-1] < 0.8 * losses[0], losses
 

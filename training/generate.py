@@ -48,10 +48,12 @@ def sample_from_checkpoint(
     seed: int = 0,
     num_steps: int = 50,
     guidance_scale: float = 4.0,
-    negative_prompt: str = "",
+    negative_prompt: str | None = None,
     use_ema: bool = True,
+    sampler: str | None = None,
 ) -> list[Path]:
-    """Write `num_images` PNGs per prompt into `out`; returns their paths."""
+    """Write `num_images` PNGs per prompt into `out`; returns their paths. The sampler and
+    negative prompt default to the run's config (`sample.sampler`, `sample.negative_prompt`)."""
     tag_dir = Path(tag_dir)
     if not (tag_dir / "config.yaml").is_file():
         raise LdmError(
@@ -59,13 +61,14 @@ def sample_from_checkpoint(
             "pass e.g. runs/demo/checkpoints/step_00001500"
         )
     config = build_config(
-        yaml.safe_load((tag_dir / "config.yaml").read_text()), absolute_paths=False
+        yaml.safe_load((tag_dir / "config.yaml").read_text()),
+        [f"sample.sampler={sampler}"] if sampler else [],
+        absolute_paths=False,
     )
     unet = load_unet(tag_dir, use_ema)
-    sampler = Sampler(config)
     out.mkdir(parents=True, exist_ok=True)
     batch = [p for p in prompts for _ in range(num_images)]
-    images = sampler(unet, batch, seed, num_steps, guidance_scale, negative_prompt)
+    images = Sampler(config)(unet, batch, seed, num_steps, guidance_scale, negative_prompt)
     paths = []
     for i, (prompt, image) in enumerate(zip(batch, images, strict=True)):
         path = out / f"{_slug(prompt)}_{i % num_images:02d}.png"

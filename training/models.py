@@ -21,7 +21,6 @@ if TYPE_CHECKING:
     from diffusers import (
         AutoencoderKL,
         AutoencoderTiny,
-        DDIMScheduler,
         DDPMScheduler,
         UNet2DConditionModel,
     )
@@ -223,11 +222,23 @@ def build_noise_scheduler(config: ExperimentConfig) -> DDPMScheduler:
     """The forward process used for training."""
     from diffusers import DDPMScheduler
 
-    return DDPMScheduler(**_scheduler_kwargs(config))
+    return DDPMScheduler(
+        **_scheduler_kwargs(config),
+        rescale_betas_zero_snr=config.diffusion.rescale_zero_terminal_snr,
+    )
 
 
-def build_sampling_scheduler(config: ExperimentConfig) -> DDIMScheduler:
-    """DDIM (the paper's sampler) over the same noise schedule."""
-    from diffusers import DDIMScheduler
+def build_sampling_scheduler(config: ExperimentConfig):
+    """The configured sampler (DDIM, PNDM or DPM-Solver++) over the training schedule."""
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, PNDMScheduler
 
-    return DDIMScheduler(**_scheduler_kwargs(config), clip_sample=False, set_alpha_to_one=False)
+    kwargs = _scheduler_kwargs(config)
+    if config.diffusion.rescale_zero_terminal_snr:
+        # Trailing timesteps start sampling at the pure-noise step the rescale created.
+        kwargs.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    sampler = config.sample.sampler
+    if sampler == "ddim":
+        return DDIMScheduler(**kwargs, clip_sample=False, set_alpha_to_one=False)
+    if sampler == "pndm":
+        return PNDMScheduler(**kwargs, skip_prk_steps=True, set_alpha_to_one=False)
+    return DPMSolverMultistepScheduler(**kwargs, algorithm_type="dpmsolver++", solver_order=2)

@@ -1,4 +1,5 @@
-"""Text-to-image sampling: DDIM with classifier-free guidance, decoded by the autoencoder.
+"""Text-to-image sampling: a diffusers sampler (DDIM, PNDM, DPM-Solver++) with
+classifier-free guidance and a negative prompt, decoded by the autoencoder.
 
 Used for the sample grids logged during training and by `ldm sample`. Prompts are encoded by
 the same frozen text encoder the cache was built with, padded with an attention mask just
@@ -56,9 +57,17 @@ class Sampler:
         seed: int,
         num_steps: int,
         guidance_scale: float,
-        negative_prompt: str = "",
+        negative_prompt: str | None = None,
     ) -> np.ndarray:
-        """uint8 images (N, H, W, 3), one per prompt, with noise fixed by `seed`."""
+        """uint8 images (N, H, W, 3), one per prompt, with noise fixed by `seed`; the
+        negative prompt defaults to the config's (`sample.negative_prompt`)."""
+        from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import (
+            rescale_noise_cfg,
+        )
+
+        if negative_prompt is None:
+            negative_prompt = self.config.sample.negative_prompt
+        rescale = self.config.sample.guidance_rescale
         unet.eval()
         context, mask = self.encode(prompts)
         neg_context, neg_mask = self.encode([negative_prompt] * len(prompts))
@@ -71,18 +80,21 @@ class Sampler:
         latents = latents * self.scheduler.init_noise_sigma
         guided = guidance_scale != 1.0
         for t in self.scheduler.timesteps:
+            model_input = self.scheduler.scale_model_input(latents, t)
             if guided:
                 pred = unet(
-                    torch.cat([latents, latents]),
+                    torch.cat([model_input, model_input]),
                     t,
                     encoder_hidden_states=torch.cat([neg_context, context]),
                     encoder_attention_mask=torch.cat([neg_mask, mask]),
                 ).sample
                 uncond, cond = pred.chunk(2)
                 pred = uncond + guidance_scale * (cond - uncond)
+                if rescale > 0:
+                    pred = rescale_noise_cfg(pred, cond, guidance_rescale=rescale)
             else:
                 pred = unet(
-                    latents, t, encoder_hidden_states=context, encoder_attention_mask=mask
+                    model_input, t, encoder_hidden_states=context, encoder_attention_mask=mask
                 ).sample
             latents = self.scheduler.step(pred, t, latents).prev_sample
         vae = self.vae.config

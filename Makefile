@@ -14,7 +14,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := true
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast lint format bench k8s clean
+.PHONY: install demo test test-fast lint format bench bench-quality k8s clean
 
 install: $(STAMP)
 
@@ -48,6 +48,10 @@ format: install
 # Each benchmark prints ratios against a baseline run side by side; JSON in bench/results/.
 bench: install
 	$(BIN)/python -m bench.run
+
+# Proof that training learns: the demo scored as it trains, against untrained and real-vs-real.
+bench-quality: install
+	$(BIN)/python -m bench.quality
 
 # k8s/ is generated from orchestrator/k8s.py (and the demo config); regenerate after changes.
 k8s: install

@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import time
 
-from bench import data_path, precompute
+from bench import cache_speedup, data_path, overhead, precompute, startup, zero_memory
 
+# In the order: what the stack costs, what the cache buys, the data path, precompute,
+# ZeRO memory, start-up. (bench/gpu_sd1.py needs a GPU; bench/quality.py is `make
+# bench-quality`: it trains the demo.)
 BENCHMARKS = [
-    ("precompute: Ray Data vs a bare encode loop", lambda: precompute.main(8, _CPU_ENCODERS)),
+    ("orchestration overhead: ldm train vs a bare PyTorch loop", overhead.main),
+    ("cache speed-up: latent cache vs encoding online", cache_speedup.main),
     ("data path: cache stream and shard decode", data_path.main),
+    ("precompute: Ray Data vs a bare encode loop", lambda: precompute.main(8, _CPU_ENCODERS)),
+    ("ZeRO memory: measured per rank vs the ZeRO formulas", zero_memory.main),
+    ("start-up: ldm train vs bare DeepSpeed, to the first step", startup.main),
 ]
 # This machine has no GPU: give the cores to encoders, as the demo does (see README).
 _CPU_ENCODERS = [

@@ -177,6 +177,10 @@ class TrainConfig(Section):
     """Gradient norm clipping (0: off)."""
     zero_stage: Literal[0, 1, 2, 3] = 2
     """DeepSpeed ZeRO stage."""
+    reduce_bucket_size: int = Field(50_000_000, ge=1_000_000)
+    """Elements per ZeRO gradient-reduce and all-gather bucket. DeepSpeed's own default
+    (5e8) allocates a 2 GB fp32 bucket on every rank whatever the model's size (measured:
+    `bench/zero_memory.py`); smaller buckets overlap a little less communication."""
     precision: Literal["fp32", "bf16"] = "fp32"
     """Training precision: `bf16` keeps bf16 weights and activations (DeepSpeed's bf16 mode,
     fp32 master weights in the optimizer); about half the activation memory of fp32."""

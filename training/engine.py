@@ -34,7 +34,11 @@ def deepspeed_config(config: ExperimentConfig, world_size: int) -> dict[str, Any
         "train_batch_size": t.micro_batch_size * world_size * accumulation,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": accumulation,
-        "zero_optimization": {"stage": t.zero_stage},
+        "zero_optimization": {
+            "stage": t.zero_stage,
+            "reduce_bucket_size": t.reduce_bucket_size,
+            "allgather_bucket_size": t.reduce_bucket_size,
+        },
         "bf16": {"enabled": t.precision == "bf16"},
         "steps_per_print": 10**9,  # our loop logs; DeepSpeed's own prints would only add noise
         "wall_clock_breakdown": False,

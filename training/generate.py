@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import torch
 import yaml
 from diffusers import UNet2DConditionModel
 from PIL import Image
@@ -68,7 +69,9 @@ def sample_from_checkpoint(
     unet = load_unet(tag_dir, use_ema)
     out.mkdir(parents=True, exist_ok=True)
     batch = [p for p in prompts for _ in range(num_images)]
-    images = Sampler(config)(unet, batch, seed, num_steps, guidance_scale, negative_prompt)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    sampler = Sampler(config, device)
+    images = sampler(unet.to(device), batch, seed, num_steps, guidance_scale, negative_prompt)
     paths = []
     for i, (prompt, image) in enumerate(zip(batch, images, strict=True)):
         path = out / f"{_slug(prompt)}_{i % num_images:02d}.png"

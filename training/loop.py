@@ -37,11 +37,11 @@ UNET_CONFIG = "unet_config.json"
 class Rank0:
     """Side effects that only the first rank performs: logging, sample grids, small files."""
 
-    def __init__(self, config: ExperimentConfig, tracker: NullTracker):
+    def __init__(self, config: ExperimentConfig, tracker: NullTracker, device: torch.device):
         from training.sampling import Sampler
 
-        self.config, self.tracker = config, tracker
-        self.sampler = Sampler(config)
+        self.config, self.tracker, self.device = config, tracker, device
+        self.sampler = Sampler(config, device)
         self.sample_unet = None
         self.evaluator = None
         self.flops_per_sample, self.peak_flops = None, None
@@ -104,7 +104,7 @@ class Rank0:
         # Building a UNet draws from torch's RNG; training's noise stream must not notice.
         with torch.random.fork_rng(devices=[]):
             if self.sample_unet is None:
-                self.sample_unet = type(unet).from_config(unet.config)
+                self.sample_unet = type(unet).from_config(unet.config).to(self.device)
             ema.copy_to(self.sample_unet.parameters())
             image = prompt_grid(self.sampler, self.sample_unet, self.config)
         self.tracker.log_image(image, key="samples", step=step)
@@ -117,7 +117,7 @@ class Rank0:
             if self.evaluator is None:
                 self.evaluator = Evaluator(self.config)
             if self.sample_unet is None:
-                self.sample_unet = type(unet).from_config(unet.config)
+                self.sample_unet = type(unet).from_config(unet.config).to(self.device)
             ema.copy_to(self.sample_unet.parameters())
             scores = self.evaluator.score(self.sampler, self.sample_unet)
         scores["eval/seconds"] = time.perf_counter() - started
@@ -236,6 +236,8 @@ def diffusion_loss(
     dominating the gradient and converges several times faster. Returns the loss and which
     captions were dropped.
     """
+    # Every random draw is made on the CPU, with the generator the checkpoint saves, then
+    # moved: a run resumes exactly, and draws the same numbers on any device.
     shift, scale = latent_norm
     latents = (draw_latents(batch) - shift) * scale
     noise = torch.randn_like(latents)
@@ -244,19 +246,25 @@ def diffusion_loss(
     context, mask, dropped = drop_captions(batch, empty, caption_dropout)
     epsilon = scheduler.config.prediction_type == "epsilon"
     target = noise if epsilon else scheduler.get_velocity(latents, noise, t)
-    dtype = next(unet.parameters()).dtype
-    layout = torch.channels_last if channels_last else torch.contiguous_format
-    pred = unet(
-        noisy.to(dtype, memory_format=layout),
-        t,
-        encoder_hidden_states=context.to(dtype),
-        encoder_attention_mask=mask,
-    ).sample
-    per_sample = (pred.float() - target).pow(2).mean(dim=(1, 2, 3))
+    weight = None
     if snr_gamma is not None:
         alpha_bar = scheduler.alphas_cumprod[t]
         snr = alpha_bar / (1 - alpha_bar)
-        per_sample = per_sample * snr.clamp(max=snr_gamma) / (snr if epsilon else snr + 1)
+        weight = snr.clamp(max=snr_gamma) / (snr if epsilon else snr + 1)
+
+    parameter = next(unet.parameters())
+    device, dtype = parameter.device, parameter.dtype
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    pred = unet(
+        noisy.to(device, dtype, non_blocking=True, memory_format=layout),
+        t.to(device, non_blocking=True),
+        encoder_hidden_states=context.to(device, dtype, non_blocking=True),
+        encoder_attention_mask=mask.to(device, non_blocking=True),
+    ).sample
+    target = target.to(device, non_blocking=True)
+    per_sample = (pred.float() - target).pow(2).mean(dim=(1, 2, 3))
+    if weight is not None:
+        per_sample = per_sample * weight.to(device, non_blocking=True)
     return per_sample.mean(), dropped
 
 
@@ -326,7 +334,7 @@ def train_worker(
         max_pending=config.tracking.max_pending_records,
         flush_timeout_s=config.tracking.flush_timeout_s,
     )
-    main = Rank0(config, tracker) if rank == 0 else NullRank0()
+    main = Rank0(config, tracker, engine.device) if rank == 0 else NullRank0()
 
     # Resume.
     if resume_from is not None:
@@ -464,9 +472,9 @@ class Window:
         training = elapsed - self.seconds["checkpoint"] - self.seconds["sample_eval"]
         world = dist.get_world_size()
         local = [loss.float(), self.dropped, self.samples, self.samples / training]
-        totals = torch.tensor([float(v) for v in local])
+        totals = torch.tensor([float(v) for v in local], device=_comm_device())
         dist.all_reduce(totals)
-        rss = torch.tensor([psutil.Process().memory_info().rss / 2**30])
+        rss = torch.tensor([psutil.Process().memory_info().rss / 2**30], device=_comm_device())
         dist.all_reduce(rss, op=dist.ReduceOp.MAX)
         metrics = {
             "loss": totals[0].item() / world,
@@ -486,9 +494,16 @@ class Window:
         return metrics
 
 
+def _comm_device() -> torch.device:
+    """Where tensors for collectives must be: NCCL (GPU workers) reduces only CUDA tensors."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def _any_rank(flag: bool) -> bool:
     """True on every rank if it is true on any: ranks must agree before a collective save."""
-    value = torch.tensor([1.0 if flag else 0.0])
+    value = torch.tensor([1.0 if flag else 0.0], device=_comm_device())
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value.item())
 

@@ -20,8 +20,10 @@ from training.models import build_sampling_scheduler, load_autoencoder, load_tex
 class PromptEncoder:
     """Prompts -> (hidden states, mask) padded to the training length."""
 
-    def __init__(self, name_or_path: str, max_length: int):
+    def __init__(self, name_or_path: str, max_length: int, device: torch.device | None = None):
         self.model, self.tokenizer = load_text_encoder(name_or_path)
+        self.device = device or torch.device("cpu")
+        self.model.to(self.device)
         self.max_length = max_length
 
     @torch.inference_mode()
@@ -32,7 +34,7 @@ class PromptEncoder:
             padding="max_length",
             truncation=True,
             return_tensors="pt",
-        )
+        ).to(self.device)
         hidden = self.model(**tokens).last_hidden_state
         mask = tokens["attention_mask"].bool()
         return hidden * mask[..., None], mask
@@ -41,12 +43,14 @@ class PromptEncoder:
 class Sampler:
     """Everything needed to turn prompts into images with a given UNet."""
 
-    def __init__(self, config: ExperimentConfig):
+    def __init__(self, config: ExperimentConfig, device: torch.device | None = None):
+        """`device`: where the encoders and the UNet passed in run (default the CPU)."""
         self.config = config
+        self.device = device or torch.device("cpu")
         self.encode = PromptEncoder(
-            config.text_encoder.name_or_path, config.text_encoder.max_length
+            config.text_encoder.name_or_path, config.text_encoder.max_length, self.device
         )
-        self.vae = load_autoencoder(config.autoencoder_dir)
+        self.vae = load_autoencoder(config.autoencoder_dir).to(self.device)
         self.scheduler = build_sampling_scheduler(config)
 
     @torch.inference_mode()
@@ -73,9 +77,9 @@ class Sampler:
         neg_context, neg_mask = self.encode([negative_prompt] * len(prompts))
         size = self.config.data.resolution // self.config.autoencoder.downsample_factor
         generator = torch.Generator().manual_seed(seed)
-        latents = torch.randn(
+        latents = torch.randn(  # drawn on the CPU: the same images on any device
             len(prompts), unet.config.in_channels, size, size, generator=generator
-        )
+        ).to(self.device)
         self.scheduler.set_timesteps(num_steps)
         latents = latents * self.scheduler.init_noise_sigma
         guided = guidance_scale != 1.0
@@ -99,8 +103,10 @@ class Sampler:
             latents = self.scheduler.step(pred, t, latents).prev_sample
         vae = self.vae.config
         latents = latents / vae.scaling_factor + (getattr(vae, "shift_factor", None) or 0.0)
+        # A VQModel quantises here (its decode snaps the sampled continuous latents to the
+        # codebook, as the paper's VQ-regularised decoder does); a KL decoder takes them as is.
         images = self.vae.decode(latents).sample
-        return to_uint8(images)
+        return to_uint8(images.cpu())
 
 
 def grid(images: np.ndarray, num_columns: int) -> np.ndarray:

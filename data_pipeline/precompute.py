@@ -54,8 +54,9 @@ def cache_spec(config: ExperimentConfig) -> dict[str, Any]:
     vae = autoencoder_config(ae_dir)
     text_dir = text_encoder_path(config.text_encoder.name_or_path)
     p = config.precompute
+    ae_class = vae.get("_class_name", "AutoencoderKL")
     return {
-        "autoencoder_class": vae.get("_class_name", "AutoencoderKL"),
+        "autoencoder_class": ae_class,
         "autoencoder_sha256": weights_digest(ae_dir),
         "latent_channels": int(vae.get("latent_channels", 4)),
         "scaling_factor": float(vae.get("scaling_factor", 0.18215)),
@@ -70,7 +71,9 @@ def cache_spec(config: ExperimentConfig) -> dict[str, Any]:
         "resolution": config.data.resolution,
         "center_crop": config.data.center_crop,
         "flip": p.flip,
-        "latents": p.latents,
+        # A VQ encoder has no posterior to sample: its cache holds the pre-quantisation
+        # latents only, whatever precompute.latents says (AutoencoderConfig.regularization).
+        "latents": "mean" if ae_class == "VQModel" else p.latents,
         "dtype": p.dtype,
         # Batches are fixed per shard; a different cut could change low bits of the encoding.
         "batch_size": p.batch_size,
@@ -186,7 +189,9 @@ class _Encoder:
         import torch
 
         encoded = self.vae.encode(pixels)
-        if not hasattr(encoded, "latent_dist"):  # AutoencoderTiny is deterministic
+        if not hasattr(encoded, "latent_dist"):
+            # Deterministic encoders: AutoencoderTiny, and VQModel, whose `latents` are the
+            # pre-quantisation output diffusion is trained on (its decoder quantises them).
             mean = encoded.latents
             logvar = mean.new_full(mean.shape, -30.0)
         else:

@@ -64,7 +64,16 @@ class DataConfig(Section):
 
 class AutoencoderConfig(Section):
     pretrained: str | None = None
-    """Local diffusers `AutoencoderKL`/`AutoencoderTiny` folder to use instead of training one."""
+    """Local diffusers `AutoencoderKL`/`VQModel`/`AutoencoderTiny` folder to use instead of
+    training one."""
+    regularization: Literal["kl", "vq"] = "kl"
+    """What keeps the latent space in check, as in the paper's two variants: `kl`, a small KL
+    pull of the posterior towards N(0, I) (diffusers `AutoencoderKL`), or `vq`, a learned
+    codebook (`VQModel`). Diffusion runs on the encoder's continuous output either way; with
+    `vq` the decoder quantises. A VQ encoder is deterministic, so precompute stores its
+    latents only: with a VQ autoencoder `precompute.latents` is taken as `mean` (the cache
+    spec says so). diffusers' StableDiffusionPipeline cannot hold a VQModel, so `vq` needs
+    `tracking.log_model=false` and `ldm export` refuses such runs."""
     downsample_factor: Literal[4, 8, 16] = 4
     """Spatial downsampling factor f of the latent space."""
     latent_channels: int = Field(4, ge=1)
@@ -74,7 +83,34 @@ class AutoencoderConfig(Section):
     layers_per_block: int = Field(1, ge=1)
     """ResNet layers per level."""
     kl_weight: float = Field(1e-6, ge=0)
-    """Weight of the KL term against the reconstruction loss (the paper uses 1e-6)."""
+    """Weight of the KL term against the reconstruction loss (the paper uses 1e-6); `kl` only."""
+    num_vq_embeddings: int = Field(1024, ge=2)
+    """Codebook size of `regularization=vq` (the paper's VQ-f4 uses 8192 at 256 px)."""
+    vq_weight: float = Field(1.0, ge=0)
+    """Weight of VQModel's codebook + commitment loss (its `commit_loss`, commitment beta
+    0.25) against the reconstruction loss; `vq` only (the paper uses 1)."""
+    reconstruction_loss: Literal["mse", "l1"] = "mse"
+    """Pixel loss: `mse` (what PSNR measures; without perceptual and adversarial terms L1
+    buys no sharpness and measured lower held-out PSNR) or `l1`, the paper's choice, which
+    goes with `perceptual_weight` and `discriminator_weight`."""
+    perceptual_weight: float = Field(0.0, ge=0)
+    """Weight of the LPIPS perceptual loss (the paper uses 1; 0: off). Needs the pretrained
+    LPIPS weights in `lpips_path`; without them the run says so, logs
+    `perceptual_loss_enabled=0` and trains without it."""
+    lpips_path: str | None = None
+    """Folder with the LPIPS weights, read offline: torchvision's `vgg16-397923af.pth` (the
+    VGG16 backbone) and the lpips package's v0.1 `vgg.pth` (its linear layers)."""
+    discriminator_weight: float = Field(0.0, ge=0)
+    """Weight of the PatchGAN adversarial loss, times the paper's adaptive weight (0: no
+    discriminator, the default; the paper uses 0.5)."""
+    discriminator_start_step: int = Field(0, ge=0)
+    """Steps trained without the discriminator before it and its loss join (the paper starts
+    it late, once reconstructions are good, e.g. after 50,001 steps)."""
+    discriminator_layers: int = Field(3, ge=1)
+    """Stride-2 convolutions of the PatchGAN discriminator (3: 70x70 px patches); a crop must
+    be at least 3 x 2^layers pixels."""
+    discriminator_learning_rate: float | None = Field(None, gt=0)
+    """Constant Adam learning rate of the discriminator; default: `learning_rate`."""
     learning_rate: float = Field(2e-4, gt=0)
     """Peak AdamW learning rate (20-step warmup, then cosine decay to zero)."""
     batch_size: int = Field(32, ge=1)
@@ -83,11 +119,14 @@ class AutoencoderConfig(Section):
     """Training steps of stage 1."""
     log_every: int = Field(50, ge=1)
     """Steps between metric logs."""
+    checkpoint_every: int = Field(250, ge=1)
+    """Steps between checkpoints in `<run>/autoencoder-checkpoints/` (the last step always
+    checkpoints); `ldm autoencoder` continues from the newest committed one."""
     train_crop: int | None = Field(None, ge=8)
     """Train on random square crops of this side (the model is convolutional; smaller crops
     make steps cheaper); default: whole images."""
     num_holdout: int = Field(16, ge=1)
-    """Images held out of training to measure reconstruction PSNR."""
+    """Images held out of training to measure reconstruction PSNR, SSIM and rFID-style."""
 
 
 class TextEncoderConfig(Section):
@@ -309,6 +348,25 @@ class ExperimentConfig(Section):
                 f"autoencoder.downsample_factor={ae.downsample_factor} and at most "
                 f"data.resolution={self.data.resolution}"
             )
+        if ae.pretrained is None and ae.regularization == "vq" and self.tracking.log_model:
+            raise ValueError(
+                "tracking.log_model: diffusers' StableDiffusionPipeline cannot hold the VQModel "
+                "of autoencoder.regularization=vq; set tracking.log_model=false"
+            )
+        if ae.discriminator_weight > 0:
+            if ae.discriminator_start_step >= ae.num_steps:
+                raise ValueError(
+                    f"autoencoder.discriminator_start_step: {ae.discriminator_start_step} is not "
+                    f"below autoencoder.num_steps={ae.num_steps}, so the discriminator never "
+                    "trains; lower it or set autoencoder.discriminator_weight=0"
+                )
+            side = crop or self.data.resolution
+            if side < 3 * 2**ae.discriminator_layers:
+                raise ValueError(
+                    f"autoencoder.discriminator_layers: {ae.discriminator_layers} layers need "
+                    f"crops of at least {3 * 2**ae.discriminator_layers} px, trained on {side}; "
+                    "use fewer layers or a larger autoencoder.train_crop"
+                )
         latent = self.data.resolution // ae.downsample_factor
         if latent % 2 ** (len(self.unet.block_out_channels) - 1):
             raise ValueError(
@@ -432,6 +490,7 @@ _PATH_KEYS = (
     ("run", "storage"),
     ("data", "shards"),
     ("autoencoder", "pretrained"),
+    ("autoencoder", "lpips_path"),
     ("precompute", "cache_dir"),
 )
 

@@ -80,11 +80,18 @@ def test_saves_a_loadable_scaled_autoencoder(trained) -> None:
     assert latents.shape == (3, 4, 8, 8)  # f=4, 4 latent channels
 
     saved = json.loads((folder / "metrics.json").read_text())
-    for key in ("psnr", "psnr_bicubic", "scaling_factor", "steps", "seconds"):
+    for key in ("psnr", "psnr_bicubic", "ssim", "rfd_efficientnet_lite0", "scaling_factor"):
         assert saved[key] == pytest.approx(metrics[key])
     assert saved["steps"] == NUM_STEPS
-    # Nothing but the published folder is left beside it: no staging or old copies.
-    assert sorted(p.name for p in config.run_dir.iterdir()) == ["autoencoder"]
+    # Nothing but the published folder and the checkpoints is left: no staging or old copies.
+    assert sorted(p.name for p in config.run_dir.iterdir()) == [
+        "autoencoder",
+        "autoencoder-checkpoints",
+    ]
+    # The last step always checkpoints; with checkpoint_every=250 it is the only tag.
+    tags = sorted((config.run_dir / "autoencoder-checkpoints").iterdir())
+    assert [t.name for t in tags] == [f"step_{NUM_STEPS:08d}"]
+    assert (tags[0] / "COMMITTED.json").is_file()
 
 
 def test_holdout_and_undecodable_counts(trained) -> None:
@@ -94,6 +101,10 @@ def test_holdout_and_undecodable_counts(trained) -> None:
     assert metrics["undecodable"] == 1
     assert metrics["train_crop"] == 16
     assert 0 < metrics["psnr_bicubic"] < 100 and 0 < metrics["psnr"] < 100
+    assert 0 < metrics["ssim"] < 1 and 0 < metrics["ssim_bicubic"] < 1
+    assert metrics["rfd_efficientnet_lite0"] > 0 and metrics["rfd_efficientnet_lite0_bicubic"] > 0
+    # Off by default: the demo's recipe is MSE + KL only.
+    assert metrics["perceptual_loss_enabled"] == 0 and metrics["resumed_at_step"] == 0
 
 
 def test_mlflow_run_has_the_metrics_and_loss_went_down(trained) -> None:
@@ -107,8 +118,12 @@ def test_mlflow_run_has_the_metrics_and_loss_went_down(trained) -> None:
     assert run.info.status == "FINISHED"
     assert run.data.tags["ldm.stage"] == "autoencoder"
     assert run.data.params["autoencoder.num_steps"] == str(NUM_STEPS)
-    for key in ("psnr", "psnr_bicubic", "scaling_factor"):
+    for key in ("psnr", "psnr_bicubic", "ssim", "ssim_bicubic", "scaling_factor"):
         assert run.data.metrics[key] == pytest.approx(metrics[key])
+    for key in ("rfd_efficientnet_lite0", "rfd_efficientnet_lite0_bicubic"):
+        assert run.data.metrics[key] == pytest.approx(metrics[key])
+    assert run.data.metrics["perceptual_loss_enabled"] == 0
+    assert "d_loss" not in run.data.metrics  # no discriminator unless its weight is set
     history = sorted(client.get_metric_history(run.info.run_id, "loss"), key=lambda m: m.step)
     losses = [m.value for m in history]
     assert len(losses) >= NUM_STEPS // 5

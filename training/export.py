@@ -30,7 +30,12 @@ from orchestrator.config import build_config
 from orchestrator.errors import LdmError
 from training import checkpoint as ckpt
 from training.generate import load_unet
-from training.models import build_sampling_scheduler, load_autoencoder, load_text_encoder
+from training.models import (
+    autoencoder_config,
+    build_sampling_scheduler,
+    load_autoencoder,
+    load_text_encoder,
+)
 
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 
@@ -104,6 +109,12 @@ def export_pipeline(
     config = build_config(
         yaml.safe_load((tag_dir / "config.yaml").read_text()), absolute_paths=False
     )
+    if autoencoder_config(config.autoencoder_dir).get("_class_name") == "VQModel":
+        raise LdmError(
+            f"cannot export: the autoencoder {config.autoencoder_dir} is a VQModel "
+            "(autoencoder.regularization=vq), which diffusers' StableDiffusionPipeline cannot "
+            "hold (it decodes with AutoencoderKL's arguments); sample with `ldm sample` instead"
+        )
     # Imported only now: diffusers' pipelines take seconds to import and log transformers
     # warnings, which would bury the one-line errors above.
     from diffusers import StableDiffusionPipeline

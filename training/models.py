@@ -23,6 +23,7 @@ if TYPE_CHECKING:
         AutoencoderTiny,
         DDPMScheduler,
         UNet2DConditionModel,
+        VQModel,
     )
 
 # diffusers is imported inside the builders: importing it costs ~5 s, and drivers that only
@@ -130,13 +131,14 @@ def weights_digest(folder: Path) -> str:
     return digest.hexdigest()
 
 
-def build_autoencoder(config: ExperimentConfig) -> AutoencoderKL:
-    """A fresh KL autoencoder (stage 1 of the paper) with downsampling factor f from the config."""
-    from diffusers import AutoencoderKL
+def build_autoencoder(config: ExperimentConfig) -> AutoencoderKL | VQModel:
+    """A fresh stage-1 autoencoder with downsampling factor f from the config: an
+    `AutoencoderKL`, or a `VQModel` with `autoencoder.regularization=vq`."""
+    from diffusers import AutoencoderKL, VQModel
 
     ae = config.autoencoder
     levels = len(ae.block_out_channels)
-    return AutoencoderKL(
+    shape = dict(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * levels,
@@ -147,6 +149,11 @@ def build_autoencoder(config: ExperimentConfig) -> AutoencoderKL:
         norm_num_groups=min(32, min(ae.block_out_channels)),
         sample_size=config.data.resolution,
     )
+    if ae.regularization == "vq":
+        # The codebook vectors have the latent's width (vq_embed_dim unset), so the latents
+        # diffusion sees are the encoder's output before quantisation, as in the paper.
+        return VQModel(**shape, num_vq_embeddings=ae.num_vq_embeddings)
+    return AutoencoderKL(**shape)
 
 
 def autoencoder_config(folder: Path) -> dict:
@@ -154,18 +161,23 @@ def autoencoder_config(folder: Path) -> dict:
     config_file = Path(folder) / "config.json"
     if not config_file.is_file():
         raise LdmError(
-            f"no autoencoder at {folder}: run `ldm autoencoder CONFIG` first, "
-            "or set autoencoder.pretrained to a diffusers AutoencoderKL folder"
+            f"no autoencoder at {folder}: run `ldm autoencoder CONFIG` first, or set "
+            "autoencoder.pretrained to a diffusers AutoencoderKL, VQModel or AutoencoderTiny folder"
         )
     return json.loads(config_file.read_text())
 
 
-def load_autoencoder(folder: Path) -> AutoencoderKL | AutoencoderTiny:
-    """A trained or pretrained diffusers autoencoder folder, frozen, in eval mode."""
-    from diffusers import AutoencoderKL, AutoencoderTiny
+def load_autoencoder(folder: Path) -> AutoencoderKL | VQModel | AutoencoderTiny:
+    """A trained or pretrained diffusers autoencoder folder, frozen, in eval mode.
+
+    A VQModel's `decode` quantises its input (the paper's VQ-regularised decoder), so code
+    that decodes latents works with either kind; its `encode` gives `.latents`, not a
+    `.latent_dist`.
+    """
+    from diffusers import AutoencoderKL, AutoencoderTiny, VQModel
 
     class_name = autoencoder_config(folder).get("_class_name", "AutoencoderKL")
-    cls = AutoencoderTiny if class_name == "AutoencoderTiny" else AutoencoderKL
+    cls = {"AutoencoderTiny": AutoencoderTiny, "VQModel": VQModel}.get(class_name, AutoencoderKL)
     return cls.from_pretrained(folder).eval().requires_grad_(False)
 
 

@@ -1,11 +1,9 @@
 """The start-up baseline: one DeepSpeed training step with nothing around it, one process.
 
 Builds the same UNet as `ldm train` (`training.models.build_unet`, same config and seed),
-wraps it with `deepspeed.initialize` and the DeepSpeed JSON that `training.engine` derives
-for the config (passed in by `bench.startup`), and runs one noise-prediction step on random
-tensors of a training batch's shapes. Like `training.engine` it selects the CPU accelerator
-and skips the shared-memory comm op, whose first use would otherwise compile C++ for a
-minute. No Ray, no data loader, no MLflow.
+wraps it with `deepspeed.initialize` through `training.engine.build_engine` (the same AdamW,
+schedule and derived DeepSpeed JSON), and runs one noise-prediction step on random tensors of
+a training batch's shapes. No Ray, no data loader, no MLflow.
 
 Writes time.time() at each milestone as JSON to the job's `out` path:
 
@@ -37,11 +35,10 @@ def main(job_path: str) -> dict[str, float]:
     import torch.distributed as dist
 
     marks["import_torch"] = time.time()
-    import deepspeed
-    import deepspeed.ops
+    # training.engine is the project's one deepspeed import: it selects the accelerator and
+    # skips the shared-memory op (whose first use would compile C++ for a minute).
+    from training.engine import build_engine
 
-    # As training/engine.py: the shm op serves only inference all-reduce, yet would be built.
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     marks["import_deepspeed"] = time.time()
     from orchestrator.config import load_config
     from training.models import build_noise_scheduler, build_unet
@@ -59,19 +56,8 @@ def main(job_path: str) -> dict[str, float]:
     unet = build_unet(config, latent_channels=job["latent_channels"])  # imports diffusers
     marks["build_unet"] = time.time()
     t = config.train
-    params = [p for p in unet.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
-    warmup = max(1, t.warmup_steps)
-    lr_schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / warmup)
-    )
-    engine, _, _, _ = deepspeed.initialize(
-        model=unet,
-        optimizer=optimizer,
-        lr_scheduler=lr_schedule,
-        config=job["deepspeed_config"],
-        dist_init_required=False,
-    )
+    # The same AdamW, warmup schedule and derived DeepSpeed JSON as `ldm train`.
+    engine = build_engine(unet, config, world_size=1)
     marks["deepspeed_initialize"] = time.time()
 
     scheduler = build_noise_scheduler(config)

@@ -24,6 +24,7 @@ loaded machine fewer cycles run (at least 3), so the whole run stays within ~3 m
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import statistics
 import time
@@ -33,30 +34,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench.common import Timer, bench_config, demo_shards, table, write_result
+from bench.common import Timer, bench_config, decoded_samples, demo_shards, table, write_result
 
 
 def demo_batch(resolution: int, size: int) -> tuple[np.ndarray, list[str]]:
     """The first `size` images of the first demo shard, decoded and cropped (uint8 NHWC),
     with their captions: what the precompute decoder hands to the encoders."""
-    from data_pipeline.images import (
-        caption_of,
-        image_bytes,
-        list_shards,
-        read_shard,
-        resize_crop,
-        try_decode,
-    )
-
-    pixels, captions = [], []
-    for sample in read_shard(list_shards(demo_shards(1))[0]):
-        image = try_decode(image_bytes(sample))
-        if image is not None:
-            pixels.append(resize_crop(image, resolution))
-            captions.append(caption_of(sample))
-        if len(pixels) == size:
-            break
-    return np.stack(pixels), captions
+    first = itertools.islice(decoded_samples(demo_shards(1), resolution), size)
+    pixels, captions = zip(*first, strict=True)
+    return np.stack(pixels), list(captions)
 
 
 class Encoders:

@@ -13,8 +13,11 @@ import os
 import platform
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "runs" / "bench"
@@ -39,6 +42,30 @@ def demo_shards(num_shards: int) -> Path:
         if not link.exists():
             link.symlink_to(shard)
     return subset
+
+
+def decoded_samples(
+    shards: str | Path, resolution: int, captions: set[str] | None = None
+) -> Iterator[tuple[np.ndarray, str]]:
+    """(center-cropped uint8 image, caption) of each decodable sample in a shard folder, in
+    order; with `captions`, only of samples with one of them (the rest are not decoded)."""
+    from data_pipeline.images import (
+        caption_of,
+        image_bytes,
+        list_shards,
+        read_shard,
+        resize_crop,
+        try_decode,
+    )
+
+    for shard in list_shards(str(shards)):
+        for sample in read_shard(shard):
+            caption = caption_of(sample)
+            if captions is not None and caption not in captions:
+                continue
+            image = try_decode(image_bytes(sample))
+            if image is not None:
+                yield resize_crop(image, resolution), caption
 
 
 def bench_config(overrides: list[str] = ()):

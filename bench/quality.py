@@ -20,7 +20,7 @@ import itertools
 
 import numpy as np
 
-from bench.common import ROOT, WORK, write_result
+from bench.common import ROOT, WORK, decoded_samples, write_result
 
 COLOURS = ["red", "blue", "green", "yellow", "purple"]
 SHAPES = ["heart", "circle", "square"]
@@ -33,24 +33,10 @@ SAMPLES_PER_PROMPT = 4
 
 
 def _real_images(config, captions: set[str]) -> dict[str, np.ndarray]:
-    """Caption -> the real image with that caption, from the raw shards (center-cropped)."""
-    from data_pipeline.images import (
-        caption_of,
-        image_bytes,
-        list_shards,
-        read_shard,
-        resize_crop,
-        try_decode,
-    )
-
-    found = {}
-    for shard in list_shards(config.data.shards):
-        for sample in read_shard(shard):
-            caption = caption_of(sample)
-            if caption in captions and caption not in found:
-                image = try_decode(image_bytes(sample))
-                if image is not None:
-                    found[caption] = resize_crop(image, config.data.resolution, True)
+    """Caption -> the (first) real image with that caption, from the raw shards."""
+    found: dict[str, np.ndarray] = {}
+    for image, caption in decoded_samples(config.data.shards, config.data.resolution, captions):
+        found.setdefault(caption, image)
     return found
 
 

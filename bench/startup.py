@@ -8,7 +8,7 @@ takes it right after the step, in the worker, so no log forwarding delay is coun
 The baseline is `python bench/bare_deepspeed_step.py` (one rank, the process group set up as
 torchrun would but with a file rendezvous: torchrun's store would listen on every interface):
 the same UNet,
-`deepspeed.initialize` with the same DeepSpeed JSON (`training.engine.deepspeed_config`),
+`deepspeed.initialize` through `training.engine.build_engine` (the same DeepSpeed JSON),
 one step on random tensors of a batch's shapes; with DS_ACCELERATOR=cpu, the shared-memory
 op skipped as training/engine.py does, and OMP_NUM_THREADS=1 as Ray gives the worker. Its
 first step is the time.time() the script records after `engine.step()`.
@@ -85,15 +85,12 @@ def system_marks(config: ExperimentConfig, run: Launched) -> dict[str, float]:
 
 def bare_marks(config: ExperimentConfig, latent_channels: int, index: int) -> dict[str, float]:
     """Seconds from launching the bare script to each milestone it records."""
-    from training.engine import deepspeed_config
-
     yaml_path = OUT / "bare.yaml"
     yaml_path.write_text(config.to_yaml())
     out = OUT / f"bare-marks-{index}.json"
     out.unlink(missing_ok=True)
     job = {
         "config": str(yaml_path),
-        "deepspeed_config": deepspeed_config(config, world_size=1),
         "latent_channels": latent_channels,
         "out": str(out),
         "rendezvous": str(OUT / f"rendezvous-{index}"),

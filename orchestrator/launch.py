@@ -140,21 +140,6 @@ def newest_tag(config: ExperimentConfig) -> str | None:
     return str(tag) if tag else None
 
 
-def resume_tag(config: ExperimentConfig, newest: str | None) -> str | None:
-    """What `train.resume` points at: `auto` the newest tag, `never` nothing, or a tag."""
-    from training.checkpoint import MARKER, resolve_resume
-
-    resume = config.train.resume
-    if resume == "auto":
-        return newest
-    if storage.is_remote(resume):
-        if not storage.exists(storage.join(resume, MARKER)):
-            raise LdmError(f"train.resume={resume}: not a committed checkpoint tag (no {MARKER})")
-        return resume
-    tag = resolve_resume(resume, config.checkpoint_dir)
-    return str(tag) if tag else None
-
-
 def _ray_storage(config: ExperimentConfig) -> tuple[str, Any]:
     """Ray Train's storage: the run folder, or the run's prefix on the object store (through
     the same fsspec filesystem and credentials as everything else)."""
@@ -176,7 +161,7 @@ def train(config: ExperimentConfig) -> dict[str, Any]:
     from data_pipeline.precompute import cache_spec, resolve_cache_dir
     from data_pipeline.stream import Layout, check_enough_samples
     from orchestrator.cluster import ray_session
-    from training.checkpoint import load_train_state
+    from training.checkpoint import TRAIN_STATE, TrainState, resolve_resume
     from training.tracking import end_run, log_cache_input, reopen_run, start_run
 
     if config.train.eval_every:
@@ -208,8 +193,8 @@ def train(config: ExperimentConfig) -> dict[str, Any]:
             f"(newest {storage.basename(newest)}): choose another run.name, delete them, "
             "or resume=auto"
         )
-    tag = resume_tag(config, newest)
-    resumed = load_train_state(tag) if tag else None
+    tag = resolve_resume(config.train.resume, newest)
+    resumed = TrainState.load(storage.join(tag, TRAIN_STATE)) if tag else None
     if resumed and resumed.world_size not in (0, t.num_workers) and t.zero_stage == 3:
         raise LdmError(
             f"{tag} was saved by {resumed.world_size} ZeRO-3 ranks: resume it with "

@@ -11,7 +11,7 @@ the way Stable Diffusion did, and publishes the model folder atomically at
 `config.autoencoder_dir`, where precompute picks it up.
 
 Training checkpoints every `autoencoder.checkpoint_every` steps into
-`<run>/autoencoder-checkpoints/step_XXXXXXXX` (model, discriminator, optimizers, step, RNG;
+`<run>/autoencoder-checkpoints/step_<8-digit step>` (model, discriminator, optimizers, step, RNG;
 sealed by a commit marker as training checkpoints are), and a rerun continues from the
 newest committed one: an interrupted run ends with the weights an uninterrupted one has.
 

@@ -53,8 +53,9 @@ class TrainState:
         write_atomic(path, json.dumps(asdict(self)).encode())
 
     @classmethod
-    def load(cls, path: Path) -> TrainState:
-        data = json.loads(path.read_text())
+    def load(cls, path: str | Path) -> TrainState:
+        """Read a train state where it is: a file, or an object-store URI."""
+        data = json.loads(storage.read_bytes(path))
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
 
@@ -121,16 +122,16 @@ def prune(checkpoint_dir: Path, keep_last: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def resolve_resume(resume: str, checkpoint_dir: Path) -> Path | None:
-    """`auto` -> newest committed tag or None; `never` -> None; a path -> that tag."""
+def resolve_resume(resume: str, newest: str | None) -> str | None:
+    """`auto` -> `newest` (the run's newest committed tag, or None); `never` -> None; a
+    folder or object-store URI -> that tag, once its commit marker is there."""
     if resume == "never":
         return None
     if resume == "auto":
-        return latest_committed(checkpoint_dir)
-    tag = Path(resume)
-    if not is_committed(tag):
+        return newest
+    if not storage.exists(storage.join(resume, MARKER)):
         raise LdmError(f"train.resume={resume}: not a committed checkpoint tag (no {MARKER})")
-    return tag
+    return resume
 
 
 # --- tags on an object store -------------------------------------------------------------
@@ -211,10 +212,3 @@ def pull(remote_tag: str, local_dir: Path) -> Path:
     write_atomic(local_tag / MARKER, marker)
     verify(local_tag)
     return local_tag
-
-
-def load_train_state(tag: str | Path) -> TrainState:
-    """A committed tag's train state, read where the tag is (a folder or a URI)."""
-    data = json.loads(storage.read_bytes(storage.join(tag, TRAIN_STATE)))
-    known = {f.name for f in fields(TrainState)}
-    return TrainState(**{k: v for k, v in data.items() if k in known})

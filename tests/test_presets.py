@@ -23,7 +23,7 @@ def test_stable_diffusion_presets_match_published_parameter_counts(name):
     with torch.device("meta"):
         unet = build_unet(config, latent_channels=config.autoencoder.latent_channels)
         autoencoder = build_autoencoder(config)
-    text = build_text_encoder_meta(config.text_encoder.name_or_path)
+    text = build_text_encoder_meta(config.text_encoder)
     assert next(unet.parameters()).device.type == "meta"
     sizes = {"unet": count(unet), "autoencoder": count(autoencoder), "text_encoder": count(text)}
     assert sizes == PUBLISHED[name]
@@ -34,7 +34,7 @@ def test_the_papers_text_to_image_model_is_1_45_billion_parameters():
     config = get_preset("ldm_kl8_txt2img")
     with torch.device("meta"):
         unet = build_unet(config, latent_channels=config.autoencoder.latent_channels)
-    text = build_text_encoder_meta(config.text_encoder.name_or_path)
+    text = build_text_encoder_meta(config.text_encoder)
     assert count(unet) == 872_300_484  # CompVis/ldm-text2im-large-256's UNet
     assert len(text.model.layers if hasattr(text, "model") else text.encoder.layers) == 32
     assert abs(count(unet) + count(text) - 1.45e9) / 1.45e9 < 0.02  # the paper's 1.45 B

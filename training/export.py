@@ -29,12 +29,14 @@ from diffusers import DDIMScheduler
 from orchestrator.config import build_config
 from orchestrator.errors import LdmError
 from training import checkpoint as ckpt
-from training.generate import load_unet
+from training.generate import load_model
 from training.models import (
     autoencoder_config,
     build_sampling_scheduler,
     load_autoencoder,
     load_text_encoder,
+    load_tokenizer,
+    parts,
 )
 
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
@@ -61,13 +63,19 @@ def fold_latent_shift(vae: torch.nn.Module) -> torch.nn.Module:
 
 def _readme(tag_dir: Path, config, use_ema: bool, step: int, text_encoder: str) -> str:
     s, res = config.sample, config.data.resolution
+    trained = (
+        f"trained jointly with the UNet, {'EMA' if use_ema else 'raw'} weights"
+        if config.text_encoder.trainable
+        else "frozen, as pretrained"
+    )
     return f"""# {config.run.name} — text-to-image latent diffusion model (diffusers format)
 
 Exported by `ldm export` from checkpoint `{tag_dir.name}` (training step {step}),
 {"EMA" if use_ema else "raw (non-EMA)"} UNet weights, {res}x{res} px images. Text encoder:
-`{config.text_encoder.name_or_path}` ({text_encoder}; per-token hidden states, prompts padded to
-{config.text_encoder.max_length} tokens). Scheduler: DDIM over the training noise schedule
-(prediction type `{config.diffusion.prediction_type}`). Weights are safetensors only.
+`{config.text_encoder.name_or_path}` ({text_encoder}; {trained}; per-token hidden states,
+prompts padded to {config.text_encoder.max_length} tokens). Scheduler: DDIM over the training
+noise schedule (prediction type `{config.diffusion.prediction_type}`). Weights are safetensors
+only.
 
 ```python
 import torch
@@ -105,7 +113,7 @@ def export_pipeline(
             f"{tag_dir} is not a checkpoint tag (no config.yaml); "
             "pass e.g. runs/demo/checkpoints/step_00001500"
         )
-    unet = load_unet(tag_dir, use_ema)  # verifies every file's sha256 first
+    model = parts(load_model(tag_dir, use_ema))  # verifies every file's sha256 first
     config = build_config(
         yaml.safe_load((tag_dir / "config.yaml").read_text()), absolute_paths=False
     )
@@ -120,7 +128,11 @@ def export_pipeline(
     from diffusers import StableDiffusionPipeline
 
     step = json.loads((tag_dir / ckpt.TRAIN_STATE).read_text())["step"]
-    text_encoder, tokenizer = load_text_encoder(config.text_encoder.name_or_path)
+    if "text_encoder" in model:  # trained with the UNet: the checkpoint's (EMA) weights
+        text_encoder = model["text_encoder"]
+        tokenizer = load_tokenizer(config.text_encoder.name_or_path)
+    else:
+        text_encoder, tokenizer = load_text_encoder(config.text_encoder.name_or_path)
     # The pipeline pads to model_max_length and hands the text encoder the padding mask only
     # when use_attention_mask is set: then real tokens' hidden states equal training's.
     text_encoder.config.use_attention_mask = True
@@ -131,7 +143,7 @@ def export_pipeline(
         vae=fold_latent_shift(load_autoencoder(config.autoencoder_dir)),
         text_encoder=text_encoder,
         tokenizer=tokenizer,
-        unet=unet,
+        unet=model["unet"],
         scheduler=scheduler,
         safety_checker=None,
         feature_extractor=None,

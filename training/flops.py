@@ -27,20 +27,26 @@ PEAK_TFLOPS_BF16 = {
 }
 
 
-def train_flops_per_sample(unet: torch.nn.Module, latent_size: int, context: tuple[int, int]):
-    """FLOPs of forward + backward for one sample: 3x the traced forward pass."""
+def train_flops_per_sample(model: torch.nn.Module, latent_size: int, text_length: int):
+    """FLOPs of forward + backward for one sample: 3x the traced forward pass (of the UNet,
+    and of the text encoder when it trains with it)."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    from training.models import TextConditionedUNet, empty_like, unet_of
+
     with torch.device("meta"):
-        model = type(unet).from_config(unet.config)
-        channels = model.config.in_channels
-        sample = torch.zeros(1, channels, latent_size, latent_size)
-        states = torch.zeros(1, *context)
-        mask = torch.ones(1, context[0], dtype=torch.bool)
+        copy = empty_like(model)
+        unet = unet_of(copy)
+        sample = torch.zeros(1, unet.config.in_channels, latent_size, latent_size)
+        if isinstance(copy, TextConditionedUNet):  # token ids in, the encoder runs inside
+            context = torch.zeros(1, text_length, dtype=torch.long)
+        else:
+            context = torch.zeros(1, text_length, unet.config.cross_attention_dim)
+        mask = torch.ones(1, text_length, dtype=torch.bool)
         timestep = torch.zeros(1, dtype=torch.long)
         counter = FlopCounterMode(display=False)
         with counter, torch.no_grad():
-            model(sample, timestep, encoder_hidden_states=states, encoder_attention_mask=mask)
+            copy(sample, timestep, encoder_hidden_states=context, encoder_attention_mask=mask)
     return 3.0 * counter.get_total_flops()
 
 

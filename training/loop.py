@@ -26,12 +26,13 @@ from data_pipeline.stream import DataCursor, LatentCacheStream
 from orchestrator.config import ExperimentConfig
 from training import checkpoint as ckpt
 from training.engine import build_engine, full_state_dict, load_engine, save_engine, to_universal
-from training.models import build_noise_scheduler, build_unet
+from training.models import build_denoiser, build_noise_scheduler, empty_like, parts, split_by_part
 from training.tracking import NullTracker, tracker_for
 
-EMA_FILE = "ema_unet.safetensors"
-RAW_FILE = "unet.safetensors"
-UNET_CONFIG = "unet_config.json"
+# Per stored part (`models.parts`: the UNet, and a text encoder trained with it): EMA and raw
+# weights, and the architecture's config.
+EMA_FILE, RAW_FILE, CONFIG_FILE = "ema_{}.safetensors", "{}.safetensors", "{}_config.json"
+UNET_CONFIG = CONFIG_FILE.format("unet")
 
 
 class Rank0:
@@ -42,21 +43,20 @@ class Rank0:
 
         self.config, self.tracker, self.device = config, tracker, device
         self.sampler = Sampler(config, device)
-        self.sample_unet = None
+        self.sample_model = None
         self.evaluator = None
         self.flops_per_sample, self.peak_flops = None, None
         self.system = None
         self._stop_polled = -1.0
 
-    def start_monitoring(self, unet: torch.nn.Module, spec: dict, step: Callable[[], int]) -> None:
+    def start_monitoring(self, model: torch.nn.Module, spec: dict, step: Callable[[], int]) -> None:
         """Count the model's FLOPs once, find the device peak, start system metrics."""
         from training.flops import peak_flops, train_flops_per_sample
         from training.tracking import SystemMetrics
 
         size = self.config.data.resolution // self.config.autoencoder.downsample_factor
-        context = (spec["text_max_length"], unet.config.cross_attention_dim)
-        self.flops_per_sample = train_flops_per_sample(unet, size, context)
-        device = next(unet.parameters()).device
+        self.flops_per_sample = train_flops_per_sample(model, size, spec["text_max_length"])
+        device = next(model.parameters()).device
         self.peak_flops = peak_flops(device, self.config.tracking.peak_tflops)
         self.tracker.log_metrics({"model_gflops_per_sample": self.flops_per_sample / 1e9}, 0)
         if self.config.train.eval_every:  # fail at start, not at the first evaluation
@@ -98,28 +98,31 @@ class Rank0:
     def convert_to_universal(self, tag_dir: Path, out: Path) -> None:
         convert_to_universal(tag_dir, out)
 
-    def sample(self, ema: EMAModel, unet: torch.nn.Module, step: int) -> None:
+    def _ema_model(self, ema: EMAModel, model: torch.nn.Module) -> torch.nn.Module:
+        # Building a model draws from torch's RNG; training's noise stream must not notice.
+        with torch.random.fork_rng(devices=[]):
+            if self.sample_model is None:
+                self.sample_model = empty_like(model).to(self.device)
+        ema.copy_to(self.sample_model.parameters())
+        return self.sample_model
+
+    def sample(self, ema: EMAModel, model: torch.nn.Module, step: int) -> None:
         from training.sampling import prompt_grid
 
-        # Building a UNet draws from torch's RNG; training's noise stream must not notice.
+        sample_model = self._ema_model(ema, model)
         with torch.random.fork_rng(devices=[]):
-            if self.sample_unet is None:
-                self.sample_unet = type(unet).from_config(unet.config).to(self.device)
-            ema.copy_to(self.sample_unet.parameters())
-            image = prompt_grid(self.sampler, self.sample_unet, self.config)
+            image = prompt_grid(self.sampler, sample_model, self.config)
         self.tracker.log_image(image, key="samples", step=step)
 
-    def evaluate(self, ema: EMAModel, unet: torch.nn.Module, step: int) -> None:
+    def evaluate(self, ema: EMAModel, model: torch.nn.Module, step: int) -> None:
         from training.evaluation import Evaluator
 
         started = time.perf_counter()
+        sample_model = self._ema_model(ema, model)
         with torch.random.fork_rng(devices=[]):
             if self.evaluator is None:
                 self.evaluator = Evaluator(self.config)
-            if self.sample_unet is None:
-                self.sample_unet = type(unet).from_config(unet.config).to(self.device)
-            ema.copy_to(self.sample_unet.parameters())
-            scores = self.evaluator.score(self.sampler, self.sample_unet)
+            scores = self.evaluator.score(self.sampler, sample_model)
         scores["eval/seconds"] = time.perf_counter() - started
         self.log(scores, step)
 
@@ -127,17 +130,21 @@ class Rank0:
         self,
         tag_dir: Path,
         ema: EMAModel,
-        unet: torch.nn.Module,
+        model: torch.nn.Module,
         weights: dict[str, torch.Tensor],
         state: ckpt.TrainState,
     ) -> None:
-        names = [name for name, _ in unet.named_parameters()]
-        save_file(
-            {n: p.detach().contiguous() for n, p in zip(names, ema.shadow_params, strict=True)},
-            tag_dir / EMA_FILE,
-        )
-        save_file({n: w.contiguous() for n, w in weights.items()}, tag_dir / RAW_FILE)
-        unet.to_json_file(str(tag_dir / UNET_CONFIG))
+        names = [name for name, _ in model.named_parameters()]
+        shadow = dict(zip(names, ema.shadow_params, strict=True))
+        split_ema, split_raw = split_by_part(model, shadow), split_by_part(model, weights)
+        for part, module in parts(model).items():
+            ema_part = {n: p.detach().contiguous() for n, p in split_ema[part].items()}
+            save_file(ema_part, tag_dir / EMA_FILE.format(part))
+            raw = {n: w.contiguous() for n, w in split_raw[part].items()}
+            save_file(raw, tag_dir / RAW_FILE.format(part))
+            # diffusers models write their own config; transformers models keep it in .config
+            write_config = getattr(module, "to_json_file", None) or module.config.to_json_file
+            write_config(str(tag_dir / CONFIG_FILE.format(part)))
         (tag_dir / "config.yaml").write_text(self.config.to_yaml())
         state.save(tag_dir / ckpt.TRAIN_STATE)
 
@@ -160,19 +167,19 @@ class NullRank0(Rank0):
     def __init__(self):  # noqa: D107 - nothing to build on other ranks
         pass
 
-    def start_monitoring(self, unet, spec, step):  # noqa: D102
+    def start_monitoring(self, model, spec, step):  # noqa: D102
         pass
 
-    def evaluate(self, ema, unet, step):  # noqa: D102
+    def evaluate(self, ema, model, step):  # noqa: D102
         pass
 
     def log(self, metrics, step):  # noqa: D102
         pass
 
-    def sample(self, ema, unet, step):  # noqa: D102
+    def sample(self, ema, model, step):  # noqa: D102
         pass
 
-    def write_tag_files(self, tag_dir, ema, unet, weights, state):  # noqa: D102
+    def write_tag_files(self, tag_dir, ema, model, weights, state):  # noqa: D102
         pass
 
     def commit(self, tag_dir):  # noqa: D102
@@ -220,7 +227,7 @@ def drop_captions(
 
 
 def diffusion_loss(
-    unet: torch.nn.Module,
+    model: torch.nn.Module,
     batch: CacheBatch,
     scheduler,
     latent_norm: tuple[float, float],
@@ -252,13 +259,15 @@ def diffusion_loss(
         snr = alpha_bar / (1 - alpha_bar)
         weight = snr.clamp(max=snr_gamma) / (snr if epsilon else snr + 1)
 
-    parameter = next(unet.parameters())
+    parameter = next(model.parameters())
     device, dtype = parameter.device, parameter.dtype
     layout = torch.channels_last if channels_last else torch.contiguous_format
-    pred = unet(
+    # Token ids (a text encoder trained inside `model`) stay integers.
+    context_dtype = dtype if context.is_floating_point() else None
+    pred = model(
         noisy.to(device, dtype, non_blocking=True, memory_format=layout),
         t.to(device, non_blocking=True),
-        encoder_hidden_states=context.to(device, dtype, non_blocking=True),
+        encoder_hidden_states=context.to(device=device, dtype=context_dtype, non_blocking=True),
         encoder_attention_mask=mask.to(device, non_blocking=True),
     ).sample
     target = target.to(device, non_blocking=True)
@@ -279,6 +288,16 @@ def empty_prompt(cache_dir: str | Path, max_length: int) -> tuple[torch.Tensor, 
     mask = torch.zeros(max_length, dtype=torch.bool)
     mask[:n] = True
     return context, mask
+
+
+def load_ema(tag_dir: Path, model: torch.nn.Module) -> list[torch.Tensor]:
+    """The EMA weights a tag stores for `model`, in the order of its parameters."""
+    shadow: dict[str, torch.Tensor] = {}
+    for part in parts(model):
+        stored = load_file(tag_dir / EMA_FILE.format(part))
+        prefix = "" if len(parts(model)) == 1 else f"{part}."
+        shadow.update({prefix + name: tensor for name, tensor in stored.items()})
+    return [shadow[name].clone() for name, _ in model.named_parameters()]
 
 
 def convert_to_universal(tag_dir: Path, out: Path) -> None:
@@ -315,12 +334,12 @@ def train_worker(
 
     # Build: the same seed on every rank gives identical initial weights.
     torch.manual_seed(config.run.seed)
-    unet = build_unet(config, latent_channels=spec["latent_channels"])
+    model = build_denoiser(config, latent_channels=spec["latent_channels"])
     saved = ckpt.TrainState.load(resume_from / ckpt.TRAIN_STATE) if resume_from else None
     # A ZeRO-1/2 checkpoint of another world size loads through DeepSpeed's universal format.
     elastic = saved is not None and saved.world_size not in (0, world) and t.zero_stage in (1, 2)
-    engine = build_engine(unet, config, world, load_universal=elastic)
-    ema = EMAModel(unet.parameters(), decay=t.ema_decay)
+    engine = build_engine(model, config, world, load_universal=elastic)
+    ema = EMAModel(model.parameters(), decay=t.ema_decay)
     scheduler = build_noise_scheduler(config)
     empty = empty_prompt(cache_dir, spec["text_max_length"])
     latent_norm = (spec.get("shift_factor", 0.0), spec["scaling_factor"])
@@ -354,8 +373,7 @@ def train_worker(
             main.clear(universal.parent)
         else:
             load_engine(engine, resume_from.parent, resume_from.name)
-        shadow = load_file(resume_from / EMA_FILE)
-        ema.shadow_params = [shadow[name].clone() for name, _ in unet.named_parameters()]
+        ema.shadow_params = load_ema(resume_from, model)
         ema.optimization_step = state.step
         main.note(
             f"train: resuming from {resume_from} (step {state.step}), "
@@ -386,7 +404,7 @@ def train_worker(
     accumulation = config.gradient_accumulation_steps
     window = Window()
     metrics: dict[str, float] = {}
-    main.start_monitoring(unet, spec, lambda: state.step)
+    main.start_monitoring(model, spec, lambda: state.step)
 
     while state.step < t.num_steps:
         engine.train()
@@ -412,7 +430,7 @@ def train_worker(
             losses.append(loss.detach())
             window.dropped += int(dropped.sum())
             window.samples += len(dropped)
-        ema.step(unet.parameters())
+        ema.step(model.parameters())
         state.step += 1
         window.steps += 1
         batches_taken += accumulation
@@ -428,7 +446,7 @@ def train_worker(
         if state.step % t.checkpoint_every == 0 or final or stopping:
             with window.phase("checkpoint"):
                 state.data_cursor = stream.cursor_after(batches_taken).to_dict()
-                tag_dir = save_checkpoint(engine, ema, unet, state, config, main)
+                tag_dir = save_checkpoint(engine, ema, model, state, config, main)
                 report(metrics, tag_dir)
 
         if stopping:
@@ -436,9 +454,9 @@ def train_worker(
             break
         with window.phase("sample_eval"):
             if state.step % t.sample_every == 0 or final:
-                main.sample(ema, unet, state.step)
+                main.sample(ema, model, state.step)
             if t.eval_every and (state.step % t.eval_every == 0 or final):
-                main.evaluate(ema, unet, state.step)
+                main.evaluate(ema, model, state.step)
 
     main.close()
     return metrics
@@ -509,7 +527,7 @@ def _any_rank(flag: bool) -> bool:
 
 
 def save_checkpoint(
-    engine, ema, unet, state: ckpt.TrainState, config: ExperimentConfig, main: Rank0
+    engine, ema, model, state: ckpt.TrainState, config: ExperimentConfig, main: Rank0
 ) -> str:
     """All ranks write, then rank 0 commits the tag after a barrier; returns where it is.
 
@@ -532,7 +550,7 @@ def save_checkpoint(
     state.world_size = dist.get_world_size()
     save_engine(engine, config.checkpoint_dir, tag)
     weights = full_state_dict(engine)  # a collective under ZeRO-3: every rank takes part
-    main.write_tag_files(tag_dir, ema, unet, weights, state)
+    main.write_tag_files(tag_dir, ema, model, weights, state)
     dist.barrier()  # every rank's files are on disk before the tag is sealed
     if remote is not None:
         remote_tag = storage.join(remote, tag)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from orchestrator.config import MINILM, ExperimentConfig
+from orchestrator.config import LDMBERT, MINILM, ExperimentConfig, TextEncoderConfig
 from orchestrator.errors import LdmError
 
 if TYPE_CHECKING:
@@ -63,43 +63,159 @@ KNOWN_TEXT_ENCODERS = {
 }  # fmt: skip
 
 
-def text_encoder_config(name_or_path: str):
+def tokenizer_path(name_or_path: str) -> Path:
+    """Where the tokenizer is: `ldmbert` uses BERT's uncased WordPiece vocabulary (as CompVis'
+    LDM-KL-8-G), which the MiniLM package ships."""
+    return text_encoder_path(MINILM if name_or_path == LDMBERT else name_or_path)
+
+
+def load_tokenizer(name_or_path: str):
+    from transformers import AutoTokenizer
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    return AutoTokenizer.from_pretrained(tokenizer_path(name_or_path))
+
+
+def text_encoder_config(te: TextEncoderConfig):
     """The text encoder's config, without loading weights: a known name or a local folder."""
     from transformers import AutoConfig, CLIPTextConfig
 
-    if name_or_path == "ldmbert":  # the paper's 32-layer BERT-style text transformer
+    if te.name_or_path == LDMBERT:  # the paper's 32-layer BERT-style text transformer
         from diffusers.pipelines.latent_diffusion.pipeline_latent_diffusion import LDMBertConfig
 
-        return LDMBertConfig()  # diffusers' defaults are the paper's LDM-KL-8-G text model
-    if name_or_path in KNOWN_TEXT_ENCODERS:
-        return CLIPTextConfig(**KNOWN_TEXT_ENCODERS[name_or_path])
-    return AutoConfig.from_pretrained(text_encoder_path(name_or_path))
+        # diffusers' defaults are the paper's LDM-KL-8-G text model (CompVis'
+        # ldm-text2im-large-256); smaller sizes keep its shape: 8 heads, 4x wide MLP.
+        sizes = {}
+        if te.num_layers is not None:
+            sizes["encoder_layers"] = te.num_layers
+        if te.hidden_size is not None:
+            width = te.hidden_size
+            sizes.update(d_model=width, encoder_ffn_dim=4 * width, head_dim=width // 8)
+        return LDMBertConfig(**sizes)
+    if te.name_or_path in KNOWN_TEXT_ENCODERS:
+        return CLIPTextConfig(**KNOWN_TEXT_ENCODERS[te.name_or_path])
+    return AutoConfig.from_pretrained(text_encoder_path(te.name_or_path))
 
 
-def build_text_encoder_meta(name_or_path: str) -> torch.nn.Module:
-    """The text encoder's architecture with no weights (meta device): for sizing only."""
+def _text_model(cfg) -> torch.nn.Module:
     from transformers import AutoModel, CLIPTextModel
 
-    cfg = text_encoder_config(name_or_path)
-    with torch.device("meta"):
-        if cfg.model_type == "ldmbert":
-            from diffusers.pipelines.latent_diffusion.pipeline_latent_diffusion import (
-                LDMBertModel,
-            )
+    if cfg.model_type == "ldmbert":
+        from diffusers.pipelines.latent_diffusion.pipeline_latent_diffusion import LDMBertModel
 
-            return LDMBertModel(cfg)
-        if cfg.model_type in ("clip", "clip_text_model"):
-            return CLIPTextModel(cfg)
-        return AutoModel.from_config(cfg)
+        return LDMBertModel(cfg)
+    if cfg.model_type in ("clip", "clip_text_model"):
+        return CLIPTextModel(cfg)
+    return AutoModel.from_config(cfg)
+
+
+def text_model_from_config(values: dict) -> torch.nn.Module:
+    """A text encoder (fresh weights) from the config a checkpoint stored with it."""
+    from transformers import AutoConfig
+
+    values = dict(values)
+    model_type = values.pop("model_type")
+    if model_type == "ldmbert":
+        from diffusers.pipelines.latent_diffusion.pipeline_latent_diffusion import LDMBertConfig
+
+        return _text_model(LDMBertConfig(**values))
+    return _text_model(AutoConfig.for_model(model_type, **values))
+
+
+def build_text_encoder_meta(te: TextEncoderConfig) -> torch.nn.Module:
+    """The text encoder's architecture with no weights (meta device): for sizing only."""
+    with torch.device("meta"):
+        return _text_model(text_encoder_config(te))
 
 
 def text_hidden_size(config: ExperimentConfig) -> int:
-    """The text encoder's hidden size, read from its config.json without loading weights."""
-    cfg = json.loads(
-        (text_encoder_path(config.text_encoder.name_or_path) / "config.json").read_text()
-    )
+    """The text encoder's hidden size, read from its config without loading weights."""
+    te = config.text_encoder
+    if te.name_or_path == LDMBERT:
+        return int(text_encoder_config(te).d_model)
+    cfg = json.loads((text_encoder_path(te.name_or_path) / "config.json").read_text())
     cfg = cfg.get("text_config", cfg)  # CLIP folders nest the text tower's config
     return int(cfg["hidden_size"])
+
+
+def build_trainable_text_encoder(config: ExperimentConfig) -> torch.nn.Module:
+    """The text encoder trained jointly with the UNet: `ldmbert` freshly initialised, or a
+    pretrained one fine-tuned from its weights. In train mode, gradients on."""
+    te = config.text_encoder
+    if te.name_or_path == LDMBERT:
+        model = _text_model(text_encoder_config(te))
+        # LDMBertModel keeps a masked-LM head (`to_logits`) its forward never calls: it gets
+        # no gradient, so it stays out of the optimizer (its weights still count and export).
+        model.to_logits.requires_grad_(False)
+    else:
+        model, _ = load_text_encoder(te.name_or_path)
+        model.requires_grad_(True)
+    if config.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    return model.train()
+
+
+class TextConditionedUNet(torch.nn.Module):
+    """The UNet and a text encoder trained with it, as one module: one DeepSpeed engine then
+    shards both's optimizer state and reduces both's gradients.
+
+    Called like the UNet, except that `encoder_hidden_states` are token ids: the encoder's
+    hidden states are computed inside, masked exactly as the frozen encoder's are cached.
+    """
+
+    def __init__(self, unet: UNet2DConditionModel, text_encoder: torch.nn.Module):
+        super().__init__()
+        self.unet, self.text_encoder = unet, text_encoder
+
+    def forward(self, sample, timestep, encoder_hidden_states, encoder_attention_mask):
+        mask = encoder_attention_mask
+        hidden = self.text_encoder(
+            input_ids=encoder_hidden_states, attention_mask=mask.long(), return_dict=True
+        ).last_hidden_state
+        hidden = hidden * mask[..., None].to(hidden.dtype)
+        return self.unet(
+            sample, timestep, encoder_hidden_states=hidden, encoder_attention_mask=mask
+        )
+
+
+def build_denoiser(
+    config: ExperimentConfig, latent_channels: int
+) -> UNet2DConditionModel | TextConditionedUNet:
+    """What training optimises: the UNet, or the UNet with its jointly trained text encoder."""
+    unet = build_unet(config, latent_channels)
+    if not config.text_encoder.trainable:
+        return unet
+    return TextConditionedUNet(unet, build_trainable_text_encoder(config))
+
+
+def unet_of(model: torch.nn.Module) -> UNet2DConditionModel:
+    return model.unet if isinstance(model, TextConditionedUNet) else model
+
+
+def parts(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """The modules a checkpoint stores separately, by file prefix."""
+    if isinstance(model, TextConditionedUNet):
+        return {"unet": model.unet, "text_encoder": model.text_encoder}
+    return {"unet": model}
+
+
+def split_by_part(model: torch.nn.Module, tensors: dict) -> dict[str, dict]:
+    """A state dict of `model` (parameter names as `model` has them) cut into `parts`."""
+    if not isinstance(model, TextConditionedUNet):
+        return {"unet": dict(tensors)}
+    out: dict[str, dict] = {name: {} for name in parts(model)}
+    for key, value in tensors.items():
+        part, _, rest = key.partition(".")
+        out[part][rest] = value
+    return out
+
+
+def empty_like(model: torch.nn.Module) -> torch.nn.Module:
+    """A model of the same architecture (fresh weights), e.g. to load EMA weights into."""
+    if isinstance(model, TextConditionedUNet):
+        encoder = _text_model(model.text_encoder.config)
+        return TextConditionedUNet(empty_like(model.unet), encoder)
+    return type(model).from_config(model.config)
 
 
 def load_text_encoder(name_or_path: str) -> tuple[torch.nn.Module, object]:

@@ -74,7 +74,7 @@ def parameter_counts(config: ExperimentConfig) -> dict[str, int]:
     def count(module: torch.nn.Module) -> int:
         return sum(p.numel() for p in module.parameters())
 
-    text = build_text_encoder_meta(config.text_encoder.name_or_path)
+    text = build_text_encoder_meta(config.text_encoder)
     with torch.device("meta"):
         unet = build_unet(config, latent_channels=config.autoencoder.latent_channels)
         autoencoder = build_autoencoder(config)
@@ -162,15 +162,18 @@ def step_time(
 def _profile(config_json: str) -> tuple[dict[str, int], float, float]:
     """(parameters, training FLOPs per sample, activation bytes per sample) of a config."""
     from training.flops import train_flops_per_sample
-    from training.models import build_unet
+    from training.models import build_denoiser
 
     config = ExperimentConfig.model_validate_json(config_json)
     params = parameter_counts(config)
+    # A text encoder trained jointly is optimised (and sharded) with the UNet.
+    params["trained"] = params["unet"] + (
+        params["text_encoder"] if config.text_encoder.trainable else 0
+    )
     latent = config.data.resolution // config.autoencoder.downsample_factor
     with torch.device("meta"):
-        unet = build_unet(config, latent_channels=config.autoencoder.latent_channels)
-    context = (config.text_encoder.max_length, unet.config.cross_attention_dim)
-    flops = train_flops_per_sample(unet, latent, context)
+        model = build_denoiser(config, latent_channels=config.autoencoder.latent_channels)
+    flops = train_flops_per_sample(model, latent, config.text_encoder.max_length)
     return params, flops, activation_bytes_per_sample(config)
 
 
@@ -185,10 +188,17 @@ def plan(
     gpu = gpu_of(gpu_type)
     params, flops, act = _profile(config.model_dump_json())
     micro = config.train.micro_batch_size
-    memory = {s: memory_per_gpu(params["unet"], num_gpus, s, act * micro) for s in range(4)}
+    memory = {s: memory_per_gpu(params["trained"], num_gpus, s, act * micro) for s in range(4)}
     batch = global_batch or config.train.global_batch_size
     compute, comm = step_time(
-        flops, params["unet"], num_gpus, gpu, batch, utilisation, overlap, config.train.zero_stage
+        flops,
+        params["trained"],
+        num_gpus,
+        gpu,
+        batch,
+        utilisation,
+        overlap,
+        config.train.zero_stage,
     )
     return Plan(params, flops, act, memory, batch / (compute + comm), compute + comm, compute, comm)
 
@@ -251,10 +261,12 @@ def mosaic_check(overlap: float) -> list[dict]:
 
 def report(config: ExperimentConfig, p: Plan, num_gpus: int, gpu_type: str) -> list[str]:
     gpu = gpu_of(gpu_type)
+    trained = "UNet and text encoder" if config.text_encoder.trainable else "UNet"
     lines = [
         "parameters   " + ", ".join(f"{k} {v:,}" for k, v in p.parameters.items()),
-        f"per sample   {p.flops_per_sample / 1e12:.3f} TFLOPs to train the UNet (3x forward, "
-        f"traced); {p.activation_bytes_per_sample / 2**20:.0f} MiB of bf16 activations",
+        f"per sample   {p.flops_per_sample / 1e12:.3f} TFLOPs to train the {trained} (3x "
+        f"forward, traced); {p.activation_bytes_per_sample / 2**20:.0f} MiB of bf16 UNet "
+        "activations",
         f"memory/GPU   {num_gpus} x {gpu.name} ({gpu.memory_gib:.0f} GiB), micro-batch "
         f"{config.train.micro_batch_size}:",
     ]

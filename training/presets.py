@@ -129,7 +129,12 @@ def _stable_diffusion(
                 "layers_per_block": 2,
                 "latent_channels": 4,
             },
-            "text_encoder": {"name_or_path": text_encoder, "max_length": 77},
+            "text_encoder": {
+                "name_or_path": text_encoder,
+                "max_length": 77,
+                # The paper trains its text transformer with the UNet; SD's CLIP stays frozen.
+                "trainable": text_encoder == "ldmbert",
+            },
             "unet": {
                 "block_out_channels": [320, 640, 1280, 1280],
                 "layers_per_block": 2,

@@ -3,7 +3,8 @@ classifier-free guidance and a negative prompt, decoded by the autoencoder.
 
 Used for the sample grids logged during training and by `ldm sample`. Prompts are encoded by
 the same frozen text encoder the cache was built with, padded with an attention mask just
-as in training.
+as in training; with a text encoder trained jointly, they are only tokenized, and the model
+(`models.TextConditionedUNet`) encodes them with its own encoder.
 """
 
 from __future__ import annotations
@@ -14,17 +15,29 @@ from diffusers import UNet2DConditionModel
 
 from data_pipeline.images import to_uint8
 from orchestrator.config import ExperimentConfig
-from training.models import build_sampling_scheduler, load_autoencoder, load_text_encoder
+from training.models import (
+    TextConditionedUNet,
+    build_sampling_scheduler,
+    load_autoencoder,
+    load_text_encoder,
+    load_tokenizer,
+)
 
 
 class PromptEncoder:
-    """Prompts -> (hidden states, mask) padded to the training length."""
+    """Prompts -> (hidden states, mask) padded to the training length; (token ids, mask) when
+    the text encoder is trained jointly and so lives inside the model being sampled."""
 
-    def __init__(self, name_or_path: str, max_length: int, device: torch.device | None = None):
-        self.model, self.tokenizer = load_text_encoder(name_or_path)
+    def __init__(self, config: ExperimentConfig, device: torch.device | None = None):
+        te = config.text_encoder
         self.device = device or torch.device("cpu")
-        self.model.to(self.device)
-        self.max_length = max_length
+        self.model = None
+        if te.trainable:
+            self.tokenizer = load_tokenizer(te.name_or_path)
+        else:
+            self.model, self.tokenizer = load_text_encoder(te.name_or_path)
+            self.model.to(self.device)
+        self.max_length = te.max_length
 
     @torch.inference_mode()
     def __call__(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,8 +48,10 @@ class PromptEncoder:
             truncation=True,
             return_tensors="pt",
         ).to(self.device)
-        hidden = self.model(**tokens).last_hidden_state
         mask = tokens["attention_mask"].bool()
+        if self.model is None:
+            return tokens["input_ids"], mask
+        hidden = self.model(**tokens).last_hidden_state
         return hidden * mask[..., None], mask
 
 
@@ -47,16 +62,14 @@ class Sampler:
         """`device`: where the encoders and the UNet passed in run (default the CPU)."""
         self.config = config
         self.device = device or torch.device("cpu")
-        self.encode = PromptEncoder(
-            config.text_encoder.name_or_path, config.text_encoder.max_length, self.device
-        )
+        self.encode = PromptEncoder(config, self.device)
         self.vae = load_autoencoder(config.autoencoder_dir).to(self.device)
         self.scheduler = build_sampling_scheduler(config)
 
     @torch.inference_mode()
     def __call__(
         self,
-        unet: UNet2DConditionModel,
+        unet: UNet2DConditionModel | TextConditionedUNet,
         prompts: list[str],
         seed: int,
         num_steps: int,
@@ -78,7 +91,7 @@ class Sampler:
         size = self.config.data.resolution // self.config.autoencoder.downsample_factor
         generator = torch.Generator().manual_seed(seed)
         latents = torch.randn(  # drawn on the CPU: the same images on any device
-            len(prompts), unet.config.in_channels, size, size, generator=generator
+            len(prompts), self.vae.config.latent_channels, size, size, generator=generator
         ).to(self.device)
         self.scheduler.set_timesteps(num_steps)
         latents = latents * self.scheduler.init_noise_sigma
@@ -121,7 +134,7 @@ def grid(images: np.ndarray, num_columns: int) -> np.ndarray:
 
 
 def prompt_grid(
-    sampler: Sampler, unet: UNet2DConditionModel, config: ExperimentConfig
+    sampler: Sampler, unet: UNet2DConditionModel | TextConditionedUNet, config: ExperimentConfig
 ) -> np.ndarray:
     """The fixed grid logged during training: one row per prompt, fixed seeds."""
     s = config.sample

@@ -1,0 +1,104 @@
+"""A text encoder trained jointly with the UNet (the paper's LDM-KL-8-G recipe): a token-id
+cache, both models in one DeepSpeed engine with their optimizer state sharded over the
+ranks, exact resume, and the trained encoder in samples and the exported pipeline.
+
+A real `ldm precompute` / `ldm train` (Ray Train, 2 ZeRO-2 ranks) / sampling / export
+on the session's `pipeline` fixture, with a 2-layer `ldmbert`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import ok, run_ldm
+
+pytestmark = pytest.mark.slow
+
+JOINT = (
+    "text_encoder.name_or_path=ldmbert",
+    "text_encoder.trainable=true",
+    "text_encoder.num_layers=2",
+    "text_encoder.hidden_size=64",
+    "text_encoder.max_length=16",
+)
+QUIET = ("train.log_every=1", "tracking.log_model=false", "train.checkpoint_every=2")
+
+
+def _weights(tag: Path, part: str) -> dict[str, torch.Tensor]:
+    return load_file(tag / f"{part}.safetensors")
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_joint_text_encoder_trains_shards_resumes_samples_and_exports(pipeline, tmp_path):
+    work, _, _ = pipeline
+    exp = [
+        str(work / "exp.yaml"),
+        f"autoencoder.pretrained={work / 'runs' / 'tiny' / 'autoencoder'}",
+        *JOINT,
+    ]
+    ok(run_ldm("precompute", *exp, "run.name=joint"))
+    manifests = [json.loads(p.read_text()) for p in (work / "runs").glob("cache/*/manifest.json")]
+    (spec,) = [m["spec"] for m in manifests if m["spec"]["text"] == "token_ids"]
+    assert spec["text_encoder"] == "ldmbert" and spec["text_max_length"] == 16
+
+    # Uninterrupted to step 4; then step 4 is lost and the run resumes from step 2.
+    train = [*exp, "run.name=joint", "train.num_steps=4", *QUIET]
+    ok(run_ldm("train", *train, "train.sample_every=4"))
+    full = work / "runs" / "joint" / "checkpoints" / "step_00000004"
+    parts = ("unet", "text_encoder", "ema_unet", "ema_text_encoder")
+    uninterrupted = {part: _weights(full, part) for part in parts}
+    (full / "COMMITTED.json").unlink()
+    resumed = ok(run_ldm("train", *train))
+    assert "step_00000002 (step 2)" in resumed.stdout
+    for part in parts:
+        assert _same(uninterrupted[part], _weights(full, part)), part
+
+    # The encoder trained: its weights moved between steps 2 and 4, and its EMA lags them.
+    step2 = work / "runs" / "joint" / "checkpoints" / "step_00000002"
+    raw2, raw4 = _weights(step2, "text_encoder"), _weights(full, "text_encoder")
+    moved = [k for k in raw4 if not torch.equal(raw2[k], raw4[k])]
+    assert "model.embed_tokens.weight" in moved and any(".self_attn." in k for k in moved)
+    assert not _same(raw4, _weights(full, "ema_text_encoder"))
+    assert torch.equal(raw2["to_logits.weight"], raw4["to_logits.weight"])  # unused head
+
+    # One engine, ZeRO-2: each rank's optimizer partition holds half of UNet + encoder.
+    trained = sum(
+        t.numel()
+        for k, t in {**_weights(full, "unet"), **raw4}.items()
+        if not k.startswith("to_logits.")
+    )
+    partitions = []
+    for rank in (0, 1):
+        state = torch.load(
+            full / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt",
+            map_location="cpu",
+            weights_only=False,
+        )["optimizer_state_dict"]
+        partitions.append(sum(t.numel() for t in state["single_partition_of_fp32_groups"]))
+    assert all(trained / 2 <= n < trained / 2 + 1024 for n in partitions), (partitions, trained)
+
+    # Sampling and export use the trained encoder from the checkpoint.
+    from training.export import export_pipeline
+    from training.generate import sample_from_checkpoint
+
+    (png,) = sample_from_checkpoint(full, ["a red heart"], tmp_path, num_images=1, num_steps=2)
+    assert png.stat().st_size > 0
+    exported = export_pipeline(full, tmp_path / "pipe")
+    index = json.loads((exported / "model_index.json").read_text())
+    assert index["text_encoder"][1] == "LDMBertModel"
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(exported)
+    ema = _weights(full, "ema_text_encoder")
+    exported_encoder = pipe.text_encoder.state_dict()
+    assert all(torch.equal(exported_encoder[k], ema[k]) for k in ema)
+    image = pipe("a red heart", num_inference_steps=2, output_type="np").images[0]
+    assert image.shape == (32, 32, 3)

@@ -31,11 +31,12 @@ $(STAMP): pyproject.toml
 demo: install
 	$(BIN)/ldm demo
 
+# Two test files at a time (pytest-xdist): a file's tests stay together and in order.
 test: install
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n 2 --dist loadfile
 
 test-fast: install
-	$(BIN)/pytest -q -m "not slow"
+	$(BIN)/pytest -q -n 2 --dist loadfile -m "not slow"
 
 lint: install
 	$(BIN)/ruff check .

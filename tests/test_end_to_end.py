@@ -28,7 +28,12 @@ def test_shards_and_autoencoder(pipeline):
 
 def test_latent_cache(pipeline):
     work, _, _ = pipeline
-    (manifest_path,) = (work / "runs" / "cache").glob("*/manifest.json")
+    # The pipeline's cache (other tests add caches of other specs beside it).
+    (manifest_path,) = [
+        path
+        for path in (work / "runs" / "cache").glob("*/manifest.json")
+        if json.loads(path.read_text())["spec"]["text"] == "hidden_states"
+    ]
     manifest = json.loads(manifest_path.read_text())
     assert manifest["num_samples"] == 64 and len(manifest["shards"]) == 4
     assert manifest["spec"]["latent_channels"] == 4 and manifest["spec"]["resolution"] == 32

@@ -31,12 +31,11 @@ $(STAMP): pyproject.toml
 demo: install
 	$(BIN)/ldm demo
 
-# Two test files at a time (pytest-xdist): a file's tests stay together and in order.
 test: install
-	$(BIN)/pytest -q -n 2 --dist loadfile
+	$(BIN)/pytest -q
 
 test-fast: install
-	$(BIN)/pytest -q -n 2 --dist loadfile -m "not slow"
+	$(BIN)/pytest -q -m "not slow"
 
 lint: install
 	$(BIN)/ruff check .

@@ -11,7 +11,10 @@ real image of A than to the real image of every other colour B, scored for the t
 the untrained model. That check asks a lot of the demo: each of those 15 captions names one
 image. The demo's prompts name large groups instead (1,880 skin-tone variants), so a second
 check does the same for skin tones: samples for "X, light skin tone" against the real light
-and dark images of X, for ten subjects X. `make bench-quality`; about 12 minutes on 2 cores.
+and dark images of X, for ten subjects X. A third check asks whether captions steer the kind
+of image: samples for captions of one kind (flags, yellow faces, clock faces, lettered
+squares, keycaps) must be closer to the mean real image of that kind than to each other
+kind's. `make bench-quality`; about 12 minutes on 2 cores.
 """
 
 from __future__ import annotations

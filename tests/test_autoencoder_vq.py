@@ -135,7 +135,8 @@ def test_vq_checkpoint_samples_and_export_refuses(vq_run, tmp_path: Path) -> Non
     torch.manual_seed(0)
     unet = build_unet(run_config, latent_channels=4)
     unet.to_json_file(str(tag / UNET_CONFIG))
-    save_file({k: v.contiguous() for k, v in unet.state_dict().items()}, tag / EMA_FILE)
+    ema = {k: v.contiguous() for k, v in unet.state_dict().items()}
+    save_file(ema, tag / EMA_FILE.format("unet"))
     (tag / "config.yaml").write_text(yaml.safe_dump(run_config.to_dict()))
     (tag / ckpt.TRAIN_STATE).write_text(json.dumps({"step": 1}))
     ckpt.commit(tag)

@@ -162,9 +162,7 @@ def test_sigterm_saves_then_resumes_on_more_workers(pipeline):
     )
 
 
-def test_killed_worker_and_mlflow_outage_recover_into_one_run_then_fewer_workers(
-    pipeline, tmp_path
-):
+def test_killed_worker_and_mlflow_outage_recover_into_one_run(pipeline, tmp_path):
     """A 2-worker job logging to a real `mlflow server`: the server is killed mid-run and a
     worker too; the job recovers, the server comes back, and MLflow holds one run with
     everything: a continuous step axis, sample grids at several steps, the cache as its
@@ -226,26 +224,8 @@ def test_killed_worker_and_mlflow_outage_recover_into_one_run_then_fewer_workers
         pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
         assert pipe.unet.config.sample_size == 8
 
-        # Elastic 2 -> 1, into the same run.
-        resumed = ok(
-            run_ldm(
-                "train",
-                *exp,
-                "run.name=recover",
-                "train.num_workers=1",
-                "train.num_steps=32",
-                "tracking.log_model=false",
-                *QUIET,
-            )
-        )
-        assert "step_00000030 (step 30)" in resumed.stdout
-        assert sorted({s for s, _ in _losses(server.uri, "recover")}) == list(range(1, 33))
     finally:
         server.kill()
-    optim = (work / "runs" / "recover" / "checkpoints" / "step_00000032").glob(
-        "zero_pp_rank_*_optim_states.pt"
-    )
-    assert len(list(optim)) == 1
 
 
 def test_resume_never_refuses_a_folder_with_checkpoints(pipeline):

@@ -78,10 +78,6 @@ class Sampler:
     ) -> np.ndarray:
         """uint8 images (N, H, W, 3), one per prompt, with noise fixed by `seed`; the
         negative prompt defaults to the config's (`sample.negative_prompt`)."""
-        from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import (
-            rescale_noise_cfg,
-        )
-
         if negative_prompt is None:
             negative_prompt = self.config.sample.negative_prompt
         rescale = self.config.sample.guidance_rescale
@@ -108,6 +104,12 @@ class Sampler:
                 uncond, cond = pred.chunk(2)
                 pred = uncond + guidance_scale * (cond - uncond)
                 if rescale > 0:
+                    # Imported here: the pipeline module pulls in transformers' image
+                    # processors, seconds that every sample grid would otherwise pay.
+                    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import (
+                        rescale_noise_cfg,
+                    )
+
                     pred = rescale_noise_cfg(pred, cond, guidance_rescale=rescale)
             else:
                 pred = unet(

@@ -554,6 +554,22 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return parts, value
 
 
+def _migrate_retired_keys(tree: dict[str, Any]) -> dict[str, Any]:
+    """Keys that older versions wrote into checkpoints, rewritten as they are now named."""
+    precompute = tree.get("precompute")
+    if isinstance(precompute, dict) and "text" in precompute:  # now text_encoder.trainable
+        precompute = tree["precompute"] = dict(precompute)
+        if precompute.pop("text") == "token_ids":
+            tree["text_encoder"] = {**tree.get("text_encoder", {}), "trainable": True}
+    return tree
+
+
+def load_saved_config(tag_dir: str | Path, overrides: list[str] = ()) -> ExperimentConfig:
+    """The config a checkpoint tag was trained with, as written into it (paths as saved)."""
+    raw = yaml.safe_load((Path(tag_dir) / "config.yaml").read_text())
+    return build_config(_migrate_retired_keys(raw), overrides, absolute_paths=False)
+
+
 def build_config(
     base: dict[str, Any] | None = None, overrides: list[str] = (), absolute_paths: bool = True
 ) -> ExperimentConfig:

@@ -1,6 +1,7 @@
 """The experiment config: YAML + overrides, validation naming the key, derived DeepSpeed JSON."""
 
 import pytest
+import yaml
 
 from orchestrator.config import ExperimentConfig, build_config, load_config
 from orchestrator.errors import LdmError
@@ -84,3 +85,17 @@ def test_deepspeed_json_is_derived():
     assert ds["gradient_accumulation_steps"] == 2
     assert ds["zero_optimization"]["stage"] == 3
     assert ds["bf16"]["enabled"] is False
+
+
+def test_checkpoints_written_with_retired_keys_still_load(tmp_path):
+    from orchestrator.config import load_saved_config
+
+    old = build_config({"preset": "tiny"}, absolute_paths=False).to_dict()
+    old["precompute"]["text"] = "token_ids"  # before text_encoder.trainable replaced it
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
+    assert load_saved_config(tmp_path).text_encoder.trainable
+    old["precompute"]["text"] = "hidden_states"
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
+    assert not load_saved_config(tmp_path).text_encoder.trainable
+    with pytest.raises(LdmError, match="precompute.text: unknown key"):  # not in new YAMLs
+        build_config(old)

@@ -23,10 +23,9 @@ import shutil
 from pathlib import Path
 
 import torch
-import yaml
 from diffusers import DDIMScheduler
 
-from orchestrator.config import build_config
+from orchestrator.config import load_saved_config
 from orchestrator.errors import LdmError
 from training import checkpoint as ckpt
 from training.generate import load_model
@@ -114,9 +113,7 @@ def export_pipeline(
             "pass e.g. runs/demo/checkpoints/step_00001500"
         )
     model = parts(load_model(tag_dir, use_ema))  # verifies every file's sha256 first
-    config = build_config(
-        yaml.safe_load((tag_dir / "config.yaml").read_text()), absolute_paths=False
-    )
+    config = load_saved_config(tag_dir)
     if autoencoder_config(config.autoencoder_dir).get("_class_name") == "VQModel":
         raise LdmError(
             f"cannot export: the autoencoder {config.autoencoder_dir} is a VQModel "

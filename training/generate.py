@@ -12,12 +12,11 @@ import re
 from pathlib import Path
 
 import torch
-import yaml
 from diffusers import UNet2DConditionModel
 from PIL import Image
 from safetensors.torch import load_file
 
-from orchestrator.config import build_config
+from orchestrator.config import load_saved_config
 from orchestrator.errors import LdmError
 from training import checkpoint as ckpt
 from training.loop import CONFIG_FILE, EMA_FILE, RAW_FILE, UNET_CONFIG
@@ -74,11 +73,7 @@ def sample_from_checkpoint(
             f"{tag_dir} is not a checkpoint tag (no config.yaml); "
             "pass e.g. runs/demo/checkpoints/step_00001500"
         )
-    config = build_config(
-        yaml.safe_load((tag_dir / "config.yaml").read_text()),
-        [f"sample.sampler={sampler}"] if sampler else [],
-        absolute_paths=False,
-    )
+    config = load_saved_config(tag_dir, [f"sample.sampler={sampler}"] if sampler else [])
     model = load_model(tag_dir, use_ema)
     out.mkdir(parents=True, exist_ok=True)
     batch = [p for p in prompts for _ in range(num_images)]

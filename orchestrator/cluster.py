@@ -24,9 +24,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from orchestrator.errors import LdmError
+
+if TYPE_CHECKING:
+    from ray.train import ScalingConfig
+
+    from orchestrator.config import ClusterConfig
 
 log = logging.getLogger(__name__)
 
@@ -316,6 +321,22 @@ def ray_session(
     finally:
         ray.shutdown()
         _restore_env(saved_auth)
+
+
+def worker_scaling(cluster: ClusterConfig, num_workers: int) -> ScalingConfig:
+    """Ray Train's ScalingConfig for `num_workers` workers placed per the cluster settings:
+    `cluster.num_cpus_per_worker` CPUs (and a GPU with `cluster.use_gpu`) each."""
+    from ray.train import ScalingConfig
+
+    return ScalingConfig(
+        num_workers=num_workers,
+        use_gpu=cluster.use_gpu,
+        resources_per_worker={
+            "CPU": cluster.num_cpus_per_worker,
+            **({"GPU": 1} if cluster.use_gpu else {}),
+        },
+        placement_strategy=cluster.placement_strategy,
+    )
 
 
 def _init_kwargs(

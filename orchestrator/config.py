@@ -115,7 +115,7 @@ class AutoencoderConfig(Section):
     learning_rate: float = Field(2e-4, gt=0)
     """Peak AdamW learning rate (20-step warmup, then cosine decay to zero)."""
     batch_size: int = Field(32, ge=1)
-    """Images per step."""
+    """Images per step over all workers (each draws `batch_size / num_workers` crops)."""
     num_steps: int = Field(1000, ge=1)
     """Training steps of stage 1."""
     log_every: int = Field(50, ge=1)
@@ -128,6 +128,15 @@ class AutoencoderConfig(Section):
     make steps cheaper); default: whole images."""
     num_holdout: int = Field(16, ge=1)
     """Images held out of training to measure reconstruction PSNR, SSIM and rFID-style."""
+    num_workers: int = Field(1, ge=1)
+    """Ray Train workers, each a DeepSpeed rank training on its own random crops (one worker
+    uses every core of its node: the model is small, so more workers pay off on more nodes
+    or GPUs, not on the cores of one CPU). A checkpoint resumes only on the same count."""
+    zero_stage: int = Field(0, ge=0, le=3)
+    """DeepSpeed ZeRO stage of the autoencoder and discriminator engines: 0 (plain data
+    parallel; the default, as their optimizer state is a few MB), 1 or 2 (optimizer state,
+    and with 2 gradients, sharded over workers). 3 is refused: the adversarial weight needs
+    the decoder's whole last layer on every rank."""
 
 
 class TextEncoderConfig(Section):
@@ -361,6 +370,17 @@ class ExperimentConfig(Section):
             raise ValueError(
                 "tracking.log_model: diffusers' StableDiffusionPipeline cannot hold the VQModel "
                 "of autoencoder.regularization=vq; set tracking.log_model=false"
+            )
+        if ae.batch_size % ae.num_workers:
+            raise ValueError(
+                f"autoencoder.batch_size: {ae.batch_size} images per step do not split evenly "
+                f"over autoencoder.num_workers={ae.num_workers}"
+            )
+        if ae.zero_stage == 3:
+            raise ValueError(
+                "autoencoder.zero_stage: 3 is not supported (the adversarial loss's adaptive "
+                "weight takes gradients at the decoder's whole last layer, which ZeRO-3 "
+                "partitions); use 0, 1 or 2"
             )
         if ae.discriminator_weight > 0:
             if ae.discriminator_start_step >= ae.num_steps:

@@ -127,7 +127,15 @@ def test_mlflow_run_has_the_metrics_and_loss_went_down(trained) -> None:
     history = sorted(client.get_metric_history(run.info.run_id, "loss"), key=lambda m: m.step)
     losses = [m.value for m in history]
     assert len(losses) >= NUM_STEPS // 5
-    assert losses[-1] < 0.8 * losses[0], losses
+    # Five steps of 8 small crops make a noisy window (mostly-background crops are easy): the
+    # last window is below the first, and learning shows without that noise in the held-out
+    # PSNR, which beats the untrained model's by more than 1 dB (measured: ~10.3 vs ~8 dB).
+    assert losses[-1] < losses[0], losses
+    torch.manual_seed(config.run.seed)
+    untrained = build_autoencoder(config).eval()
+    _, test, _ = stage.load_images(config)
+    assert metrics["psnr"] > psnr(test, reconstruct(untrained, test)) + 1.0
+    assert run.data.tags["ldm.world_size"] == "1" and run.data.tags["ldm.zero_stage"] == "0"
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert "metrics.json" in artifacts
     assert any(a.startswith("images") for a in artifacts), artifacts

@@ -1,17 +1,23 @@
 """The pieces of the paper's stage-1 loss and its metrics, each on small known inputs:
 PatchGAN discriminator, hinge loss, adaptive weight, the LPIPS loader, SSIM and the
-few-sample Frechet distance, and the config checks that guard them."""
+few-sample Frechet distance, the config checks that guard them, and the DeepSpeed engines
+that train them."""
 
 from __future__ import annotations
 
+import copy
+import socket
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 
+from orchestrator.config import build_config
 from orchestrator.errors import LdmError
 from tests.test_autoencoder import tiny_config
+from training import autoencoder as stage
 from training import evaluation
 from training.autoencoder import frechet_distance, psnr, ssim
 from training.discriminator import (
@@ -140,3 +146,113 @@ def test_discriminator_settings_are_checked_on_load(tmp_path, overrides, fragmen
     with pytest.raises(LdmError, match=fragment):
         tiny_config(tmp_path, tmp_path / "unused", **overrides)
     tiny_config(tmp_path, tmp_path / "unused", **{**overrides, "discriminator_weight": 0})
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fragment"),
+    [
+        (
+            {"num_workers": 3},
+            "autoencoder.batch_size: 8 images per step do not split evenly over "
+            "autoencoder.num_workers=3",
+        ),
+        ({"zero_stage": 3}, "autoencoder.zero_stage: 3 is not supported"),
+    ],
+)
+def test_distributed_settings_are_checked_on_load(tmp_path, overrides, fragment) -> None:
+    with pytest.raises(LdmError, match=fragment) as err:
+        tiny_config(tmp_path, tmp_path / "unused", **overrides)
+    assert "\n" not in str(err.value)
+
+
+def test_stage1_deepspeed_json_is_derived(tmp_path) -> None:
+    from training.engine import autoencoder_deepspeed_config
+
+    config = tiny_config(tmp_path, tmp_path / "unused", num_workers=2, zero_stage=2)
+    ds = autoencoder_deepspeed_config(config, world_size=2, num_parameters=5000)
+    assert ds["train_batch_size"] == 8 and ds["train_micro_batch_size_per_gpu"] == 4
+    assert ds["gradient_accumulation_steps"] == 1
+    assert ds["zero_optimization"]["stage"] == 2
+    assert ds["zero_optimization"]["reduce_bucket_size"] == 5120  # the model, not 2 GB
+    assert ds["gradient_clipping"] == 0.0  # DeepSpeed would clip at 1.0
+
+
+@pytest.fixture(scope="module")
+def process_group():
+    """A one-rank gloo group in this process, as a Ray Train worker has."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("LOCAL_RANK", "0")  # what a launcher would set; DeepSpeed reads it
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+        yield
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("zero_stage", [0, 2])
+def test_deepspeed_engines_step_as_plain_torch(process_group, tmp_path, zero_stage) -> None:
+    """A stage-1 step through its two DeepSpeed engines (the autoencoder's, with the
+    adaptive weight's autograd.grad inside its forward, then the discriminator's) updates
+    the weights exactly as plain torch optimizers do: nothing added, such as the gradient
+    clipping DeepSpeed applies unless told otherwise."""
+    from training.discriminator import NLayerDiscriminator
+    from training.engine import autoencoder_deepspeed_config, build_module_engine
+    from training.models import build_autoencoder
+
+    config = build_config(
+        tiny_config(tmp_path, tmp_path / "unused", train_crop=16).to_dict(),
+        [
+            f"autoencoder.zero_stage={zero_stage}",
+            "autoencoder.reconstruction_loss=l1",
+            "autoencoder.discriminator_weight=0.5",
+            "autoencoder.discriminator_layers=2",
+            "autoencoder.discriminator_start_step=1",
+        ],
+    )
+    ae = config.autoencoder
+    torch.manual_seed(0)
+    vae, disc = build_autoencoder(config).train(), NLayerDiscriminator(num_layers=2).train()
+    models = {"plain": (vae, disc), "deepspeed": (copy.deepcopy(vae), copy.deepcopy(disc))}
+    parts = {}
+    for name, (v, d) in models.items():
+        optimizer = torch.optim.AdamW(v.parameters(), lr=ae.learning_rate, fused=True)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, stage._lr_factor(ae.num_steps))
+        d_optimizer = torch.optim.Adam(d.parameters(), lr=ae.learning_rate, betas=(0.5, 0.9))
+        critics = stage._Critics(lpips=None, disc=d)
+        loss, d_loss = stage._AutoencoderLoss(config, v, critics), stage._DiscriminatorLoss(d)
+        parts[name] = (loss, d_loss, optimizer, schedule, d_optimizer, critics)
+    loss, d_loss, optimizer, schedule, d_optimizer, critics = parts["deepspeed"]
+    ds = autoencoder_deepspeed_config(config, 1, 10_000)
+    engine = build_module_engine(loss, optimizer, ds, schedule)
+    d_engine = build_module_engine(d_loss, d_optimizer, ds)
+    deepspeed_step = stage._Step(config, engine, d_engine, critics)
+
+    loss, d_loss, optimizer, schedule, d_optimizer, _ = parts["plain"]
+    g = torch.Generator().manual_seed(0)
+    for step in (1, 2, 3):
+        x = torch.rand(8, 3, 16, 16, generator=g) * 2 - 1
+        adversarial = step > 1
+        torch.manual_seed(step)  # the same KL posterior sample on both sides
+        disc.requires_grad_(not adversarial)
+        total, x_hat, logged = loss(x, adversarial)
+        optimizer.zero_grad()
+        total.backward()
+        optimizer.step()
+        schedule.step()
+        if adversarial:
+            disc.requires_grad_(True)
+            d_total, _ = d_loss(x, x_hat)
+            d_optimizer.zero_grad()
+            d_total.backward()
+            d_optimizer.step()
+        torch.manual_seed(step)
+        through_engines = deepspeed_step(x, step)
+        assert through_engines["loss"].item() == logged["loss"].item()
+        if adversarial:
+            assert through_engines["adaptive_weight"] > 0 and "d_loss" in through_engines
+            assert through_engines["adaptive_weight"].item() == logged["adaptive_weight"].item()
+    for plain, deepspeed in zip(models["plain"], models["deepspeed"], strict=True):
+        trained = deepspeed.state_dict()
+        for key, value in plain.state_dict().items():
+            assert torch.equal(value, trained[key]), key

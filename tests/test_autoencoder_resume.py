@@ -1,6 +1,8 @@
 """Stage 1 resumes from its checkpoints into the weights an uninterrupted run ends with,
 here with the paper's full loss switched on (L1, the perceptual term asked for but without
-weights, the PatchGAN discriminator after a start step), so every piece of state counts."""
+weights, the PatchGAN discriminator after a start step), so every piece of state counts:
+with one Ray Train worker, and with two DeepSpeed ranks at ZeRO-2 that each draw their own
+crops. The tests share one embedded Ray."""
 
 from __future__ import annotations
 
@@ -9,14 +11,23 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from orchestrator.config import build_config
 from orchestrator.errors import LdmError
 from tests.test_autoencoder import tiny_config, write_shard
-from training.autoencoder import _read_resume_state, train_autoencoder
+from training.autoencoder import _read_resume_state, runtime_env, train_autoencoder
 
 STEPS = 6
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray():
+    from orchestrator.cluster import ray_session
+
+    with ray_session(runtime_env=runtime_env()):
+        yield
 
 
 def full_recipe(tmp: Path, shards: Path, *overrides: str):
@@ -40,6 +51,18 @@ def _weights(folder: Path) -> dict:
     return load_file(file)
 
 
+def _engine_module(tag: Path, engine: str) -> dict[str, torch.Tensor]:
+    """The module weights in a tag's DeepSpeed checkpoint of one engine (a file we wrote)."""
+    states = torch.load(tag / engine / "mp_rank_00_model_states.pt", weights_only=False)
+    return states["module"]
+
+
+def _assert_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    different = [k for k in a if not a[k].equal(b[k])]
+    assert not different, different[:5]
+
+
 def test_resumed_run_equals_an_uninterrupted_one(tmp_path: Path, monkeypatch, capsys) -> None:
     from mlflow.tracking import MlflowClient
 
@@ -52,11 +75,11 @@ def test_resumed_run_equals_an_uninterrupted_one(tmp_path: Path, monkeypatch, ca
     root = config.run_dir / "autoencoder-checkpoints"
     assert sorted(p.name for p in root.iterdir()) == ["step_00000003", "step_00000006"]
     uninterrupted = _weights(config.autoencoder_dir)
-    final_tag = json.loads((root / "step_00000006" / "COMMITTED.json").read_text())["files"]
+    final_disc = _engine_module(root / "step_00000006", "discriminator")
 
     # Resume from step 3, as a run killed between steps 3 and 6 would: here the step-6 tag
     # is damaged (one flipped byte), which also shows resuming falls back past such a tag.
-    weights = root / "step_00000006" / "autoencoder.safetensors"
+    weights = root / "step_00000006" / "autoencoder" / "mp_rank_00_model_states.pt"
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0xFF
     weights.write_bytes(bytes(data))
@@ -66,13 +89,9 @@ def test_resumed_run_equals_an_uninterrupted_one(tmp_path: Path, monkeypatch, ca
     assert "not resuming from a damaged checkpoint" in out and "step_00000006" in out
     assert "resuming from" in out and "step_00000003" in out
     assert second["resumed_at_step"] == 3
-    resumed = _weights(config.autoencoder_dir)
-    assert resumed.keys() == uninterrupted.keys()
-    different = [k for k in resumed if not resumed[k].equal(uninterrupted[k])]
-    assert not different, different[:5]
-    again = json.loads((root / "step_00000006" / "COMMITTED.json").read_text())["files"]
-    for name in ("autoencoder.safetensors", "discriminator.safetensors"):
-        assert again[name] == final_tag[name], name  # the discriminator too, bit for bit
+    _assert_equal(_weights(config.autoencoder_dir), uninterrupted)
+    # The discriminator too, bit for bit.
+    _assert_equal(_engine_module(root / "step_00000006", "discriminator"), final_disc)
     assert second["psnr"] == pytest.approx(first["psnr"])
 
     # One MLflow run across both jobs, with the adversarial metrics from the start step on.
@@ -92,7 +111,56 @@ def test_resumed_run_equals_an_uninterrupted_one(tmp_path: Path, monkeypatch, ca
     with pytest.raises(LdmError, match="autoencoder.learning_rate: .* holds checkpoints") as err:
         train_autoencoder(changed, progress=False)
     assert "\n" not in str(err.value) and "delete" in str(err.value)
+    # Each rank's crop stream is in the checkpoint: another worker count is a changed setting.
+    more = full_recipe(tmp_path, tmp_path / "shards", "autoencoder.num_workers=2")
+    with pytest.raises(LdmError, match="autoencoder.num_workers: .* holds checkpoints"):
+        train_autoencoder(more, progress=False)
     # Logging and checkpoint cadence may change between jobs.
     relaxed = full_recipe(tmp_path, tmp_path / "shards", "autoencoder.checkpoint_every=2")
     tag, state = _read_resume_state(relaxed)
     assert tag.name == "step_00000006" and state["step"] == STEPS
+
+
+def test_two_deepspeed_ranks_train_and_resume(tmp_path: Path, monkeypatch) -> None:
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.chdir(tmp_path)
+    config = full_recipe(
+        tmp_path,
+        write_shard(tmp_path / "shards"),
+        "autoencoder.num_workers=2",
+        "autoencoder.zero_stage=2",
+    )
+    first = train_autoencoder(config, progress=False)
+    assert first["world_size"] == 2
+    root = config.run_dir / "autoencoder-checkpoints"
+    tag = root / "step_00000006"
+    state = json.loads((tag / "state.json").read_text())
+    assert state["world_size"] == 2
+    # Each rank drew its own crops: two different generator states.
+    rngs = state["rng"]
+    assert sorted(rngs) == ["0", "1"] and rngs["0"]["crops"] != rngs["1"]["crops"]
+    for engine in ("autoencoder", "discriminator"):  # ZeRO-2: each rank holds its shard
+        shards = sorted(p.name for p in (tag / engine).glob("zero_pp_rank_*"))
+        assert [s[:14] for s in shards] == ["zero_pp_rank_0", "zero_pp_rank_1"], shards
+    uninterrupted = _weights(config.autoencoder_dir)
+    final_disc = _engine_module(tag, "discriminator")
+
+    client = MlflowClient(tracking_uri=config.tracking_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("ae-test").experiment_id])
+    assert run.data.tags["ldm.world_size"] == "2" and run.data.tags["ldm.zero_stage"] == "2"
+    assert len(client.get_metric_history(run.info.run_id, "loss")) == STEPS
+    assert sorted({m.step for m in client.get_metric_history(run.info.run_id, "d_loss")}) == [
+        3,
+        4,
+        5,
+        6,
+    ]
+
+    # Killed after step 3: both ranks continue from their own saved state.
+    shutil.rmtree(tag)
+    shutil.rmtree(config.autoencoder_dir)
+    second = train_autoencoder(config, progress=False)
+    assert second["resumed_at_step"] == 3 and second["world_size"] == 2
+    _assert_equal(_weights(config.autoencoder_dir), uninterrupted)
+    _assert_equal(_engine_module(tag, "discriminator"), final_disc)

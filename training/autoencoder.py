@@ -10,13 +10,18 @@ up" baseline (what any f-times smaller representation must beat), sets the laten
 the way Stable Diffusion did, and publishes the model folder atomically at
 `config.autoencoder_dir`, where precompute picks it up.
 
-Training checkpoints every `autoencoder.checkpoint_every` steps into
-`<run>/autoencoder-checkpoints/step_<8-digit step>` (model, discriminator, optimizers, step, RNG;
-sealed by a commit marker as training checkpoints are), and a rerun continues from the
-newest committed one: an interrupted run ends with the weights an uninterrupted one has.
+It trains as the UNet stage does: `autoencoder.num_workers` Ray Train workers, each a
+DeepSpeed rank (`autoencoder.zero_stage`) drawing its own share of the global batch of
+crops, with the autoencoder and the discriminator each in an engine of its own. The driver
+checks the config, the resume state and the data before any worker starts, owns the MLflow
+run, and hands the images to the workers through Ray's object store; rank 0 alone logs,
+commits checkpoints, evaluates and publishes (`Rank0`; the other ranks hold a `NullRank0`).
 
-The stage runs in one process (no Ray, no DeepSpeed): the model is small and the dataset fits
-in memory, so distributing it would only add start-up time.
+Training checkpoints every `autoencoder.checkpoint_every` steps into
+`<run>/autoencoder-checkpoints/step_<8-digit step>`: both engines' DeepSpeed checkpoints
+(weights, optimizer and LR-schedule state, ZeRO shards) and a JSON state with every rank's
+RNG, sealed by a commit marker as training checkpoints are. A rerun continues from the
+newest committed one: an interrupted run ends with the weights an uninterrupted one has.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import os
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -331,6 +337,8 @@ def fold_vq_shift(vae: torch.nn.Module, shift: float) -> None:
 CHECKPOINT_DIR = "autoencoder-checkpoints"
 KEEP_CHECKPOINTS = 2  # the newest, and one to fall back on should the newest be damaged
 STATE_FILE = "state.json"
+# A checkpoint tag holds one DeepSpeed checkpoint per engine, in these subfolders.
+AUTOENCODER_ENGINE, DISCRIMINATOR_ENGINE = "autoencoder", "discriminator"
 # Settings that do not change what is trained: a checkpoint resumes under any value of these.
 _NOT_RESUME_RELEVANT = {"log_every", "checkpoint_every"}
 
@@ -340,7 +348,8 @@ def checkpoint_dir(config: ExperimentConfig) -> Path:
 
 
 def _resume_key(config: ExperimentConfig) -> dict[str, object]:
-    """The settings a checkpoint must share with the run that continues it."""
+    """The settings a checkpoint must share with the run that continues it (`num_workers`
+    among them: each rank's crop stream is in the checkpoint)."""
     ae = config.autoencoder.model_dump(mode="json", exclude=_NOT_RESUME_RELEVANT)
     key = {f"autoencoder.{k}": v for k, v in ae.items()}
     d = config.data
@@ -383,7 +392,21 @@ def _read_resume_state(config: ExperimentConfig) -> tuple[Path, dict] | None:
                 f"{now[key]!r}; set it back to continue that run, or delete {root} to train "
                 "from scratch"
             )
+    if "world_size" not in state:
+        raise LdmError(
+            f"{tag}: a checkpoint of the single-process stage 1 of earlier versions, which "
+            f"its DeepSpeed engines cannot load; delete {root} to train from scratch"
+        )
     return tag, state
+
+
+def _rank_generator(seed: int, rank: int) -> torch.Generator:
+    """Seed this rank's random streams from (seed, rank): torch's global RNG (KL posterior
+    samples) and the returned generator of its crops. Ranks draw different crops and noise;
+    a rerun draws the same ones."""
+    crops, noise = np.random.SeedSequence([seed, rank]).generate_state(2)
+    torch.manual_seed(int(noise))
+    return torch.Generator().manual_seed(int(crops))
 
 
 def _rng_state(generator: torch.Generator, device: torch.device) -> dict:
@@ -402,50 +425,6 @@ def _set_rng_state(state: dict, generator: torch.Generator, device: torch.device
     generator.set_state(torch.tensor(state["crops"], dtype=torch.uint8))
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8), device)
-
-
-def _save_checkpoint(
-    config: ExperimentConfig,
-    step: int,
-    modules: dict[str, torch.nn.Module],
-    optimizers: dict[str, object],
-    state: dict,
-) -> Path:
-    """Write a tag (safetensors weights, optimizer states, JSON state), then commit it."""
-    from safetensors.torch import save_file
-
-    from data_pipeline.cache import write_atomic
-    from training import checkpoint as ckpt
-
-    root = checkpoint_dir(config)
-    tag = root / ckpt.tag_for(step)
-    shutil.rmtree(tag, ignore_errors=True)  # what a save cut short by a crash left
-    tag.mkdir(parents=True)
-    for name, module in modules.items():
-        tensors = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
-        save_file(tensors, tag / f"{name}.safetensors")
-    # Optimizer and LR-scheduler states are nested dicts of tensors and numbers: torch's
-    # format, read back with weights_only=True (no code runs) after the hashes check out.
-    torch.save({k: v.state_dict() for k, v in optimizers.items()}, tag / "optimizers.pt")
-    write_atomic(tag / STATE_FILE, json.dumps({**state, "step": step}).encode())
-    ckpt.commit(tag)
-    ckpt.prune(root, KEEP_CHECKPOINTS)
-    return tag
-
-
-def _load_checkpoint(
-    tag: Path,
-    modules: dict[str, torch.nn.Module],
-    optimizers: dict[str, object],
-    device: torch.device,
-) -> None:
-    from safetensors.torch import load_file
-
-    for name, module in modules.items():
-        module.load_state_dict(load_file(tag / f"{name}.safetensors", device=str(device)))
-    states = torch.load(tag / "optimizers.pt", map_location=device, weights_only=True)
-    for name, optimizer in optimizers.items():
-        optimizer.load_state_dict(states[name])
 
 
 def _usable_cores() -> int:
@@ -474,21 +453,42 @@ def _publish(vae: torch.nn.Module, metrics: dict[str, float], target: Path) -> N
             shutil.rmtree(old, ignore_errors=True)
 
 
-# --- training -----------------------------------------------------------------------------
+# --- one training step ---------------------------------------------------------------------
 
 
-class _Losses:
-    """One training step's losses and updates: pixel, perceptual, KL or VQ, adversarial."""
+@dataclass
+class _Critics:
+    """What judges the autoencoder's output without being trained by its optimizer: the
+    frozen LPIPS network, and the discriminator (trained by its own engine)."""
 
-    def __init__(
-        self, config: ExperimentConfig, vae, optimizer, scheduler, lpips, disc, d_optimizer
-    ):
+    lpips: torch.nn.Module | None
+    disc: torch.nn.Module | None
+
+
+class _AutoencoderLoss(torch.nn.Module):
+    """The autoencoder's whole loss as the module its DeepSpeed engine runs: pixel,
+    perceptual, KL or VQ, and the adversarial term with its adaptive weight.
+
+    The adaptive weight takes gradients at the decoder's last layer (`torch.autograd.grad`)
+    in the middle of the step. It is computed inside `forward` because the engine hooks the
+    tensors its forward returns: a backward pass through those outside `engine.backward`
+    is refused at ZeRO-0 and would start ZeRO-1/2's gradient reduction. Inside, it is a
+    plain autograd graph (ZeRO-1/2's per-parameter hooks fire on gradient accumulation,
+    which `autograd.grad` does not do), and each rank weighs its own batch's gradients, as
+    the paper's multi-GPU code does.
+    """
+
+    def __init__(self, config: ExperimentConfig, vae: torch.nn.Module, critics: _Critics):
+        super().__init__()
+        self.vae = vae
+        self.critics = critics  # a plain attribute: not parameters of this engine
         self.ae = config.autoencoder
-        self.vae, self.optimizer, self.scheduler = vae, optimizer, scheduler
-        self.lpips, self.disc, self.d_optimizer = lpips, disc, d_optimizer
         self.pixels_per_image = 3 * train_crop(config) ** 2
 
-    def step(self, x: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, adversarial: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """(loss, the reconstruction detached, detached terms to log)."""
         ae, vae = self.ae, self.vae
         logged: dict[str, torch.Tensor] = {}
         if ae.regularization == "kl":
@@ -498,7 +498,7 @@ class _Losses:
             # The paper sums the pixel loss per image; dividing both terms by the pixel count
             # keeps kl_weight's meaning (1e-6 as in the paper) while the loss reads per pixel.
             regularizer = ae.kl_weight * kl / self.pixels_per_image
-            logged["kl"] = kl
+            logged["kl"] = kl.detach()
         else:
             # Quantised in decode; the straight-through estimator carries the gradient past
             # the codebook lookup to the encoder.
@@ -506,7 +506,7 @@ class _Losses:
             x_hat = decoded.sample
             vq = decoded.commit_loss.mean()  # codebook + 0.25 x commitment, per element
             regularizer = ae.vq_weight * vq
-            logged["vq_loss"] = vq
+            logged["vq_loss"] = vq.detach()
         diff = x_hat - x
         mse = diff.square().mean()
         # MSE by default rather than the paper's L1: without its perceptual and adversarial
@@ -518,199 +518,148 @@ class _Losses:
             rec = mse
             with torch.no_grad():
                 l1 = diff.abs().mean()
-        logged.update(mse=mse, l1=l1)
-        if self.lpips is not None:
-            perceptual = self.lpips(x_hat, x).mean()
+        logged.update(mse=mse.detach(), l1=l1.detach())
+        if self.critics.lpips is not None:
+            perceptual = self.critics.lpips(x_hat, x).mean()
             rec = rec + ae.perceptual_weight * perceptual
-            logged["perceptual"] = perceptual
+            logged["perceptual"] = perceptual.detach()
         loss = rec + regularizer
-        adversarial = self.disc is not None and step > ae.discriminator_start_step
         if adversarial:
             from training.discriminator import adaptive_weight, generator_loss
 
-            self.disc.requires_grad_(False)  # its update is the second half of the step
-            g_loss = generator_loss(self.disc(x_hat))
+            g_loss = generator_loss(self.critics.disc(x_hat))
             weight = adaptive_weight(rec, g_loss, vae.decoder.conv_out.weight)
             loss = loss + ae.discriminator_weight * weight * g_loss
-            logged.update(g_loss=g_loss, adaptive_weight=weight)
-        logged["loss"] = loss
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        self.scheduler.step()
-        if adversarial:
-            from training.discriminator import hinge_d_loss
+            logged.update(g_loss=g_loss.detach(), adaptive_weight=weight)
+        logged["loss"] = loss.detach()
+        return loss, x_hat.detach(), logged
 
-            self.disc.requires_grad_(True)
-            logits_real, logits_fake = self.disc(x), self.disc(x_hat.detach())
-            d_loss = hinge_d_loss(logits_real, logits_fake)
-            self.d_optimizer.zero_grad(set_to_none=True)
-            d_loss.backward()
-            self.d_optimizer.step()
-            logged.update(
-                d_loss=d_loss,
-                logits_real=logits_real.detach().mean(),
-                logits_fake=logits_fake.detach().mean(),
-            )
+
+class _DiscriminatorLoss(torch.nn.Module):
+    """The PatchGAN's hinge loss on real images and (detached) reconstructions, as the
+    module its DeepSpeed engine runs."""
+
+    def __init__(self, disc: torch.nn.Module):
+        super().__init__()
+        self.disc = disc
+
+    def forward(
+        self, x: torch.Tensor, x_hat: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        from training.discriminator import hinge_d_loss
+
+        logits_real, logits_fake = self.disc(x), self.disc(x_hat)
+        d_loss = hinge_d_loss(logits_real, logits_fake)
+        logged = {
+            "d_loss": d_loss.detach(),
+            "logits_real": logits_real.detach().mean(),
+            "logits_fake": logits_fake.detach().mean(),
+        }
+        return d_loss, logged
+
+
+class _Step:
+    """One training step of a rank: the autoencoder engine's update, then, from
+    `discriminator_start_step` on, the discriminator engine's."""
+
+    def __init__(self, config: ExperimentConfig, engine, d_engine, critics: _Critics):
+        self.start = config.autoencoder.discriminator_start_step
+        self.engine, self.d_engine, self.critics = engine, d_engine, critics
+
+    def __call__(self, x: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
+        adversarial = self.d_engine is not None and step > self.start
+        if adversarial:
+            self.critics.disc.requires_grad_(False)  # its update is the second half of the step
+        loss, x_hat, logged = self.engine(x, adversarial)
+        self.engine.backward(loss)
+        self.engine.step()  # also steps the learning-rate schedule
+        if adversarial:
+            self.critics.disc.requires_grad_(True)
+            d_loss, d_logged = self.d_engine(x, x_hat)
+            self.d_engine.backward(d_loss)
+            self.d_engine.step()
+            logged.update(d_logged)
         return logged
 
 
-def _perceptual(config: ExperimentConfig, device: torch.device):
-    """(LPIPS module or None, why it is off or None)."""
-    from training.perceptual import LPIPS, missing_files
+def _perceptual_off(config: ExperimentConfig) -> str | None:
+    """Why the perceptual loss is off though asked for (no weights on disk), else None."""
+    from training.perceptual import missing_files
 
     ae = config.autoencoder
-    if ae.perceptual_weight == 0:
-        return None, None
-    reason = missing_files(ae.lpips_path)
-    if reason is not None:
-        return None, reason
-    return LPIPS(ae.lpips_path).to(device), None
+    return missing_files(ae.lpips_path) if ae.perceptual_weight > 0 else None
 
 
-def train_autoencoder(config: ExperimentConfig, progress: bool = True) -> dict[str, float]:
-    """Train (or continue training), evaluate and save the stage-1 autoencoder; returns its
-    metrics.
-
-    With `autoencoder.pretrained` set there is nothing to train: it prints so and returns {}.
-    """
-    from tqdm.auto import tqdm
-
-    from training.discriminator import NLayerDiscriminator
-    from training.models import build_autoencoder
-    from training.sampling import grid
-    from training.tracking import end_run, reopen_run, start_run, tracker_for
+def _perceptual(config: ExperimentConfig, device: torch.device) -> torch.nn.Module | None:
+    """The LPIPS module when the perceptual loss is on, else None."""
+    from training.perceptual import LPIPS
 
     ae = config.autoencoder
-    if ae.pretrained:
-        print(
-            f"autoencoder: autoencoder.pretrained is set ({ae.pretrained}); nothing to train, "
-            "precompute uses it directly",
-            flush=True,
-        )
-        return {}
+    if ae.perceptual_weight == 0 or _perceptual_off(config) is not None:
+        return None
+    return LPIPS(ae.lpips_path).to(device)
 
-    crop = train_crop(config)
-    resume = _read_resume_state(config)  # before the data: a refused resume costs nothing
-    began = time.perf_counter()
-    train, test, counts = load_images(config)
-    load_seconds = time.perf_counter() - began
-    print(
-        f"autoencoder: {counts['train']} training images, {counts['holdout']} held out, "
-        f"{config.data.resolution}px (training on {crop}px crops), f={ae.downsample_factor}, "
-        f"{ae.regularization.upper()}",
-        flush=True,
-    )
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch.manual_seed(config.run.seed)
-    generator = torch.Generator().manual_seed(config.run.seed)
-    vae = build_autoencoder(config).to(device).train()
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=ae.learning_rate, fused=True)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(ae.num_steps))
-    modules: dict[str, torch.nn.Module] = {"autoencoder": vae}
-    optimizers: dict[str, object] = {"autoencoder": optimizer, "scheduler": scheduler}
-    disc = d_optimizer = None
-    if ae.discriminator_weight > 0:
-        disc = NLayerDiscriminator(num_layers=ae.discriminator_layers).to(device).train()
-        # Adam with beta1 = 0.5 and a constant rate, as the paper's code trains it.
-        d_optimizer = torch.optim.Adam(
-            disc.parameters(),
-            lr=ae.discriminator_learning_rate or ae.learning_rate,
-            betas=(0.5, 0.9),
-        )
-        modules["discriminator"] = disc
-        optimizers["discriminator"] = d_optimizer
-    lpips, perceptual_off = _perceptual(config, device)
-    losses = _Losses(config, vae, optimizer, scheduler, lpips, disc, d_optimizer)
-    if perceptual_off:
-        print(
-            f"autoencoder: perceptual loss OFF: autoencoder.perceptual_weight="
-            f"{ae.perceptual_weight}, but {perceptual_off} (LPIPS needs pretrained VGG16 "
-            "weights on disk; nothing is downloaded); training without it",
-            flush=True,
+# --- rank 0's side effects ----------------------------------------------------------------
+
+
+class Rank0:
+    """What only the first rank does: MLflow, progress lines, the checkpoint's JSON state and
+    commit, and at the end the evaluation and the published model."""
+
+    def __init__(self, config: ExperimentConfig, run_id: str, progress: bool):
+        from training.tracking import tracker_for
+
+        self.config, self.run_id, self.progress = config, run_id, progress
+        self.tracker = tracker_for(
+            0,
+            config.tracking_uri,
+            run_id,
+            config.run_dir / "mlflow-spool",
+            flush_timeout_s=config.tracking.flush_timeout_s,
         )
 
-    start_step, last = 0, {}
-    run_id = None
-    if resume is not None:
-        tag, state = resume
-        _load_checkpoint(tag, modules, optimizers, device)
-        _set_rng_state(state["rng"], generator, device)
-        start_step, last, run_id = state["step"], state.get("last", {}), state["mlflow_run_id"]
-        print(f"autoencoder: resuming from {tag} (step {start_step} of {ae.num_steps})", flush=True)
+    def start(self, perceptual: bool, step: int) -> None:
+        started = {"perceptual_loss_enabled": float(perceptual)}
+        started["torch_threads_per_worker"] = float(torch.get_num_threads())
+        self.tracker.log_metrics(started, step)
+        if off := _perceptual_off(self.config):
+            self.tracker.set_tags({"ldm.perceptual_loss": f"off: {off}"})
 
-    uri = config.tracking_uri
-    if run_id is not None:
-        try:
-            reopen_run(uri, run_id, {"ldm.resumed_from": str(start_step)})
-        except Exception as err:  # another tracking store: the checkpoint's run is not there
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-            print(f"autoencoder: cannot reopen MLflow run {run_id} ({first}); starting a new one")
-            run_id = None
-    if run_id is None:
-        run_id = start_run(
-            uri,
-            config.tracking.experiment,
-            f"{config.run.name}-autoencoder",
-            config.flat(),
-            tags={"ldm.stage": "autoencoder"},
-            artifact_root=Path(config.run.root) / "mlartifacts",
-        )
-    tracker = tracker_for(
-        0,
-        uri,
-        run_id,
-        config.run_dir / "mlflow-spool",
-        flush_timeout_s=config.tracking.flush_timeout_s,
-    )
-    print(f"autoencoder: MLflow run {run_id} at {uri}", flush=True)
-    tracker.log_metrics({"perceptual_loss_enabled": float(losses.lpips is not None)}, start_step)
-    if perceptual_off:
-        tracker.set_tags({"ldm.perceptual_loss": f"off: {perceptual_off}"})
-    # Stage 1 runs alone on the driver, so it takes every core it may use (Ray may have set
-    # OMP_NUM_THREADS=1 for its workers, which would leave this run on one core).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(_usable_cores())
-    status = "FAILED"
-    try:
-        sums: dict[str, float] = {}
-        seen: dict[str, int] = {}
-        loop_start = window_start = time.perf_counter()
-        window_steps = 0
-        bar = tqdm(
-            range(start_step + 1, ae.num_steps + 1),
-            initial=start_step,
-            total=ae.num_steps,
-            desc="autoencoder",
-            disable=not progress,
-        )
-        for step in bar:
-            x = random_crops(train, ae.batch_size, crop, generator).to(device)
-            for name, value in losses.step(x, step).items():
-                sums[name] = sums.get(name, 0.0) + value.item()
-                seen[name] = seen.get(name, 0) + 1
-            window_steps += 1
-            if step % ae.log_every == 0 or step == ae.num_steps:
-                now = time.perf_counter()
-                last = {k: v / seen[k] for k, v in sums.items()}
-                last["steps_per_second"] = window_steps / (now - window_start)
-                last["learning_rate"] = scheduler.get_last_lr()[0]
-                tracker.log_metrics(last, step)
-                bar.set_postfix(loss=f"{last['loss']:.4f}")
-                sums, seen = {}, {}
-                window_start, window_steps = now, 0
-            if step % ae.checkpoint_every == 0 or step == ae.num_steps:
-                state = {
-                    "mlflow_run_id": run_id,
-                    "config": _resume_key(config),
-                    "rng": _rng_state(generator, device),
-                    "last": last,
-                }
-                _save_checkpoint(config, step, modules, optimizers, state)
-        train_seconds = time.perf_counter() - loop_start
-        trained_steps = ae.num_steps - start_step
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        self.tracker.log_metrics(metrics, step)
+        if self.progress:
+            print(
+                f"autoencoder: step {step}/{self.config.autoencoder.num_steps} "
+                f"loss {metrics['loss']:.4f}, {metrics['steps_per_second']:.2f} steps/s",
+                flush=True,
+            )
 
+    def clear(self, tag_dir: Path) -> None:
+        shutil.rmtree(tag_dir, ignore_errors=True)  # what a save cut short by a crash left
+        tag_dir.mkdir(parents=True)
+
+    def commit(self, tag_dir: Path, state: dict) -> None:
+        """Write the JSON state, seal the tag (every rank's files are written), prune."""
+        from data_pipeline.cache import write_atomic
+        from training import checkpoint as ckpt
+
+        write_atomic(tag_dir / STATE_FILE, json.dumps(state).encode())
+        ckpt.commit(tag_dir)
+        ckpt.prune(tag_dir.parent, KEEP_CHECKPOINTS)
+
+    def finish(
+        self,
+        vae: torch.nn.Module,
+        train: np.ndarray,
+        test: np.ndarray,
+        generator: torch.Generator,
+        facts: dict[str, float],
+    ) -> dict[str, float]:
+        """Evaluate held out, set the latent normalisation, publish the model; its metrics."""
+        from training.sampling import grid
+
+        ae = self.config.autoencoder
         vae.eval()
         recon = reconstruct(vae, test)
         baseline = bicubic_baseline(test, ae.downsample_factor)
@@ -722,53 +671,462 @@ def train_autoencoder(config: ExperimentConfig, progress: bool = True) -> dict[s
             vae.register_to_config(scaling_factor=scaling)
         else:
             vae.register_to_config(scaling_factor=scaling, shift_factor=shift)
-        metrics.update(
-            {
-                "scaling_factor": scaling,
-                "shift_factor": shift,
-                "steps": float(ae.num_steps),
-                "resumed_at_step": float(start_step),
-                "final_loss": last.get("loss", math.nan),
-                "train_images": float(counts["train"]),
-                "holdout_images": float(counts["holdout"]),
-                "undecodable": float(counts["undecodable"]),
-                "train_crop": float(crop),
-                "perceptual_loss_enabled": float(losses.lpips is not None),
-                "mean_steps_per_second": trained_steps / train_seconds if trained_steps else 0.0,
-                "load_seconds": load_seconds,
-                "train_seconds": train_seconds,
-                "seconds": time.perf_counter() - began,
-            }
-        )
+        metrics.update({"scaling_factor": scaling, "shift_factor": shift, **facts})
+        metrics["seconds"] = time.time() - metrics.pop("started_at")  # the whole job's
         vae.cpu()
+        target = self.config.autoencoder_dir
         # Saved before anything else is logged, so a tracking hiccup cannot cost the training.
-        _publish(vae, metrics, config.autoencoder_dir)
+        _publish(vae, metrics, target)
         # Which MLflow run trained these weights: training runs link back to it.
-        (config.autoencoder_dir / "lineage.json").write_text(json.dumps({"mlflow_run_id": run_id}))
-        tracker.log_metrics(metrics, ae.num_steps)
+        (target / "lineage.json").write_text(json.dumps({"mlflow_run_id": self.run_id}))
+        self.tracker.log_metrics(metrics, ae.num_steps)
         shown = min(GRID_IMAGES, len(test))
         # Rows: originals, autoencoder reconstructions, bicubic baseline.
-        tracker.log_image(
+        self.tracker.log_image(
             grid(np.concatenate([test[:shown], recon[:shown], baseline[:shown]]), shown),
             "reconstructions",
             ae.num_steps,
         )
-        tracker.log_artifact(config.autoencoder_dir / "metrics.json")
-        f = ae.downsample_factor
+        self.tracker.log_artifact(target / "metrics.json")
+        return metrics
+
+    def close(self) -> None:
+        self.tracker.close()
+
+
+class NullRank0(Rank0):
+    """Every other rank: the same calls, doing nothing."""
+
+    def __init__(self):  # noqa: D107 - nothing to build on other ranks
+        pass
+
+    def start(self, perceptual, step):  # noqa: D102
+        pass
+
+    def log(self, metrics, step):  # noqa: D102
+        pass
+
+    def clear(self, tag_dir):  # noqa: D102
+        pass
+
+    def commit(self, tag_dir, state):  # noqa: D102
+        pass
+
+    def finish(self, vae, train, test, generator, facts):  # noqa: D102
+        return {}
+
+    def close(self):  # noqa: D102
+        pass
+
+
+# --- one rank's training --------------------------------------------------------------------
+
+
+def _reduce_means(sums: dict[str, float], counts: dict[str, int], device) -> dict[str, float]:
+    """Each logged term's mean over this window's steps and over all ranks: one all-reduce
+    (every rank logs the same terms at the same steps, so the sorted keys line up)."""
+    import torch.distributed as dist
+
+    keys = sorted(sums)
+    totals = torch.tensor([sums[k] / counts[k] for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(totals)
+    world = dist.get_world_size()
+    return {k: v / world for k, v in zip(keys, totals.tolist(), strict=True)}
+
+
+def _save_checkpoint(
+    root: Path,
+    step: int,
+    engines: dict[str, object],
+    rng: dict,
+    state: dict,
+    main: Rank0,
+) -> Path:
+    """A collective save: every rank writes its part of each engine's DeepSpeed checkpoint
+    into `<tag>/<engine>/`, then rank 0 writes the JSON state (with every rank's RNG) and
+    commits the tag after a barrier."""
+    import torch.distributed as dist
+
+    from training import checkpoint as ckpt
+    from training.engine import save_engine
+
+    tag_dir = root / ckpt.tag_for(step)
+    main.clear(tag_dir)
+    dist.barrier()  # the tag folder is empty and exists before anyone writes into it
+    rngs: list[dict] = [None] * dist.get_world_size()  # type: ignore[list-item]
+    dist.all_gather_object(rngs, rng)
+    for name, engine in engines.items():
+        save_engine(engine, tag_dir, name)
+    dist.barrier()  # every rank's files are on disk before the tag is sealed
+    state = {**state, "step": step, "world_size": len(rngs)}
+    state["rng"] = {str(r): s for r, s in enumerate(rngs)}
+    main.commit(tag_dir, state)
+    return tag_dir
+
+
+def train_worker(
+    config: ExperimentConfig,
+    train: np.ndarray,
+    test: np.ndarray,
+    run_id: str,
+    resume_from: str | None,
+    facts: dict[str, float],
+    threads: int,
+    progress: bool = True,
+) -> dict[str, float]:
+    """One rank's whole stage 1 inside an initialised torch.distributed group: build both
+    engines, resume from `resume_from` (a verified committed tag), train to
+    `autoencoder.num_steps`, checkpoint; rank 0 then evaluates and publishes. Returns the
+    published metrics on rank 0, {} elsewhere. `facts`: the driver's data counts and
+    timings, published with the metrics; `threads`: torch threads of this rank."""
+    import torch.distributed as dist
+
+    from training.discriminator import NLayerDiscriminator
+    from training.engine import autoencoder_deepspeed_config, build_module_engine, load_engine
+    from training.models import build_autoencoder
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.set_num_threads(threads)
+    ae = config.autoencoder
+    crop, micro_batch = train_crop(config), ae.batch_size // world
+
+    # The same seed on every rank gives identical initial weights.
+    torch.manual_seed(config.run.seed)
+    vae = build_autoencoder(config).train()
+    disc = None
+    if ae.discriminator_weight > 0:
+        disc = NLayerDiscriminator(num_layers=ae.discriminator_layers).train()
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=ae.learning_rate, fused=True)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(ae.num_steps))
+    critics = _Critics(lpips=None, disc=disc)
+    loss_module = _AutoencoderLoss(config, vae, critics)
+    size = sum(p.numel() for p in vae.parameters())
+    engine = build_module_engine(
+        loss_module, optimizer, autoencoder_deepspeed_config(config, world, size), scheduler
+    )
+    engines = {AUTOENCODER_ENGINE: engine}
+    d_engine = None
+    if disc is not None:
+        # Adam with beta1 = 0.5 and a constant rate, as the paper's code trains it.
+        d_optimizer = torch.optim.Adam(
+            disc.parameters(),
+            lr=ae.discriminator_learning_rate or ae.learning_rate,
+            betas=(0.5, 0.9),
+        )
+        size = sum(p.numel() for p in disc.parameters())
+        d_engine = build_module_engine(
+            _DiscriminatorLoss(disc), d_optimizer, autoencoder_deepspeed_config(config, world, size)
+        )
+        engines[DISCRIMINATOR_ENGINE] = d_engine
+    device = engine.device
+    critics.lpips = _perceptual(config, device)
+    step_fn = _Step(config, engine, d_engine, critics)
+    generator = _rank_generator(config.run.seed, rank)
+
+    start_step, last = 0, {}
+    if resume_from is not None:
+        tag = Path(resume_from)
+        for name, each in engines.items():
+            load_engine(each, tag, name)
+        state = json.loads((tag / STATE_FILE).read_text())
+        _set_rng_state(state["rng"][str(rank)], generator, device)
+        start_step, last = state["step"], state.get("last", {})
+
+    main = Rank0(config, run_id, progress) if rank == 0 else NullRank0()
+    try:
+        main.start(critics.lpips is not None, start_step)
+        sums: dict[str, float] = {}
+        seen: dict[str, int] = {}
+        loop_start = window_start = time.perf_counter()
+        window_steps = 0
+        for step in range(start_step + 1, ae.num_steps + 1):
+            x = random_crops(train, micro_batch, crop, generator).to(device)
+            for name, value in step_fn(x, step).items():
+                sums[name] = sums.get(name, 0.0) + value.item()
+                seen[name] = seen.get(name, 0) + 1
+            window_steps += 1
+            if step % ae.log_every == 0 or step == ae.num_steps:
+                last = _reduce_means(sums, seen, device)
+                now = time.perf_counter()
+                last["steps_per_second"] = window_steps / (now - window_start)
+                last["learning_rate"] = engine.get_lr()[0]
+                main.log(last, step)
+                sums, seen = {}, {}
+                window_start, window_steps = now, 0
+            if step % ae.checkpoint_every == 0 or step == ae.num_steps:
+                state = {"mlflow_run_id": run_id, "config": _resume_key(config), "last": last}
+                rng = _rng_state(generator, device)
+                _save_checkpoint(checkpoint_dir(config), step, engines, rng, state, main)
+        train_seconds = time.perf_counter() - loop_start
+        trained_steps = ae.num_steps - start_step
+        facts = {
+            **facts,
+            "steps": float(ae.num_steps),
+            "resumed_at_step": float(start_step),
+            "final_loss": last.get("loss", math.nan),
+            "train_crop": float(crop),
+            "world_size": float(world),
+            "perceptual_loss_enabled": float(critics.lpips is not None),
+            "mean_steps_per_second": trained_steps / train_seconds if trained_steps else 0.0,
+            "train_seconds": train_seconds,
+        }
+        return main.finish(vae, train, test, generator, facts)
+    finally:
+        main.close()
+
+
+# --- the driver ------------------------------------------------------------------------------
+
+
+def _cpu_share(reserved: float, workers_on_node: int) -> int:
+    """Torch threads of one worker: its share of its node's CPUs, at least its reservation.
+
+    Ray sets OMP_NUM_THREADS to a worker's CPU reservation (`cluster.num_cpus_per_worker`, 1
+    by default), which would leave a lone stage-1 worker on one core of a many-core node.
+    The node's CPUs are what Ray counts there (container limits included), at most the cores
+    this process may run on.
+    """
+    import ray
+
+    node = ray.get_runtime_context().get_node_id()
+    counted = next((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["NodeID"] == node), 0)
+    cpus = min(int(counted) or _usable_cores(), _usable_cores())
+    return max(1, math.floor(reserved), cpus // max(1, workers_on_node))
+
+
+# glibc hands large freed blocks back to the OS (above a threshold it moves at run time), so
+# a step's big buffers are page-faulted in anew every step. Inside a DeepSpeed engine the
+# demo's step took ~15,000 page faults (plain torch: ~2,300) and ran at 7.0 steps/s against
+# plain torch's 8.0-8.3; with blocks up to 256 MB kept in the heap and 1 GB of free heap
+# before trimming: ~40 faults a step and 8.3 steps/s (measured in one process, 2 threads).
+MALLOC_TUNABLES = "glibc.malloc.mmap_threshold=268435456:glibc.malloc.trim_threshold=1073741824"
+
+
+def runtime_env() -> dict:
+    """Ray's runtime environment for this stage's workers (what `ray_session` is given)."""
+    from orchestrator.launch import worker_env
+
+    return {
+        "env_vars": {
+            **worker_env(),
+            "GLIBC_TUNABLES": os.environ.get("GLIBC_TUNABLES", MALLOC_TUNABLES),
+            # Ray Train's print patch doubles every line a worker prints (Ray 2.60 tees it
+            # whenever stdout is wrapped, and Ray's own wrapper always is in a worker).
+            "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+        }
+    }
+
+
+def _in_process(config: ExperimentConfig) -> bool:
+    """One worker on this machine (no cluster address, not inside a Ray job) trains in this
+    process: the same DeepSpeed rank, without Ray's start-up (seconds, against a stage that
+    runs for minutes in the demo and seconds in tests)."""
+    return (
+        config.autoencoder.num_workers == 1
+        and config.cluster.address is None
+        and not os.environ.get("RAY_ADDRESS")
+    )
+
+
+def _keep_freed_memory() -> None:
+    """MALLOC_TUNABLES for this process, set at run time (see `runtime_env`)."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc: its defaults stay
+        return
+    libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
+    libc.mallopt(-3, 1 << 28)  # M_MMAP_THRESHOLD
+
+
+def _train_in_process(config: ExperimentConfig, train, test, job: dict) -> None:
+    import torch.distributed as dist
+
+    from training.engine import forget_process_groups
+
+    _keep_freed_memory()
+    threads = torch.get_num_threads()
+    saved = {k: os.environ.get(k) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")  # what DeepSpeed reads
+    with tempfile.TemporaryDirectory() as tmp:
+        # A file rendezvous: a TCP store would listen on every interface.
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        forget_process_groups()  # of an earlier group in this process, if any
+        dist.init_process_group(
+            backend, init_method=f"file://{tmp}/rendezvous", rank=0, world_size=1
+        )
+        try:
+            train_worker(config, train, test, threads=_usable_cores(), **job)
+        finally:
+            dist.destroy_process_group()
+            forget_process_groups()
+            torch.set_num_threads(threads)
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+
+
+def _ray_worker(loop_config: dict) -> None:
+    """Entry point of each Ray Train worker."""
+    import ray
+    import ray.train
+
+    context = ray.train.get_context()
+    train, test = ray.get(loop_config["images"])  # zero-copy from the node's object store
+    test = test.copy()  # small, and torch warns about read-only arrays it evaluates on
+    config = ExperimentConfig.model_validate(loop_config["config"])
+    threads = _cpu_share(config.cluster.num_cpus_per_worker, context.get_local_world_size())
+    train_worker(config, train, test, threads=threads, **loop_config["job"])
+
+
+def _train_on_ray(config: ExperimentConfig, train, test, job: dict) -> None:
+    """`autoencoder.num_workers` Ray Train workers, each a DeepSpeed rank of `train_worker`."""
+    import ray
+    from ray.train import RunConfig
+    from ray.train.torch import TorchTrainer
+
+    from orchestrator.cluster import ray_session, worker_scaling
+    from orchestrator.launch import _find_user_error
+
+    # On the checkpoints' storage, which every node must share.
+    ray_storage = checkpoint_dir(config).resolve() / "ray_train"
+    with ray_session(config.cluster.address, runtime_env=runtime_env()):
+        # Workers on one node map the same object-store copy of the images.
+        images = [ray.put(train), ray.put(test)]
+        del train, test
+        trainer = TorchTrainer(
+            _ray_worker,
+            train_loop_config={
+                "config": config.to_dict(),
+                "images": images,
+                "job": job,
+            },
+            scaling_config=worker_scaling(config.cluster, config.autoencoder.num_workers),
+            run_config=RunConfig(name=ray_storage.name, storage_path=str(ray_storage.parent)),
+        )
+        try:
+            trainer.fit()
+        except Exception as err:
+            user_error = _find_user_error(err)
+            if user_error is not None:
+                raise user_error from None
+            raise
+        finally:
+            # Nothing is reported to Ray Train (the tags and their commit markers are the
+            # checkpoints): its folder holds only a storage-check marker.
+            shutil.rmtree(ray_storage, ignore_errors=True)
+
+
+def train_autoencoder(config: ExperimentConfig, progress: bool = True) -> dict[str, float]:
+    """Train (or continue training), evaluate and save the stage-1 autoencoder; returns its
+    metrics.
+
+    The driver checks what it can (config, resume state, data) before any worker starts,
+    owns the MLflow run, and runs `autoencoder.num_workers` Ray Train workers, each a
+    DeepSpeed rank of `train_worker`; a single worker on this machine is that rank in this
+    process (`_in_process`). With `autoencoder.pretrained` set there is nothing to
+    train: it prints so and returns {}.
+    """
+
+    from training.tracking import end_run, reopen_run, start_run
+
+    ae = config.autoencoder
+    if ae.pretrained:
         print(
-            f"autoencoder: held-out PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.4f}, "
-            f"rFD {metrics['rfd_efficientnet_lite0']:.2f} (bicubic x{f}: "
-            f"{metrics['psnr_bicubic']:.2f} dB, {metrics['ssim_bicubic']:.4f}, "
-            f"{metrics['rfd_efficientnet_lite0_bicubic']:.2f}), scaling factor {scaling:.4f}, "
-            f"{metrics['seconds']:.0f} s; saved to {config.autoencoder_dir}",
+            f"autoencoder: autoencoder.pretrained is set ({ae.pretrained}); nothing to train, "
+            "precompute uses it directly",
             flush=True,
         )
+        return {}
+
+    started_at = time.time()
+    crop = train_crop(config)
+    resume = _read_resume_state(config)  # before the data: a refused resume costs nothing
+    began = time.perf_counter()
+    train, test, counts = load_images(config)
+    load_seconds = time.perf_counter() - began
+    print(
+        f"autoencoder: {counts['train']} training images, {counts['holdout']} held out, "
+        f"{config.data.resolution}px (training on {crop}px crops), f={ae.downsample_factor}, "
+        f"{ae.regularization.upper()}, {ae.num_workers} worker(s) at ZeRO-{ae.zero_stage}",
+        flush=True,
+    )
+    perceptual_off = _perceptual_off(config)
+    if perceptual_off:
+        print(
+            f"autoencoder: perceptual loss OFF: autoencoder.perceptual_weight="
+            f"{ae.perceptual_weight}, but {perceptual_off} (LPIPS needs pretrained VGG16 "
+            "weights on disk; nothing is downloaded); training without it",
+            flush=True,
+        )
+
+    run_id = None
+    if resume is not None:
+        tag, state = resume
+        run_id = state["mlflow_run_id"]
+        print(
+            f"autoencoder: resuming from {tag} (step {state['step']} of {ae.num_steps})",
+            flush=True,
+        )
+    uri = config.tracking_uri
+    tags = {"ldm.world_size": str(ae.num_workers), "ldm.zero_stage": str(ae.zero_stage)}
+    if run_id is not None:
+        try:
+            reopen_run(uri, run_id, {"ldm.resumed_from": str(resume[1]["step"]), **tags})
+        except Exception as err:  # another tracking store: the checkpoint's run is not there
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+            print(f"autoencoder: cannot reopen MLflow run {run_id} ({first}); starting a new one")
+            run_id = None
+    if run_id is None:
+        run_id = start_run(
+            uri,
+            config.tracking.experiment,
+            f"{config.run.name}-autoencoder",
+            config.flat(),
+            tags={"ldm.stage": "autoencoder", **tags},
+            artifact_root=Path(config.run.root) / "mlartifacts",
+        )
+    print(f"autoencoder: MLflow run {run_id} at {uri}", flush=True)
+
+    config = config.model_copy(deep=True)
+    config.tracking.uri = uri  # workers must not re-derive it from their environment
+    facts = {
+        "train_images": float(counts["train"]),
+        "holdout_images": float(counts["holdout"]),
+        "undecodable": float(counts["undecodable"]),
+        "load_seconds": load_seconds,
+        "started_at": started_at,
+    }
+    job = {
+        "run_id": run_id,
+        "resume_from": str(resume[0]) if resume else None,
+        "facts": facts,
+        "progress": progress,
+    }
+    status = "FAILED"
+    try:
+        if _in_process(config):
+            _train_in_process(config, train, test, job)
+        else:
+            _train_on_ray(config, train, test, job)
         status = "FINISHED"
-        return metrics
     except KeyboardInterrupt:
         status = "KILLED"
         raise
     finally:
-        torch.set_num_threads(threads)
-        tracker.close()
         end_run(uri, run_id, status)
+    metrics = json.loads((config.autoencoder_dir / "metrics.json").read_text())
+    f = ae.downsample_factor
+    print(
+        f"autoencoder: held-out PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.4f}, "
+        f"rFD {metrics['rfd_efficientnet_lite0']:.2f} (bicubic x{f}: "
+        f"{metrics['psnr_bicubic']:.2f} dB, {metrics['ssim_bicubic']:.4f}, "
+        f"{metrics['rfd_efficientnet_lite0_bicubic']:.2f}), scaling factor "
+        f"{metrics['scaling_factor']:.4f}, {metrics['seconds']:.0f} s; saved to "
+        f"{config.autoencoder_dir}",
+        flush=True,
+    )
+    return metrics

@@ -76,6 +76,62 @@ def build_engine(
     return engine
 
 
+def autoencoder_deepspeed_config(
+    config: ExperimentConfig, world_size: int, num_parameters: int
+) -> dict[str, Any]:
+    """The DeepSpeed JSON of a stage-1 engine (autoencoder or discriminator): fp32, one
+    micro batch per step (`autoencoder.batch_size` split over the ranks), and
+    `autoencoder.zero_stage`. `num_parameters`: the engine's model size, which bounds the
+    ZeRO buckets (DeepSpeed's defaults allocate 2 GB per rank whatever the model's size)."""
+    ae = config.autoencoder
+    # One bucket holds every gradient; DeepSpeed wants it a multiple of its alignment (2).
+    bucket = -(-num_parameters // 1024) * 1024
+    return {
+        "train_batch_size": ae.batch_size,
+        "train_micro_batch_size_per_gpu": ae.batch_size // world_size,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {
+            "stage": ae.zero_stage,
+            "reduce_bucket_size": bucket,
+            "allgather_bucket_size": bucket,
+        },
+        "bf16": {"enabled": False},
+        # Stage 1 does not clip (as the paper's code), and DeepSpeed clips at 1.0 unless told.
+        "gradient_clipping": 0.0,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+        "zero_allow_untested_optimizer": True,
+    }
+
+
+def build_module_engine(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    ds_config: dict[str, Any],
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+):
+    """Wrap `model` with the torch `optimizer` (and scheduler, stepped by `engine.step()`)
+    in a DeepSpeed engine; torch.distributed must already be initialised."""
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=lr_scheduler,
+        config=ds_config,
+        dist_init_required=False,
+    )
+    return engine
+
+
+def forget_process_groups() -> None:
+    """Drop the process groups DeepSpeed cached at its last `initialize`. A process that
+    destroys its torch.distributed group and makes a new one (stage 1 trained in the
+    driver, more than once in one process) must call this, or DeepSpeed uses the dead one."""
+    from deepspeed.utils import groups
+
+    for name in ("_WORLD_GROUP", "_DATA_PARALLEL_GROUP", "_ZERO_PARAM_INTRA_PARALLEL_GROUP"):
+        setattr(groups, name, None)
+
+
 def save_engine(engine, checkpoint_dir: Path, tag: str) -> None:
     """Every rank writes its ZeRO shard of module, optimizer and scheduler state."""
     # The `latest` pointer DeepSpeed writes is not trusted: commit markers decide (checkpoint.py).

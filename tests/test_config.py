@@ -85,6 +85,9 @@ def test_deepspeed_json_is_derived():
     assert ds["gradient_accumulation_steps"] == 2
     assert ds["zero_optimization"]["stage"] == 3
     assert ds["bf16"]["enabled"] is False
+    # train.grad_clip=0 means off, which DeepSpeed must be told (its default clips at 1.0).
+    off = build_config({"preset": "tiny"}, ["train.grad_clip=0"])
+    assert deepspeed_config(off, world_size=2)["gradient_clipping"] == 0.0
 
 
 def test_checkpoints_written_with_retired_keys_still_load(tmp_path):

@@ -44,8 +44,8 @@ def deepspeed_config(config: ExperimentConfig, world_size: int) -> dict[str, Any
         "wall_clock_breakdown": False,
         "zero_allow_untested_optimizer": True,
     }
-    if t.grad_clip > 0:
-        ds["gradient_clipping"] = t.grad_clip
+    # Always written: DeepSpeed clips at 1.0 when the key is absent, so 0 ("off") must say so.
+    ds["gradient_clipping"] = t.grad_clip
     return ds
 
 

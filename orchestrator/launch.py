@@ -154,13 +154,13 @@ def _ray_storage(config: ExperimentConfig) -> tuple[str, Any]:
 
 def train(config: ExperimentConfig) -> dict[str, Any]:
     """Run the training stage to `train.num_steps`; resumes per `train.resume`."""
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
     from data_pipeline.cache import check_spec, read_manifest
     from data_pipeline.precompute import cache_spec, resolve_cache_dir
     from data_pipeline.stream import Layout, check_enough_samples
-    from orchestrator.cluster import ray_session
+    from orchestrator.cluster import ray_session, worker_scaling
     from training.checkpoint import TRAIN_STATE, TrainState, resolve_resume
     from training.tracking import end_run, log_cache_input, reopen_run, start_run
 
@@ -226,15 +226,7 @@ def train(config: ExperimentConfig) -> dict[str, Any]:
                     "resume_from": tag,
                     "newest_at_start": storage.basename(newest) if newest else None,
                 },
-                scaling_config=ScalingConfig(
-                    num_workers=config.train.num_workers,
-                    use_gpu=c.use_gpu,
-                    resources_per_worker={
-                        "CPU": c.num_cpus_per_worker,
-                        **({"GPU": 1} if c.use_gpu else {}),
-                    },
-                    placement_strategy=c.placement_strategy,
-                ),
+                scaling_config=worker_scaling(c, config.train.num_workers),
                 run_config=RunConfig(
                     name="ray_train",
                     storage_path=storage_path,

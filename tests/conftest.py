@@ -66,3 +66,21 @@ def pipeline(tmp_path_factory):
 @pytest.fixture
 def fixture_images() -> Path:
     return FIXTURE_IMAGES
+
+
+@pytest.fixture(scope="module")
+def process_group():
+    """A one-rank gloo group in this process, as a Ray Train worker has: DeepSpeed engines
+    built in the test process itself, seconds each."""
+    import socket
+
+    import torch.distributed as dist
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("LOCAL_RANK", "0")  # what a launcher would set; DeepSpeed reads it
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+        yield
+        dist.destroy_process_group()

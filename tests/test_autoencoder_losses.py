@@ -6,13 +6,11 @@ that train them."""
 from __future__ import annotations
 
 import copy
-import socket
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 
 from orchestrator.config import build_config
 from orchestrator.errors import LdmError
@@ -175,19 +173,6 @@ def test_stage1_deepspeed_json_is_derived(tmp_path) -> None:
     assert ds["zero_optimization"]["stage"] == 2
     assert ds["zero_optimization"]["reduce_bucket_size"] == 5120  # the model, not 2 GB
     assert ds["gradient_clipping"] == 0.0  # DeepSpeed would clip at 1.0
-
-
-@pytest.fixture(scope="module")
-def process_group():
-    """A one-rank gloo group in this process, as a Ray Train worker has."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("LOCAL_RANK", "0")  # what a launcher would set; DeepSpeed reads it
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-        yield
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("zero_stage", [0, 2])

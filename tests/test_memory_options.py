@@ -8,11 +8,8 @@ seconds each.
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
-import torch.distributed as dist
 
 from data_pipeline.cache import CacheBatch
 from training.presets import tiny
@@ -36,18 +33,6 @@ SWITCHES = {
         "train.precision=bf16",
     ],
 }
-
-
-@pytest.fixture(scope="module")
-def process_group():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("LOCAL_RANK", "0")  # what a launcher would set; DeepSpeed reads it
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-        yield
-        dist.destroy_process_group()
 
 
 def _config(overrides: list[str]):

@@ -76,6 +76,9 @@ def process_group():
 
     import torch.distributed as dist
 
+    from training.engine import forget_process_groups
+
+    forget_process_groups()  # DeepSpeed still holds the group an earlier module made
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

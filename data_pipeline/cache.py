@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from data_pipeline import storage
-from orchestrator.errors import LdmError
+from core import storage
+from core.errors import LdmError
 
 FORMAT = "ldm-latent-cache/2"
 MANIFEST = "manifest.json"
@@ -37,14 +37,6 @@ def default_cache_dir(root: str, spec: dict[str, Any]) -> str:
     return storage.join(root, "cache", spec_digest(spec)[:16])
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def npy_bytes(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
@@ -53,10 +45,6 @@ def npy_bytes(array: np.ndarray) -> bytes:
 
 def npy_load(data: bytes) -> np.ndarray:
     return np.load(io.BytesIO(data), allow_pickle=False)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    storage.write_bytes(path, data)
 
 
 def write_manifest(cache_dir: str, manifest: dict[str, Any]) -> None:
@@ -78,6 +66,10 @@ def read_manifest(cache_dir: str | Path) -> dict[str, Any]:
         )
     return manifest
 
+
+def read_empty_prompt(cache_dir: str | Path) -> np.ndarray:
+    """The stored encoding of the empty prompt (hidden states, or token ids), unpadded."""
+    return npy_load(storage.read_bytes(storage.join(cache_dir, EMPTY_PROMPT)))
 
 def check_spec(cache_dir: str | Path, manifest: dict[str, Any], expected: dict[str, Any]) -> None:
     """Refuse a cache built from another spec, naming the first field that differs."""

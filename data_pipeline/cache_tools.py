@@ -12,11 +12,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
-from data_pipeline import storage
+from core import storage
+from core.errors import LdmError
 from data_pipeline.cache import npy_load, read_manifest
 from data_pipeline.images import image_bytes, read_shard, resize_crop, to_uint8, try_decode
-from orchestrator.errors import LdmError
+from models.autoencoder import load_autoencoder
+from models.digests import weights_digest
+from models.metrics import psnr
 
 
 def cache_info(cache_dir: str) -> list[str]:
@@ -61,11 +65,6 @@ def verify_cache(
     cache_dir: str, num_decode: int = 8, autoencoder: Path | None = None
 ) -> dict[str, Any]:
     """Raise LdmError naming the first problem; else return counts and the decode PSNR."""
-    import torch
-
-    from training.autoencoder import psnr
-    from training.models import load_autoencoder, weights_digest
-
     manifest = read_manifest(cache_dir)
     problems = _check_shards(cache_dir, manifest)
     if problems:

@@ -21,7 +21,7 @@ import zlib
 from pathlib import Path
 from typing import Any
 
-from orchestrator.errors import LdmError
+from core.errors import LdmError
 
 PACKAGE = "emoji-datasource-twitter"
 DEFAULT_VERSION = "16.0.0"

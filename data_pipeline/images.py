@@ -18,7 +18,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
-from orchestrator.errors import LdmError
+from core import storage
+from core.errors import LdmError
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
@@ -32,8 +33,6 @@ class ShardReadReport:
 
 def list_shards(location: str | Path) -> list[str]:
     """Sorted `*.tar` files of a folder or prefix (or a single tar), local or remote."""
-    from data_pipeline import storage
-
     text = str(location)
     if text.endswith(".tar") and storage.exists(text):
         return [text]
@@ -45,8 +44,6 @@ def list_shards(location: str | Path) -> list[str]:
 
 def read_shard(path: str, report: ShardReadReport | None = None) -> Iterator[dict]:
     """Samples of one tar as dicts {'__key__', 'png'|'jpg'|..., 'txt', 'json'}: raw bytes."""
-    from data_pipeline import storage
-
     report = report if report is not None else ShardReadReport()
 
     def handler(exn: Exception) -> bool:

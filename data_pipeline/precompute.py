@@ -1,27 +1,32 @@
-"""`ldm precompute`: a Ray Data job that encodes raw shards into the latent cache.
+"""The latent cache's content: its spec, and the pieces of the precompute job that touch
+data and models (no Ray here: `orchestrator.precompute` schedules these pieces as a Ray Data
+job).
 
-Two stages, scheduled separately by Ray Data: CPU tasks read a raw shard, decode, resize,
-crop and tokenize, cutting it into fixed batches of `precompute.batch_size`; encoder actors
-(one GPU each when the cluster has GPUs) run the autoencoder and the text encoder on one
-batch at a time. Because batches never mix shards or depend on scheduling, the cache's bytes
-are the same however the job is split, killed or rerun. The driver reorders finished batches
-and writes one cache shard per raw shard (a temporary file, renamed or uploaded when
-complete) with a small sidecar of counts; a rerun skips shards whose sidecar exists.
+Two stages: `ShardDecoder` (CPU) reads a raw shard, decodes, resizes, crops and tokenizes,
+cutting it into fixed batches of `precompute.batch_size`; `Encoder` (a GPU each when the
+cluster has GPUs) runs the autoencoder and the text encoder on one batch at a time. Because
+batches never mix shards or depend on scheduling, the cache's bytes are the same however the
+job is split, killed or rerun. `ShardWriter` reorders finished batches and writes one cache
+shard per raw shard (a temporary file, renamed or uploaded when complete) with a small
+sidecar of counts; a rerun skips shards whose sidecar exists. `write_cache_manifest` seals
+the cache once every shard is there.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import math
-import tempfile
-import time
 import zlib
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+import webdataset as wds
 
-from data_pipeline import storage
+from core import storage
+from core.config import ExperimentConfig
+from core.errors import LdmError
 from data_pipeline.cache import (
     EMPTY_PROMPT,
     FORMAT,
@@ -32,30 +37,31 @@ from data_pipeline.cache import (
     write_manifest,
 )
 from data_pipeline.images import (
+    ShardReadReport,
     caption_of,
     image_bytes,
     list_shards,
     read_shard,
     resize_crop,
+    to_model_range,
     try_decode,
 )
-from orchestrator.config import ExperimentConfig
-from orchestrator.errors import LdmError
+from models.autoencoder import autoencoder_config, load_autoencoder
+from models.digests import tokenizer_digest, weights_digest
+from models.text_encoders import (
+    load_text_encoder,
+    load_tokenizer,
+    text_encoder_path,
+    tokenizer_path,
+)
 
 MAX_BAD_EXAMPLES = 5  # per shard, kept in its sidecar to say what went wrong
 
 
-def cache_spec(config: ExperimentConfig) -> dict[str, Any]:
+def cache_spec(config: ExperimentConfig, autoencoder_dir: Path) -> dict[str, Any]:
     """Everything that determines the cache content; training rebuilds it to compare."""
-    from training.models import (
-        autoencoder_config,
-        text_encoder_path,
-        tokenizer_path,
-        weights_digest,
-    )
-
     # Only the config is read: the driver needs the identity, not a loaded model.
-    ae_dir = config.autoencoder_dir
+    ae_dir = autoencoder_dir
     vae = autoencoder_config(ae_dir)
     p = config.precompute
     te = config.text_encoder
@@ -91,25 +97,6 @@ def cache_spec(config: ExperimentConfig) -> dict[str, Any]:
     }
 
 
-def tokenizer_digest(folder: Path) -> str:
-    """sha256 over a tokenizer's vocabulary and settings files."""
-    import hashlib
-
-    files = sorted(
-        p
-        for p in Path(folder).iterdir()
-        if p.name.startswith(("tokenizer", "vocab"))
-        or p.name in ("special_tokens_map.json", "merges.txt")
-    )
-    if not files:
-        raise LdmError(f"no tokenizer files in {folder}")
-    digest = hashlib.sha256()
-    for path in files:
-        digest.update(path.name.encode())
-        digest.update(path.read_bytes())
-    return digest.hexdigest()
-
-
 def cached_shards(config: ExperimentConfig) -> list[str]:
     """The raw shards that go into the cache: all but the held-out last `holdout_shards`."""
     shards = list_shards(config.data.shards)
@@ -128,7 +115,7 @@ def resolve_cache_dir(config: ExperimentConfig, spec: dict[str, Any]) -> str:
     return default_cache_dir(config.run.root, spec)
 
 
-class _ShardDecoder:
+class ShardDecoder:
     """CPU stage: one raw shard in, fixed batches of decoded and tokenized samples out."""
 
     def __init__(
@@ -148,8 +135,6 @@ class _ShardDecoder:
         self.center_crop, self.seed, self.batch_size = center_crop, seed, batch_size
 
     def __call__(self, row: dict[str, Any]):
-        from data_pipeline.images import ShardReadReport
-
         shard = row["shard"]
         name = storage.basename(shard)
         report = ShardReadReport()
@@ -195,16 +180,12 @@ class _ShardDecoder:
         }
 
 
-class _Encoder:
+class Encoder:
     """Encoder stage: one batch of one shard in, one row per encoded sample out."""
 
     def __init__(
         self, autoencoder_dir: str, text_encoder: str, spec: dict[str, Any], num_threads: int
     ):
-        import torch
-
-        from training.models import load_autoencoder, load_text_encoder
-
         torch.set_num_threads(num_threads)  # Ray caps an actor at 1 thread unless told
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.vae = load_autoencoder(Path(autoencoder_dir)).to(self.device)
@@ -216,8 +197,6 @@ class _Encoder:
         self.dtype = np.float16 if spec["dtype"] == "float16" else np.float32
 
     def _moments(self, pixels):
-        import torch
-
         encoded = self.vae.encode(pixels)
         if not hasattr(encoded, "latent_dist"):
             # Deterministic encoders: AutoencoderTiny, and VQModel, whose `latents` are the
@@ -230,10 +209,6 @@ class _Encoder:
         return moments.float().cpu().numpy().astype(self.dtype)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        import torch
-
-        from data_pipeline.images import to_model_range
-
         (row,) = [{k: v[0] for k, v in batch.items()}]  # batch_size=1: one shard batch
         pixels = npy_load(row["pixels"])
         ids, mask = npy_load(row["input_ids"]), npy_load(row["attention_mask"])
@@ -284,12 +259,10 @@ class _Encoder:
         }
 
 
-class _ShardWriter:
+class ShardWriter:
     """Writes one cache shard as its batches arrive, in batch order, then publishes it."""
 
     def __init__(self, cache_dir: str, name: str, source: str, staging: Path):
-        import webdataset as wds
-
         self.cache_dir, self.name, self.source = cache_dir, name, source
         self.partial = staging / f".{name}.partial"
         # A fixed mtime makes the tar bytes (and so its sha256) reproducible.
@@ -342,22 +315,22 @@ class _ShardWriter:
             "sha256": storage.sha256(self.partial),
         }
         storage.put_file(self.partial, storage.join(self.cache_dir, self.name))
-        storage.write_bytes(_marker(self.cache_dir, self.name), json.dumps(entry).encode())
+        storage.write_bytes(done_marker(self.cache_dir, self.name), json.dumps(entry).encode())
         return entry
 
 
-def _marker(cache_dir: str, name: str) -> str:
+def done_marker(cache_dir: str, name: str) -> str:
     return storage.join(cache_dir, f"{Path(name).stem}.done.json")
 
 
-def _done_entry(cache_dir: str, name: str) -> dict | None:
-    marker = _marker(cache_dir, name)
+def done_entry(cache_dir: str, name: str) -> dict | None:
+    marker = done_marker(cache_dir, name)
     if storage.exists(marker) and storage.exists(storage.join(cache_dir, name)):
         return json.loads(storage.read_bytes(marker))
     return None
 
 
-def _check_bad_budget(entries: list[dict], num_shards: int, max_bad_fraction: float) -> None:
+def check_bad_budget(entries: list[dict], num_shards: int, max_bad_fraction: float) -> None:
     """Fail early when the bad samples seen so far already break the budget for the job."""
     bad = sum(e["num_bad"] for e in entries)
     seen = bad + sum(e["num_samples"] for e in entries)
@@ -373,12 +346,8 @@ def _check_bad_budget(entries: list[dict], num_shards: int, max_bad_fraction: fl
         )
 
 
-def _empty_prompt(config: ExperimentConfig, spec: dict[str, Any]) -> np.ndarray:
+def encode_empty_prompt(config: ExperimentConfig, spec: dict[str, Any]) -> np.ndarray:
     """What a dropped caption becomes: the encoding (or token ids) of the empty prompt."""
-    import torch
-
-    from training.models import load_text_encoder, load_tokenizer
-
     if spec["text"] == "token_ids":
         tokens = load_tokenizer(config.text_encoder.name_or_path)([""], return_tensors="np")
         return tokens["input_ids"][0].astype(np.int32)
@@ -389,153 +358,35 @@ def _empty_prompt(config: ExperimentConfig, spec: dict[str, Any]) -> np.ndarray:
     return hidden.numpy().astype(np.float16 if spec["dtype"] == "float16" else np.float32)
 
 
-def _encode(
+def write_cache_manifest(
     config: ExperimentConfig,
-    spec: dict[str, Any],
+    spec: dict,
     cache_dir: str,
-    todo: list[str],
-    done: list[dict],
-    num_shards: int,
-    progress: bool,
-) -> None:
-    """The Ray Data job: encode the `todo` shards, publishing each as it completes."""
-    import ray
-
-    from orchestrator.cluster import ray_session
-    from training.models import tokenizer_path
-
-    if not todo:
-        return
-    p = config.precompute
-    with ray_session(config.cluster.address), tempfile.TemporaryDirectory() as tmp:
-        # Local caches stage next to their final name (a rename); remote ones upload.
-        staging = Path(tmp) if storage.is_remote(cache_dir) else Path(cache_dir)
-        use_gpu = bool(ray.cluster_resources().get("GPU", 0))
-        ds = ray.data.from_items([{"shard": s} for s in todo], override_num_blocks=len(todo))
-        ds = ds.flat_map(
-            _ShardDecoder,
-            fn_constructor_kwargs=dict(
-                text_encoder=str(tokenizer_path(config.text_encoder.name_or_path)),
-                max_length=config.text_encoder.max_length,
-                resolution=config.data.resolution,
-                center_crop=config.data.center_crop,
-                seed=config.run.seed,
-                batch_size=p.batch_size,
-            ),
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, len(todo))),
-            num_cpus=p.num_cpus_per_decoder,
-        )
-        ds = ds.map_batches(
-            _Encoder,
-            fn_constructor_kwargs=dict(
-                autoencoder_dir=str(config.autoencoder_dir),
-                text_encoder=config.text_encoder.name_or_path,
-                spec=spec,
-                num_threads=math.ceil(p.num_cpus_per_encoder),
-            ),
-            batch_size=1,  # one shard batch per call: its size is fixed upstream
-            compute=ray.data.ActorPoolStrategy(size=p.num_encoders),
-            num_cpus=p.num_cpus_per_encoder,
-            num_gpus=1 if use_gpu else 0,
-        )
-        sources = {storage.basename(s): s for s in todo}
-        writers: dict[str, _ShardWriter] = {}
-        for row in ds.iter_rows():
-            name = row["shard"]
-            if name not in writers:
-                writers[name] = _ShardWriter(cache_dir, name, sources[name], staging)
-            writer = writers[name]
-            writer.add(row)
-            if writer.complete:
-                entry = writers.pop(name).publish()
-                done.append(entry)
-                if progress:
-                    print(
-                        f"precompute: wrote {entry['name']} ({entry['num_samples']} "
-                        f"samples, {entry['num_bad']} bad)"
-                    )
-                _check_bad_budget(done, num_shards, p.max_bad_fraction)
-        if writers:
-            raise LdmError(
-                f"precompute: shards {sorted(writers)} ended incomplete; re-run to retry them"
-            )
-
-
-def _start_run(config: ExperimentConfig, spec: dict[str, Any], cache_dir: str) -> str:
-    from training.tracking import start_run
-
-    run_id = start_run(
-        config.tracking_uri,
-        config.tracking.experiment,
-        f"{config.run.name}-precompute",
-        {**config.flat(), **{f"spec.{k}": v for k, v in spec.items()}},
-        tags={
-            "ldm.stage": "precompute",
-            "ldm.cache_spec": spec_digest(spec),
-            "ldm.cache_dir": str(cache_dir),
-        },
-        artifact_root=Path(config.run.root) / "mlartifacts",
-    )
-    print(f"precompute: MLflow run {run_id} at {config.tracking_uri}", flush=True)
-    return run_id
-
-
-def precompute(config: ExperimentConfig, progress: bool = True) -> str:
-    """Encode every raw shard not yet in the cache; returns the cache folder (path or URI)."""
-    spec = cache_spec(config)
-    cache_dir = resolve_cache_dir(config, spec)
-    storage.makedirs(cache_dir)
-    shards = cached_shards(config)
-    names = [storage.basename(s) for s in shards]
-    if len(set(names)) != len(names):
-        raise LdmError(f"data.shards: shard file names repeat in {config.data.shards}")
-    done = [e for e in (_done_entry(cache_dir, n) for n in names) if e]
-    todo = [s for s, n in zip(shards, names, strict=True) if n not in {e["name"] for e in done}]
-    print(f"precompute: {len(done)} of {len(shards)} shards already cached in {cache_dir}")
-    started = time.perf_counter()
-    previous = storage.join(cache_dir, "manifest.json")
-    run_id = (
-        json.loads(storage.read_bytes(previous)).get("mlflow_run_id")
-        if not todo and storage.exists(previous)
-        else None
-    )
-    if todo:
-        run_id = _start_run(config, spec, cache_dir)
-    status = "FAILED"
-    try:
-        _encode(config, spec, cache_dir, todo, done, len(shards), progress)
-        manifest = _finish(config, spec, cache_dir, names, run_id)
-        status = "FINISHED"
-    finally:
-        if todo:
-            _end_run(config, run_id, status, manifest if status == "FINISHED" else None, started)
-    return cache_dir
-
-
-def _finish(
-    config: ExperimentConfig, spec: dict, cache_dir: str, names: list[str], run_id: str | None
+    names: list[str],
+    autoencoder_dir: Path,
+    run_id: str | None,
 ) -> dict:
     """Check every shard is there and within budget, then write the manifest."""
-    entries = [_done_entry(cache_dir, name) for name in names]
+    entries = [done_entry(cache_dir, name) for name in names]
     missing = [n for n, e in zip(names, entries, strict=True) if e is None]
     if missing:
         raise LdmError(
             f"precompute: shards {missing} are not cached; re-run `ldm precompute CONFIG`"
         )
-    _check_bad_budget(entries, len(names), config.precompute.max_bad_fraction)
-    empty = npy_bytes(_empty_prompt(config, spec))
+    check_bad_budget(entries, len(names), config.precompute.max_bad_fraction)
+    empty = npy_bytes(encode_empty_prompt(config, spec))
     storage.write_bytes(storage.join(cache_dir, EMPTY_PROMPT), empty)
     manifest = {
         "format": FORMAT,
         "spec": spec,
         "spec_digest": spec_digest(spec),
         "source": str(config.data.shards),
-        "autoencoder_dir": str(config.autoencoder_dir),  # where `ldm cache verify` finds it
+        "autoencoder_dir": str(autoencoder_dir),  # where `ldm cache verify` finds it
         "mlflow_run_id": run_id,
         "shards": entries,
         "num_samples": sum(e["num_samples"] for e in entries),
         "num_bad": sum(e["num_bad"] for e in entries),
-        "empty_prompt": {"file": EMPTY_PROMPT, "sha256": _sha256_bytes(empty)},
+        "empty_prompt": {"file": EMPTY_PROMPT, "sha256": hashlib.sha256(empty).hexdigest()},
     }
     write_manifest(cache_dir, manifest)
     for entry in entries:
@@ -549,31 +400,3 @@ def _finish(
         f"{len(entries)} shards, {manifest['num_bad']} bad samples skipped"
     )
     return manifest
-
-
-def _end_run(
-    config: ExperimentConfig, run_id: str, status: str, manifest: dict | None, started: float
-) -> None:
-    from training.tracking import end_run, tracker_for
-
-    if manifest is not None:
-        seconds = time.perf_counter() - started
-        tracker = tracker_for(0, config.tracking_uri, run_id, config.run_dir / "mlflow-spool")
-        tracker.log_metrics(
-            {
-                "num_samples": manifest["num_samples"],
-                "num_bad": manifest["num_bad"],
-                "seconds": seconds,
-            },
-            0,
-        )
-        tracker.log_text(json.dumps(manifest, indent=2), "manifest.json")
-        tracker.close()
-        print(f"precompute: done in {seconds:.1f} s", flush=True)
-    end_run(config.tracking_uri, run_id, status)
-
-
-def _sha256_bytes(data: bytes) -> str:
-    import hashlib
-
-    return hashlib.sha256(data).hexdigest()

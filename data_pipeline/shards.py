@@ -25,8 +25,8 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from core.errors import LdmError
 from data_pipeline.images import try_decode
-from orchestrator.errors import LdmError
 
 SOURCE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 SUMMARY = "_summary.json"

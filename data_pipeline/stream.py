@@ -26,9 +26,10 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset
 
-from data_pipeline import storage
+from core import storage
+from core.errors import LdmError
 from data_pipeline.cache import CacheBatch, collate, read_manifest, read_sample
-from orchestrator.errors import LdmError
+from data_pipeline.images import read_shard
 
 
 @dataclass(frozen=True)
@@ -160,8 +161,6 @@ def _stream_batches(batches_per_rank: int, stream_worker: int, layout: Layout) -
 
 
 def _read_indices(path: str, indices: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    from data_pipeline.images import read_shard
-
     wanted = iter(indices.tolist())
     target = next(wanted, None)
     for position, sample in enumerate(read_shard(path)):

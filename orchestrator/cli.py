@@ -11,14 +11,16 @@ import os
 import sys
 from pathlib import Path
 
-from orchestrator.config import STAGES
-from orchestrator.errors import LdmError
+from core.config import STAGES, ExperimentConfig
+from core.errors import LdmError
+from core.layout import RunLayout
+from core.loader import build_config, load_config
+from core.presets import get_preset
+from orchestrator.cluster import cache_env
 
 
 def set_default_env() -> None:
     """Keep every tool's caches in the cache folder (never $HOME), run offline and quiet."""
-    from orchestrator.cluster import cache_env
-
     defaults = {
         **cache_env(),
         "HF_HUB_OFFLINE": "1",
@@ -46,8 +48,6 @@ def _split_overrides(items: list[str]) -> list[str]:
 
 
 def _load(args: argparse.Namespace):
-    from orchestrator.config import load_config
-
     config = load_config(args.config, _split_overrides(args.overrides))
     if getattr(args, "address", None):
         config.cluster.address = args.address
@@ -55,9 +55,6 @@ def _load(args: argparse.Namespace):
 
 
 def cmd_config(args: argparse.Namespace) -> None:
-    from orchestrator.config import ExperimentConfig
-    from training.presets import get_preset
-
     if args.show_defaults:
         print(ExperimentConfig().to_yaml(), end="")
         for name, section in ExperimentConfig.model_fields.items():
@@ -81,19 +78,19 @@ def cmd_shards(args: argparse.Namespace) -> None:
 
 
 def cmd_autoencoder(args: argparse.Namespace) -> None:
-    from training.autoencoder import train_autoencoder
+    from orchestrator.autoencoder import train_autoencoder
 
     train_autoencoder(_load(args))
 
 
 def cmd_precompute(args: argparse.Namespace) -> None:
-    from data_pipeline.precompute import precompute
+    from orchestrator.precompute import precompute
 
     precompute(_load(args))
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from orchestrator.launch import train
+    from orchestrator.train import train
 
     result = train(_load(args))
     print(f"train: done; checkpoints in {result['checkpoint_dir']}; MLflow run {result['run_id']}")
@@ -121,7 +118,7 @@ def cmd_cache(args: argparse.Namespace) -> None:
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
-    from training.generate import sample_from_checkpoint
+    from orchestrator.sample import sample_from_checkpoint
 
     paths = sample_from_checkpoint(
         Path(args.checkpoint),
@@ -140,7 +137,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from training.export import export_pipeline
+    from orchestrator.export import export_pipeline
 
     out = export_pipeline(
         Path(args.checkpoint), Path(args.out), use_ema=not args.raw, overwrite=args.overwrite
@@ -184,10 +181,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 def _tracking_target(args: argparse.Namespace):
     """The tracking store and experiment: from a config if given, else the defaults."""
-    from orchestrator.config import build_config
-
     config = _load(args) if args.config else build_config({})
-    return config.tracking_uri, config.tracking.experiment, Path(config.run.root)
+    return RunLayout.of(config).tracking_uri, config.tracking.experiment, Path(config.run.root)
 
 
 def cmd_runs(args: argparse.Namespace) -> None:
@@ -213,8 +208,7 @@ def cmd_k8s(args: argparse.Namespace) -> None:
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
-    from orchestrator.config import build_config
-    from training import plan
+    from orchestrator import plan
 
     if args.mosaic_check:
         print(f"{'GPUs':>5} {'px':>4} {'published':>10} {'predicted':>10} {'error':>7}")

@@ -26,12 +26,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from orchestrator.errors import LdmError
+from core.errors import LdmError
 
 if TYPE_CHECKING:
     from ray.train import ScalingConfig
 
-    from orchestrator.config import ClusterConfig
+    from core.config import ClusterConfig
 
 log = logging.getLogger(__name__)
 

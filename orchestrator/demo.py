@@ -16,7 +16,18 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from orchestrator.config import ExperimentConfig, load_config
+from core import storage
+from core.config import ExperimentConfig
+from core.layout import RunLayout
+from core.loader import load_config
+from data_pipeline.emoji import fetch_emoji
+from data_pipeline.shards import write_shards
+from orchestrator.autoencoder import train_autoencoder
+from orchestrator.precompute import precompute
+from orchestrator.sample import sample_from_checkpoint
+from orchestrator.train import train
+from training import checkpoint as ckpt
+from training.sampling import grid
 
 
 def _stage(name: str, timings: dict[str, float]):
@@ -34,16 +45,8 @@ def _stage(name: str, timings: dict[str, float]):
 
 def run_demo(config_path: Path, overrides: list[str] = ()) -> dict[str, float]:
     """Fetch the emoji data, then shards -> autoencoder -> precompute -> train -> sample."""
-    from data_pipeline.emoji import fetch_emoji
-    from data_pipeline.precompute import precompute
-    from data_pipeline.shards import write_shards
-    from orchestrator.launch import train
-    from training.autoencoder import train_autoencoder
-    from training.checkpoint import latest_committed
-    from training.generate import sample_from_checkpoint
-    from training.sampling import grid
-
     config: ExperimentConfig = load_config(config_path, overrides)
+    layout = RunLayout.of(config)
     timings: dict[str, float] = {}
     started = time.perf_counter()
     shards = Path(config.data.shards)
@@ -59,22 +62,24 @@ def run_demo(config_path: Path, overrides: list[str] = ()) -> dict[str, float]:
             summary = write_shards(images, shards, config.data.samples_per_shard)
             print(f"shards: {summary.num_samples} samples in {summary.num_shards} shards")
     with _stage("autoencoder", timings):
-        if (config.autoencoder_dir / "config.json").is_file():
-            print(f"autoencoder: already trained at {config.autoencoder_dir}")
+        if (layout.autoencoder_dir / "config.json").is_file():
+            print(f"autoencoder: already trained at {layout.autoencoder_dir}")
         else:
             train_autoencoder(config)
     with _stage("precompute", timings):
         precompute(config)
     with _stage("train", timings):
-        latest = latest_committed(config.checkpoint_dir)
-        done = latest is not None and int(latest.name.split("_")[1]) >= config.train.num_steps
+        latest = ckpt.newest(layout.checkpoints)
+        done = latest is not None and ckpt.TrainState.load(
+            storage.join(latest, ckpt.TRAIN_STATE)
+        ).step >= config.train.num_steps
         if done:
             print(f"train: already at step {config.train.num_steps} ({latest})")
         else:
             train(config)
     with _stage("sample", timings):
-        tag = latest_committed(config.checkpoint_dir)
-        out = config.run_dir / "samples"
+        tag = ckpt.local_tag(ckpt.newest(layout.checkpoints), layout.checkpoints)
+        out = layout.run_dir / "samples"
         s = config.sample
         paths = sample_from_checkpoint(
             tag,
@@ -91,9 +96,9 @@ def run_demo(config_path: Path, overrides: list[str] = ()) -> dict[str, float]:
             f"sample: {len(paths)} images and grid.png in {out} (one row per prompt: {s.prompts})"
         )
     timings["total"] = round(time.perf_counter() - started, 1)
-    (config.run_dir / "timings.json").write_text(json.dumps(timings, indent=2))
+    (layout.run_dir / "timings.json").write_text(json.dumps(timings, indent=2))
     print("\nDemo finished. Stage timings (s):")
     for name, seconds in timings.items():
         print(f"  {name:18s} {seconds:8.1f}")
-    print(f"MLflow: `ldm ui` (store {config.tracking_uri}); samples: {config.run_dir / 'samples'}")
+    print(f"MLflow: `ldm ui` (store {layout.tracking_uri}); samples: {layout.run_dir / 'samples'}")
     return timings

@@ -28,11 +28,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from core.config import STAGES
+from core.errors import LdmError
 from orchestrator.cluster import auth_hint, auth_token, cache_env, tcp_unreachable
-from orchestrator.config import STAGES
-from orchestrator.errors import LdmError
 
-CODE_DIRS = ("orchestrator", "training", "data_pipeline", "configs")
+CODE_DIRS = ("core", "models", "data_pipeline", "training", "orchestrator", "configs")
 JOB_CONFIG = "job_config.yaml"
 TERMINAL = frozenset({"STOPPED", "SUCCEEDED", "FAILED"})
 DEFAULT_DASHBOARD_PORT = 8265

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from orchestrator.errors import LdmError
+from core.errors import LdmError
 
 
 def list_runs(uri: str, experiment: str, max_runs: int = 50) -> list[str]:

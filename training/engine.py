@@ -23,13 +23,13 @@ import deepspeed.ops  # noqa: E402
 # compiled (60-110 s of C++ on a fresh CPU machine) when the comm backend starts: skip it.
 deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
-from orchestrator.config import ExperimentConfig  # noqa: E402
+from core.config import ExperimentConfig  # noqa: E402
 
 
 def deepspeed_config(config: ExperimentConfig, world_size: int) -> dict[str, Any]:
     """The DeepSpeed JSON for this experiment and world size."""
     t = config.train
-    accumulation = t.global_batch_size // (t.micro_batch_size * world_size)
+    accumulation = t.gradient_accumulation_steps(world_size)
     ds: dict[str, Any] = {
         "train_batch_size": t.micro_batch_size * world_size * accumulation,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
@@ -132,10 +132,10 @@ def forget_process_groups() -> None:
         setattr(groups, name, None)
 
 
-def save_engine(engine, checkpoint_dir: Path, tag: str) -> None:
-    """Every rank writes its ZeRO shard of module, optimizer and scheduler state."""
+def save_engine(engine, folder: Path) -> None:
+    """Every rank writes its ZeRO shard of module, optimizer and scheduler state into `folder`."""
     # The `latest` pointer DeepSpeed writes is not trusted: commit markers decide (checkpoint.py).
-    engine.save_checkpoint(str(checkpoint_dir), tag=tag, save_latest=False)
+    engine.save_checkpoint(str(folder.parent), tag=folder.name, save_latest=False)
 
 
 def to_universal(tag_dir: Path, out_dir: Path) -> None:
@@ -156,10 +156,11 @@ def to_universal(tag_dir: Path, out_dir: Path) -> None:
     )
 
 
-def load_engine(engine, checkpoint_dir: Path, tag: str) -> None:
-    path, _ = engine.load_checkpoint(str(checkpoint_dir), tag=tag)
+def load_engine(engine, folder: Path) -> None:
+    """Load the DeepSpeed checkpoint in `folder` (ours, verified against its commit marker)."""
+    path, _ = engine.load_checkpoint(str(folder.parent), tag=folder.name)
     if path is None:
-        raise RuntimeError(f"DeepSpeed found no checkpoint {tag} in {checkpoint_dir}")
+        raise RuntimeError(f"DeepSpeed found no checkpoint in {folder}")
 
 
 def full_state_dict(engine) -> dict[str, torch.Tensor]:

@@ -1,73 +1,268 @@
-"""The training loop of one rank: build -> resume -> loop {step, checkpoint, log, sample}.
+"""The UNet stage's rank code: build -> resume -> loop {step, maybe_log, maybe_checkpoint,
+maybe_sample, maybe_eval} -> finish.
 
-It runs inside whatever started the process group (Ray Train workers in production, a
-plain torch.distributed group in tests) and knows nothing of Ray: the launcher passes a
-`report` function that is called after each committed checkpoint.
+It runs inside whatever started the process group (Ray Train workers, or one rank in the
+launcher's own process; a plain torch.distributed group in tests) and knows nothing of Ray:
+everything it needs arrives in a `RankContext`.
 """
 
 from __future__ import annotations
 
-import shutil
 import time
-from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
-import numpy as np
+import psutil
 import torch
 import torch.distributed as dist
 from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
 
-from data_pipeline import storage
-from data_pipeline.cache import EMPTY_PROMPT, CacheBatch, npy_load, read_manifest
+from core import storage
+from core.config import ExperimentConfig
+from core.layout import RunLayout
+from data_pipeline.cache import read_empty_prompt, read_manifest
 from data_pipeline.stream import DataCursor, LatentCacheStream
-from orchestrator.config import ExperimentConfig
-from training import checkpoint as ckpt
-from training.engine import build_engine, full_state_dict, load_engine, save_engine, to_universal
-from training.models import build_denoiser, build_noise_scheduler, empty_like, parts, split_by_part
-from training.tracking import NullTracker, tracker_for
+from models.flops import peak_flops, train_flops_per_sample
+from models.schedulers import build_noise_scheduler
+from models.unet import build_denoiser, empty_like, parts, split_by_part
+from training.checkpoint import (
+    AT_ROOT,
+    CONFIG_FILE,
+    CONFIG_YAML,
+    EMA_FILE,
+    RAW_FILE,
+    Checkpointer,
+    TrainState,
+)
+from training.collectives import any_rank, comm_device
+from training.context import RankContext
+from training.engine import build_engine, full_state_dict
+from training.evaluation import Evaluator
+from training.objective import diffusion_loss, empty_prompt
+from training.rank0 import Rank0, rank0_only
+from training.sampling import Sampler, prompt_grid
+from training.tracking import SystemMetrics
 
-# Per stored part (`models.parts`: the UNet, and a text encoder trained with it): EMA and raw
-# weights, and the architecture's config.
-EMA_FILE, RAW_FILE, CONFIG_FILE = "ema_{}.safetensors", "{}.safetensors", "{}_config.json"
-UNET_CONFIG = CONFIG_FILE.format("unet")
+
+def train_rank(ctx: RankContext) -> dict[str, float]:
+    """One rank's whole UNet stage, from a committed tag or from scratch, to
+    `train.num_steps`. Stops early, after a checkpoint, once the launcher asks (SIGTERM).
+    Returns the last logged metrics."""
+    run = UNetTraining(ctx)
+    run.resume()
+    while run.state.step < run.config.train.num_steps:
+        run.step()
+        stopping = any_rank(bool(run.main.stop_requested()))
+        run.maybe_log()
+        run.maybe_checkpoint(force=stopping)
+        if stopping:
+            run.main.note(f"train: stop requested; saved {storage.basename(run.tag)}, stopping")
+            break
+        run.maybe_sample()
+        run.maybe_eval()
+    return run.finish()
 
 
-class Rank0:
-    """Side effects that only the first rank performs: logging, sample grids, small files."""
+class UNetTraining:
+    """One rank's built state: the model in its engine, EMA, data stream, checkpointer, and
+    rank 0's side effects."""
 
-    def __init__(self, config: ExperimentConfig, tracker: NullTracker, device: torch.device):
-        from training.sampling import Sampler
+    def __init__(self, ctx: RankContext):
+        self.config, self.layout, self.report = ctx.config, ctx.layout, ctx.report
+        t = self.config.train
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.cache_dir = ctx.args["cache_dir"]
+        spec = read_manifest(self.cache_dir)["spec"]
+        self.checkpointer = Checkpointer(self.layout.checkpoints, t.keep_last)
+        self.resume_from = self.checkpointer.restart_point(
+            ctx.args.get("resume_from"), ctx.args.get("newest_at_start")
+        )
+        self.tag_dir, saved = (
+            self.checkpointer.open(self.resume_from) if self.resume_from else (None, None)
+        )
+        # The same seed on every rank gives identical initial weights.
+        torch.manual_seed(self.config.run.seed)
+        self.model = build_denoiser(self.config, latent_channels=spec["latent_channels"])
+        # A ZeRO-1/2 checkpoint of another world size loads through DeepSpeed's universal
+        # format (ZeRO-3 ones are refused by the driver; ZeRO-0 ones load as they are).
+        self.elastic = (
+            saved is not None and saved.world_size not in (0, self.world) and t.zero_stage in (1, 2)
+        )
+        self.engine = build_engine(self.model, self.config, self.world, self.elastic)
+        self.ema = EMAModel(self.model.parameters(), decay=t.ema_decay)
+        self.scheduler = build_noise_scheduler(self.config)
+        self.empty = empty_prompt(read_empty_prompt(self.cache_dir), spec["text_max_length"])
+        self.latent_norm = (spec.get("shift_factor", 0.0), spec["scaling_factor"])
+        self.state = saved or TrainState(config_digest=self.config.digest())
+        self.state.mlflow_run_id = ctx.run_id or self.state.mlflow_run_id
+        self.main = UNetRank0(
+            self.rank, self.config, self.layout, self.state.mlflow_run_id, self.engine.device
+        )
+        self.spec = spec
+        self.window = Window()
+        self.metrics: dict[str, float] = {}
+        self.losses: list[torch.Tensor] = []
+        self.tag: str | None = None
 
-        self.config, self.tracker, self.device = config, tracker, device
-        self.sampler = Sampler(config, device)
-        self.sample_model = None
-        self.evaluator = None
-        self.flops_per_sample, self.peak_flops = None, None
-        self.system = None
-        self._stop_polled = -1.0
+    def resume(self) -> None:
+        """Engine, EMA and RNG states of the tag to resume from; then the data stream at the
+        tag's cursor."""
+        t, state = self.config.train, self.state
+        if self.tag_dir is not None:
+            started = time.perf_counter()
+            self.checkpointer.load_engines(self.tag_dir, {AT_ROOT: self.engine}, self.elastic)
+            self.ema.shadow_params = load_ema(self.tag_dir, self.model)
+            self.ema.optimization_step = state.step
+            self.main.note(
+                f"train: resuming from {self.resume_from} (step {state.step}), "
+                f"loaded in {time.perf_counter() - started:.2f} s"
+            )
+        self.stream = LatentCacheStream(
+            self.cache_dir,
+            self.rank,
+            self.world,
+            t.micro_batch_size,
+            t.num_loader_workers,
+            self.config.run.seed,
+            cursor=DataCursor.from_dict(state.data_cursor),
+        )
+        loader = torch.utils.data.DataLoader(
+            self.stream,
+            batch_size=None,
+            num_workers=t.num_loader_workers,
+            persistent_workers=t.num_loader_workers > 0,
+        )
+        self.batches = iter(loader)  # draws a worker seed from torch's RNG: set it only after
+        if not self.checkpointer.restore_rng(state, None):
+            # Per-rank noise streams; also a rank that an elastic restart added.
+            torch.manual_seed(self.config.run.seed * 1000 + self.rank + 1 + state.step)
+        self.batches_taken = 0  # by this rank since the stream's start cursor
+        self.accumulation = t.gradient_accumulation_steps(self.world)
+        self.main.start_monitoring(self.model, self.spec, lambda: self.state.step)
 
-    def start_monitoring(self, model: torch.nn.Module, spec: dict, step: Callable[[], int]) -> None:
-        """Count the model's FLOPs once, find the device peak, start system metrics."""
-        from training.flops import peak_flops, train_flops_per_sample
-        from training.tracking import SystemMetrics
+    def step(self) -> None:
+        """One optimizer step: `accumulation` micro-batches, then the EMA."""
+        t, window, engine = self.config.train, self.window, self.engine
+        engine.train()
+        self.losses = []
+        for _ in range(self.accumulation):
+            with window.phase("data_wait"):
+                batch = next(self.batches)
+            with window.phase("forward"):
+                loss, dropped = diffusion_loss(
+                    engine,
+                    batch,
+                    self.scheduler,
+                    self.latent_norm,
+                    self.empty,
+                    t.caption_dropout,
+                    self.config.diffusion.snr_gamma,
+                    t.channels_last,
+                )
+            with window.phase("backward"):  # includes ZeRO's gradient reduction
+                engine.backward(loss)
+            with window.phase("optimizer"):
+                engine.step()
+            self.losses.append(loss.detach())
+            window.dropped += int(dropped.sum())
+            window.samples += len(dropped)
+        self.ema.step(self.model.parameters())
+        self.state.step += 1
+        window.steps += 1
+        self.batches_taken += self.accumulation
+        self.state.samples_seen += t.global_batch_size
 
+    def _due(self, every: int) -> bool:
+        return self.state.step % every == 0 or self.state.step == self.config.train.num_steps
+
+    def maybe_log(self) -> None:
+        if self._due(self.config.train.log_every):
+            loss = torch.stack(self.losses).mean()
+            self.metrics = self.window.metrics(loss, self.engine, self.state.samples_seen)
+            self.main.log(self.metrics, self.state.step)
+            self.window = Window()
+
+    def maybe_checkpoint(self, force: bool = False) -> None:
+        """Collective: all ranks save, then rank 0 commits; the launcher hears of the tag."""
+        if not (force or self._due(self.config.train.checkpoint_every)):
+            return
+        with self.window.phase("checkpoint"):
+            started = time.perf_counter()
+            self.state.data_cursor = self.stream.cursor_after(self.batches_taken).to_dict()
+            self.state.metrics = self.metrics
+            weights = full_state_dict(self.engine)  # a collective under ZeRO-3
+            self.tag = self.checkpointer.save(
+                self.state.step,
+                {AT_ROOT: self.engine},
+                self.state,
+                lambda tag_dir: self.main.write_tag_files(tag_dir, self.ema, self.model, weights),
+            )
+            self.main.log({"checkpoint_save_s": time.perf_counter() - started}, self.state.step)
+            self.report(self.metrics, self.tag)
+
+    def maybe_sample(self) -> None:
+        if self._due(self.config.train.sample_every):
+            with self.window.phase("sample_eval"):
+                self.main.sample(self.ema, self.model, self.state.step)
+
+    def maybe_eval(self) -> None:
+        every = self.config.train.eval_every
+        if every and self._due(every):
+            with self.window.phase("sample_eval"):
+                self.main.evaluate(self.ema, self.model, self.state.step)
+
+    def finish(self) -> dict[str, float]:
+        self.main.close()
+        return self.metrics
+
+
+class UNetRank0(Rank0):
+    """The UNet stage's side effects: metrics (with MFU), sample grids, the FID-style
+    evaluation, and the files a tag holds besides the engine's."""
+
+    def __init__(
+        self,
+        rank: int,
+        config: ExperimentConfig,
+        layout: RunLayout,
+        run_id: str | None,
+        device: torch.device,
+    ):
+        super().__init__(
+            rank,
+            layout.tracking_uri,
+            run_id,
+            layout.mlflow_spool,
+            config.tracking,
+            layout.stop_file,
+        )
+        self.config, self.layout, self.device = config, layout, device
+        # Built before the noise stream is seeded: loading the encoders may draw from it.
+        self.sampler = Sampler(config, layout.autoencoder_dir, device) if rank == 0 else None
+        self.sample_model: torch.nn.Module | None = None
+        self.evaluator: Evaluator | None = None
+        self.flops_per_sample: float | None = None
+        self.peak_flops: float | None = None
+        self.system: SystemMetrics | None = None
+
+    @rank0_only
+    def start_monitoring(self, model: torch.nn.Module, spec: dict, step) -> None:
+        """Count the model's FLOPs once, find the device peak, start system metrics; build
+        the evaluator now, so that missing held-out data fails at the start."""
+        device = next(model.parameters()).device
         size = self.config.data.resolution // self.config.autoencoder.downsample_factor
         self.flops_per_sample = train_flops_per_sample(model, size, spec["text_max_length"])
-        device = next(model.parameters()).device
         self.peak_flops = peak_flops(device, self.config.tracking.peak_tflops)
         self.tracker.log_metrics({"model_gflops_per_sample": self.flops_per_sample / 1e9}, 0)
-        if self.config.train.eval_every:  # fail at start, not at the first evaluation
-            from training.evaluation import Evaluator
-
+        if self.config.train.eval_every:
             with torch.random.fork_rng(devices=[]):
                 self.evaluator = Evaluator(self.config)
         every = self.config.tracking.system_metrics_every_s
         if every > 0:
             self.system = SystemMetrics(self.tracker, every, step)
 
+    @rank0_only
     def log(self, metrics: dict[str, float], step: int) -> None:
         if self.flops_per_sample and "samples_per_s" in metrics:
             achieved = metrics["samples_per_s"] * self.flops_per_sample
@@ -79,25 +274,6 @@ class Rank0:
         text = " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
         print(f"step {step}: {text}", flush=True)
 
-    def note(self, text: str) -> None:
-        print(text, flush=True)
-
-    def stop_requested(self) -> bool:
-        # One rank polls the storage, at most once a second (on an object store each look is
-        # a request); _any_rank tells the others.
-        now = time.monotonic()
-        if now - self._stop_polled < 1.0:
-            return False
-        self._stop_polled = now
-        return storage.exists(self.config.stop_file)
-
-    def clear(self, folder: Path) -> None:
-        if folder.exists():
-            shutil.rmtree(folder)
-
-    def convert_to_universal(self, tag_dir: Path, out: Path) -> None:
-        convert_to_universal(tag_dir, out)
-
     def _ema_model(self, ema: EMAModel, model: torch.nn.Module) -> torch.nn.Module:
         # Building a model draws from torch's RNG; training's noise stream must not notice.
         with torch.random.fork_rng(devices=[]):
@@ -106,17 +282,15 @@ class Rank0:
         ema.copy_to(self.sample_model.parameters())
         return self.sample_model
 
+    @rank0_only
     def sample(self, ema: EMAModel, model: torch.nn.Module, step: int) -> None:
-        from training.sampling import prompt_grid
-
         sample_model = self._ema_model(ema, model)
         with torch.random.fork_rng(devices=[]):
             image = prompt_grid(self.sampler, sample_model, self.config)
         self.tracker.log_image(image, key="samples", step=step)
 
+    @rank0_only
     def evaluate(self, ema: EMAModel, model: torch.nn.Module, step: int) -> None:
-        from training.evaluation import Evaluator
-
         started = time.perf_counter()
         sample_model = self._ema_model(ema, model)
         with torch.random.fork_rng(devices=[]):
@@ -126,14 +300,15 @@ class Rank0:
         scores["eval/seconds"] = time.perf_counter() - started
         self.log(scores, step)
 
+    @rank0_only
     def write_tag_files(
         self,
         tag_dir: Path,
         ema: EMAModel,
         model: torch.nn.Module,
         weights: dict[str, torch.Tensor],
-        state: ckpt.TrainState,
     ) -> None:
+        """EMA and raw weights per model part, each part's architecture, the config."""
         names = [name for name, _ in model.named_parameters()]
         shadow = dict(zip(names, ema.shadow_params, strict=True))
         split_ema, split_raw = split_by_part(model, shadow), split_by_part(model, weights)
@@ -145,149 +320,13 @@ class Rank0:
             # diffusers models write their own config; transformers models keep it in .config
             write_config = getattr(module, "to_json_file", None) or module.config.to_json_file
             write_config(str(tag_dir / CONFIG_FILE.format(part)))
-        (tag_dir / "config.yaml").write_text(self.config.to_yaml())
-        state.save(tag_dir / ckpt.TRAIN_STATE)
+        (tag_dir / CONFIG_YAML).write_text(self.config.to_yaml())
 
-    def commit(self, tag_dir: Path) -> None:
-        ckpt.commit(tag_dir)
-        ckpt.prune(tag_dir.parent, self.config.train.keep_last)
-
-    def commit_remote(self, remote_tag: str, hashes: dict[str, str], staged: Path) -> None:
-        ckpt.commit_remote(remote_tag, hashes)
-        ckpt.prune_remote(storage.dirname(remote_tag), self.config.train.keep_last)
-        shutil.rmtree(staged, ignore_errors=True)
-
+    @rank0_only
     def close(self) -> None:
         if self.system is not None:
             self.system.close()
         self.tracker.close()
-
-
-class NullRank0(Rank0):
-    def __init__(self):  # noqa: D107 - nothing to build on other ranks
-        pass
-
-    def start_monitoring(self, model, spec, step):  # noqa: D102
-        pass
-
-    def evaluate(self, ema, model, step):  # noqa: D102
-        pass
-
-    def log(self, metrics, step):  # noqa: D102
-        pass
-
-    def sample(self, ema, model, step):  # noqa: D102
-        pass
-
-    def write_tag_files(self, tag_dir, ema, model, weights, state):  # noqa: D102
-        pass
-
-    def commit(self, tag_dir):  # noqa: D102
-        pass
-
-    def commit_remote(self, remote_tag, hashes, staged):  # noqa: D102
-        pass
-
-    def note(self, text):  # noqa: D102
-        pass
-
-    def stop_requested(self):  # noqa: D102
-        return False
-
-    def clear(self, folder):  # noqa: D102
-        pass
-
-    def convert_to_universal(self, tag_dir, out):  # noqa: D102
-        pass
-
-    def close(self):  # noqa: D102
-        pass
-
-
-def draw_latents(batch: CacheBatch) -> torch.Tensor:
-    """One latent per sample: a random cached view (image or mirror), then a draw from q(z|x)."""
-    b, num_views = batch.moments.shape[:2]
-    chosen = batch.moments[torch.arange(b), torch.randint(0, num_views, (b,))]
-    if not batch.has_logvar:
-        return chosen
-    mean, logvar = chosen.chunk(2, dim=1)
-    return mean + torch.exp(0.5 * logvar.clamp(-30, 20)) * torch.randn_like(mean)
-
-
-def drop_captions(
-    batch: CacheBatch, empty: tuple[torch.Tensor, torch.Tensor], probability: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Classifier-free guidance training: each caption becomes the empty prompt with
-    `probability`. Returns (context, mask, dropped)."""
-    dropped = torch.rand(batch.mask.shape[0]) < probability
-    spread = dropped.view(-1, *[1] * (batch.context.dim() - 1))
-    context = torch.where(spread, empty[0], batch.context)
-    mask = torch.where(dropped[:, None], empty[1], batch.mask)
-    return context, mask, dropped
-
-
-def diffusion_loss(
-    model: torch.nn.Module,
-    batch: CacheBatch,
-    scheduler,
-    latent_norm: tuple[float, float],
-    empty: tuple[torch.Tensor, torch.Tensor],
-    caption_dropout: float,
-    snr_gamma: float | None = None,
-    channels_last: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The DDPM objective on a cached batch: a fresh latent draw, noise, and CFG dropout.
-
-    `latent_norm` is the autoencoder's (shift, scale); `snr_gamma` turns on Min-SNR-gamma
-    loss weighting (Hang et al., 2023), which stops the many easy low-noise steps from
-    dominating the gradient and converges several times faster. Returns the loss and which
-    captions were dropped.
-    """
-    # Every random draw is made on the CPU, with the generator the checkpoint saves, then
-    # moved: a run resumes exactly, and draws the same numbers on any device.
-    shift, scale = latent_norm
-    latents = (draw_latents(batch) - shift) * scale
-    noise = torch.randn_like(latents)
-    t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],))
-    noisy = scheduler.add_noise(latents, noise, t)
-    context, mask, dropped = drop_captions(batch, empty, caption_dropout)
-    epsilon = scheduler.config.prediction_type == "epsilon"
-    target = noise if epsilon else scheduler.get_velocity(latents, noise, t)
-    weight = None
-    if snr_gamma is not None:
-        alpha_bar = scheduler.alphas_cumprod[t]
-        snr = alpha_bar / (1 - alpha_bar)
-        weight = snr.clamp(max=snr_gamma) / (snr if epsilon else snr + 1)
-
-    parameter = next(model.parameters())
-    device, dtype = parameter.device, parameter.dtype
-    layout = torch.channels_last if channels_last else torch.contiguous_format
-    # Token ids (a text encoder trained inside `model`) stay integers.
-    context_dtype = dtype if context.is_floating_point() else None
-    pred = model(
-        noisy.to(device, dtype, non_blocking=True, memory_format=layout),
-        t.to(device, non_blocking=True),
-        encoder_hidden_states=context.to(device=device, dtype=context_dtype, non_blocking=True),
-        encoder_attention_mask=mask.to(device, non_blocking=True),
-    ).sample
-    target = target.to(device, non_blocking=True)
-    per_sample = (pred.float() - target).pow(2).mean(dim=(1, 2, 3))
-    if weight is not None:
-        per_sample = per_sample * weight.to(device, non_blocking=True)
-    return per_sample.mean(), dropped
-
-
-def empty_prompt(cache_dir: str | Path, max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The cached empty-prompt encoding, padded like a batch row: (context, mask)."""
-    stored = npy_load(storage.read_bytes(storage.join(cache_dir, EMPTY_PROMPT)))
-    token_ids = stored.ndim == 1
-    hidden = torch.from_numpy(stored.astype(np.int64 if token_ids else np.float32))
-    context = torch.zeros(max_length, *hidden.shape[1:], dtype=hidden.dtype)
-    n = min(len(hidden), max_length)
-    context[:n] = hidden[:n]
-    mask = torch.zeros(max_length, dtype=torch.bool)
-    mask[:n] = True
-    return context, mask
 
 
 def load_ema(tag_dir: Path, model: torch.nn.Module) -> list[torch.Tensor]:
@@ -298,168 +337,6 @@ def load_ema(tag_dir: Path, model: torch.nn.Module) -> list[torch.Tensor]:
         prefix = "" if len(parts(model)) == 1 else f"{part}."
         shadow.update({prefix + name: tensor for name, tensor in stored.items()})
     return [shadow[name].clone() for name, _ in model.named_parameters()]
-
-
-def convert_to_universal(tag_dir: Path, out: Path) -> None:
-    started = time.perf_counter()
-    shutil.rmtree(out, ignore_errors=True)
-    to_universal(tag_dir, out)
-    seconds = time.perf_counter() - started
-    print(f"train: {tag_dir.name} converted for a new world size in {seconds:.1f} s", flush=True)
-
-
-def train_worker(
-    config: ExperimentConfig,
-    cache_dir: str,
-    mlflow_run_id: str | None,
-    resume_from: str | Path | None = None,
-    report: Callable[[dict[str, Any], str | None], None] = lambda metrics, tag: None,
-) -> dict[str, float]:
-    """One rank's whole job, from `resume_from` (a committed tag, local or on an object
-    store) or from scratch.
-
-    Stops early, after saving a checkpoint, once `config.stop_file` appears (the launcher
-    writes it on SIGTERM). Returns the final metrics.
-    """
-    rank, world = dist.get_rank(), dist.get_world_size()
-    t = config.train
-    manifest = read_manifest(cache_dir)
-    spec = manifest["spec"]
-
-    remote = resume_from is not None and storage.is_remote(resume_from)
-    if remote:  # every rank takes its own verified copy: ranks may be on different nodes
-        resume_from = ckpt.pull(str(resume_from), config.checkpoint_dir / ".pulled" / f"rank{rank}")
-    elif resume_from is not None:
-        resume_from = Path(resume_from)
-
-    # Build: the same seed on every rank gives identical initial weights.
-    torch.manual_seed(config.run.seed)
-    model = build_denoiser(config, latent_channels=spec["latent_channels"])
-    saved = ckpt.TrainState.load(resume_from / ckpt.TRAIN_STATE) if resume_from else None
-    # A ZeRO-1/2 checkpoint of another world size loads through DeepSpeed's universal format.
-    elastic = saved is not None and saved.world_size not in (0, world) and t.zero_stage in (1, 2)
-    engine = build_engine(model, config, world, load_universal=elastic)
-    ema = EMAModel(model.parameters(), decay=t.ema_decay)
-    scheduler = build_noise_scheduler(config)
-    empty = empty_prompt(cache_dir, spec["text_max_length"])
-    latent_norm = (spec.get("shift_factor", 0.0), spec["scaling_factor"])
-    snr_gamma = config.diffusion.snr_gamma
-    state = saved or ckpt.TrainState(mlflow_run_id=mlflow_run_id, config_digest=config.digest())
-    tracker = tracker_for(
-        rank,
-        config.tracking_uri,
-        state.mlflow_run_id or mlflow_run_id,
-        spool=config.run_dir / "mlflow-spool",
-        max_pending=config.tracking.max_pending_records,
-        flush_timeout_s=config.tracking.flush_timeout_s,
-    )
-    main = Rank0(config, tracker, engine.device) if rank == 0 else NullRank0()
-
-    # Resume.
-    if resume_from is not None:
-        started = time.perf_counter()
-        ckpt.verify(resume_from)  # before DeepSpeed unpickles anything
-        if elastic and remote:  # no shared folder: each rank converts its own copy
-            universal = config.checkpoint_dir / ".universal" / f"rank{rank}" / resume_from.name
-            convert_to_universal(resume_from, universal)
-            load_engine(engine, universal.parent, universal.name)
-            shutil.rmtree(universal.parent, ignore_errors=True)
-        elif elastic:
-            universal = config.checkpoint_dir / ".universal" / resume_from.name
-            main.convert_to_universal(resume_from, universal)
-            dist.barrier()
-            load_engine(engine, universal.parent, universal.name)
-            dist.barrier()
-            main.clear(universal.parent)
-        else:
-            load_engine(engine, resume_from.parent, resume_from.name)
-        ema.shadow_params = load_ema(resume_from, model)
-        ema.optimization_step = state.step
-        main.note(
-            f"train: resuming from {resume_from} (step {state.step}), "
-            f"loaded in {time.perf_counter() - started:.2f} s"
-        )
-
-    stream = LatentCacheStream(
-        cache_dir,
-        rank,
-        world,
-        t.micro_batch_size,
-        t.num_loader_workers,
-        config.run.seed,
-        cursor=DataCursor.from_dict(state.data_cursor),
-    )
-    loader = torch.utils.data.DataLoader(
-        stream,
-        batch_size=None,
-        num_workers=t.num_loader_workers,
-        persistent_workers=t.num_loader_workers > 0,
-    )
-    batches = iter(loader)  # draws a worker seed from torch's RNG: set the RNG only after it
-    if str(rank) in state.rng:
-        ckpt.set_rng_state(state.rng[str(rank)])
-    else:  # per-rank noise streams; also a rank that an elastic restart added
-        torch.manual_seed(config.run.seed * 1000 + rank + 1 + state.step)
-    batches_taken = 0  # by this rank since the stream's start cursor
-    accumulation = config.gradient_accumulation_steps
-    window = Window()
-    metrics: dict[str, float] = {}
-    main.start_monitoring(model, spec, lambda: state.step)
-
-    while state.step < t.num_steps:
-        engine.train()
-        losses = []
-        for _ in range(accumulation):
-            with window.phase("data_wait"):
-                batch = next(batches)
-            with window.phase("forward"):
-                loss, dropped = diffusion_loss(
-                    engine,
-                    batch,
-                    scheduler,
-                    latent_norm,
-                    empty,
-                    t.caption_dropout,
-                    snr_gamma,
-                    t.channels_last,
-                )
-            with window.phase("backward"):  # includes ZeRO's gradient reduction
-                engine.backward(loss)
-            with window.phase("optimizer"):
-                engine.step()
-            losses.append(loss.detach())
-            window.dropped += int(dropped.sum())
-            window.samples += len(dropped)
-        ema.step(model.parameters())
-        state.step += 1
-        window.steps += 1
-        batches_taken += accumulation
-        state.samples_seen += t.global_batch_size
-        final = state.step == t.num_steps
-        stopping = _any_rank(main.stop_requested())
-
-        if state.step % t.log_every == 0 or final:
-            metrics = window.metrics(torch.stack(losses).mean(), engine, state.samples_seen)
-            main.log(metrics, state.step)
-            window = Window()
-
-        if state.step % t.checkpoint_every == 0 or final or stopping:
-            with window.phase("checkpoint"):
-                state.data_cursor = stream.cursor_after(batches_taken).to_dict()
-                tag_dir = save_checkpoint(engine, ema, model, state, config, main)
-                report(metrics, tag_dir)
-
-        if stopping:
-            main.note(f"train: stop requested; saved {storage.basename(tag_dir)}, stopping")
-            break
-        with window.phase("sample_eval"):
-            if state.step % t.sample_every == 0 or final:
-                main.sample(ema, model, state.step)
-            if t.eval_every and (state.step % t.eval_every == 0 or final):
-                main.evaluate(ema, model, state.step)
-
-    main.close()
-    return metrics
 
 
 class Window:
@@ -484,15 +361,13 @@ class Window:
 
     def metrics(self, loss: torch.Tensor, engine, samples_seen: int) -> dict[str, float]:
         """Collective: every rank calls it at the same step (one all-reduce for all sums)."""
-        import psutil
-
         elapsed = time.perf_counter() - self.start
         training = elapsed - self.seconds["checkpoint"] - self.seconds["sample_eval"]
         world = dist.get_world_size()
         local = [loss.float(), self.dropped, self.samples, self.samples / training]
-        totals = torch.tensor([float(v) for v in local], device=_comm_device())
+        totals = torch.tensor([float(v) for v in local], device=comm_device())
         dist.all_reduce(totals)
-        rss = torch.tensor([psutil.Process().memory_info().rss / 2**30], device=_comm_device())
+        rss = torch.tensor([psutil.Process().memory_info().rss / 2**30], device=comm_device())
         dist.all_reduce(rss, op=dist.ReduceOp.MAX)
         metrics = {
             "loss": totals[0].item() / world,
@@ -510,55 +385,3 @@ class Window:
         if torch.cuda.is_available():
             metrics["memory/device_max_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
         return metrics
-
-
-def _comm_device() -> torch.device:
-    """Where tensors for collectives must be: NCCL (GPU workers) reduces only CUDA tensors."""
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def _any_rank(flag: bool) -> bool:
-    """True on every rank if it is true on any: ranks must agree before a collective save."""
-    value = torch.tensor([1.0 if flag else 0.0], device=_comm_device())
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
-
-
-def save_checkpoint(
-    engine, ema, model, state: ckpt.TrainState, config: ExperimentConfig, main: Rank0
-) -> str:
-    """All ranks write, then rank 0 commits the tag after a barrier; returns where it is.
-
-    On an object store, ranks write into local staging, upload their own files, and rank 0
-    uploads the commit marker with every rank's hashes once all uploads have finished.
-    """
-    started = time.perf_counter()
-    tag = ckpt.tag_for(state.step)
-    tag_dir = config.checkpoint_dir / tag
-    remote = config.remote_checkpoints
-    if remote is not None:  # staging is per node: each rank clears what a crash left there
-        shutil.rmtree(tag_dir, ignore_errors=True)
-    else:
-        main.clear(tag_dir)  # what a crash left half-written, or a tag of an abandoned branch
-    dist.barrier()
-    # Every rank contributes its RNG state; rank 0 writes them into the one train state.
-    rngs: list[dict] = [None] * dist.get_world_size()  # type: ignore[list-item]
-    dist.all_gather_object(rngs, ckpt.rng_state())
-    state.rng = {str(r): s for r, s in enumerate(rngs)}
-    state.world_size = dist.get_world_size()
-    save_engine(engine, config.checkpoint_dir, tag)
-    weights = full_state_dict(engine)  # a collective under ZeRO-3: every rank takes part
-    main.write_tag_files(tag_dir, ema, model, weights, state)
-    dist.barrier()  # every rank's files are on disk before the tag is sealed
-    if remote is not None:
-        remote_tag = storage.join(remote, tag)
-        gathered: list[dict] = [None] * dist.get_world_size()  # type: ignore[list-item]
-        dist.all_gather_object(gathered, ckpt.push(tag_dir, remote_tag, dist.get_rank()))
-        main.commit_remote(remote_tag, {k: v for h in gathered for k, v in h.items()}, tag_dir)
-    else:
-        main.commit(tag_dir)
-    dist.barrier()
-    main.log({"checkpoint_save_s": time.perf_counter() - started}, state.step)
-    return storage.join(remote, tag) if remote is not None else str(tag_dir)

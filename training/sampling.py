@@ -4,24 +4,27 @@ classifier-free guidance and a negative prompt, decoded by the autoencoder.
 Used for the sample grids logged during training and by `ldm sample`. Prompts are encoded by
 the same frozen text encoder the cache was built with, padded with an attention mask just
 as in training; with a text encoder trained jointly, they are only tokenized, and the model
-(`models.TextConditionedUNet`) encodes them with its own encoder.
+(`models.unet.TextConditionedUNet`) encodes them with its own encoder.
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import torch
 from diffusers import UNet2DConditionModel
+from safetensors.torch import load_file
 
+from core.config import ExperimentConfig
+from core.errors import LdmError
 from data_pipeline.images import to_uint8
-from orchestrator.config import ExperimentConfig
-from training.models import (
-    TextConditionedUNet,
-    build_sampling_scheduler,
-    load_autoencoder,
-    load_text_encoder,
-    load_tokenizer,
-)
+from models.autoencoder import load_autoencoder
+from models.schedulers import build_sampling_scheduler
+from models.text_encoders import load_text_encoder, load_tokenizer, text_model_from_config
+from models.unet import TextConditionedUNet
+from training.checkpoint import CONFIG_FILE, EMA_FILE, RAW_FILE, verify
 
 
 class PromptEncoder:
@@ -58,12 +61,14 @@ class PromptEncoder:
 class Sampler:
     """Everything needed to turn prompts into images with a given UNet."""
 
-    def __init__(self, config: ExperimentConfig, device: torch.device | None = None):
+    def __init__(
+        self, config: ExperimentConfig, autoencoder_dir: Path, device: torch.device | None = None
+    ):
         """`device`: where the encoders and the UNet passed in run (default the CPU)."""
         self.config = config
         self.device = device or torch.device("cpu")
         self.encode = PromptEncoder(config, self.device)
-        self.vae = load_autoencoder(config.autoencoder_dir).to(self.device)
+        self.vae = load_autoencoder(autoencoder_dir).to(self.device)
         self.scheduler = build_sampling_scheduler(config)
 
     @torch.inference_mode()
@@ -143,3 +148,28 @@ def prompt_grid(
     prompts = [p for p in s.prompts for _ in range(s.images_per_prompt)]
     images = sampler(unet, prompts, s.seed, s.num_inference_steps, s.guidance_scale)
     return grid(images, s.images_per_prompt)
+
+
+def load_model(tag_dir: Path, use_ema: bool = True) -> torch.nn.Module:
+    """The model of a committed tag, with EMA (default) or raw weights: the UNet, or the UNet
+    with the text encoder trained jointly with it (`models.TextConditionedUNet`)."""
+    verify(tag_dir)
+    weights = EMA_FILE if use_ema else RAW_FILE
+    unet = UNet2DConditionModel.from_config(
+        UNet2DConditionModel.load_config(str(tag_dir / CONFIG_FILE.format("unet")))
+    )
+    _load_weights(unet, tag_dir / weights.format("unet"), tag_dir)
+    encoder_config = tag_dir / CONFIG_FILE.format("text_encoder")
+    if not encoder_config.is_file():  # a frozen text encoder: not part of the checkpoint
+        return unet.eval()
+    encoder = text_model_from_config(json.loads(encoder_config.read_text()))
+    _load_weights(encoder, tag_dir / weights.format("text_encoder"), tag_dir)
+    return TextConditionedUNet(unet, encoder).eval()
+
+
+def _load_weights(module: torch.nn.Module, file: Path, tag_dir: Path) -> None:
+    missing, unexpected = module.load_state_dict(load_file(file), strict=False)
+    # Buffers a module rebuilds itself (position ids, batch-norm counters) may be absent.
+    buffers = {name for name, _ in module.named_buffers()}
+    if unexpected or [m for m in missing if m not in buffers]:
+        raise LdmError(f"checkpoint {tag_dir}: {file.name} does not match the model's config")

@@ -10,6 +10,9 @@ config can extend (`tracking.peak_tflops`).
 from __future__ import annotations
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from models.unet import TextConditionedUNet, empty_like, unet_of
 
 # Dense bf16/fp16 tensor-core peaks from vendor data sheets, TFLOP/s per device; matched
 # against torch.cuda.get_device_name() by substring, longest name first.
@@ -30,10 +33,6 @@ PEAK_TFLOPS_BF16 = {
 def train_flops_per_sample(model: torch.nn.Module, latent_size: int, text_length: int):
     """FLOPs of forward + backward for one sample: 3x the traced forward pass (of the UNet,
     and of the text encoder when it trains with it)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from training.models import TextConditionedUNet, empty_like, unet_of
-
     with torch.device("meta"):
         copy = empty_like(model)
         unet = unet_of(copy)

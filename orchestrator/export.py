@@ -22,42 +22,19 @@ import os
 import shutil
 from pathlib import Path
 
-import torch
 from diffusers import DDIMScheduler
 
-from orchestrator.config import load_saved_config
-from orchestrator.errors import LdmError
-from training import checkpoint as ckpt
-from training.generate import load_model
-from training.models import (
-    autoencoder_config,
-    build_sampling_scheduler,
-    load_autoencoder,
-    load_text_encoder,
-    load_tokenizer,
-    parts,
-)
+from core.errors import LdmError
+from core.layout import RunLayout
+from core.loader import load_saved_config
+from models.autoencoder import autoencoder_config, fold_latent_shift, load_autoencoder
+from models.schedulers import build_sampling_scheduler
+from models.text_encoders import load_text_encoder, load_tokenizer
+from models.unet import parts
+from training.checkpoint import TRAIN_STATE
+from training.sampling import load_model
 
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
-
-
-def fold_latent_shift(vae: torch.nn.Module) -> torch.nn.Module:
-    """Make `vae` encode to `z - shift` and decode `z'` as the original decodes `z' + shift`."""
-    shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
-    if shift == 0.0:
-        return vae
-    quant, post_quant = getattr(vae, "quant_conv", None), getattr(vae, "post_quant_conv", None)
-    if quant is None or post_quant is None:
-        raise LdmError(
-            f"autoencoder {type(vae).__name__} has shift_factor={shift} but no 1x1 quant_conv "
-            "and post_quant_conv to fold it into; StableDiffusionPipeline would decode it wrong"
-        )
-    channels = vae.config.latent_channels
-    with torch.no_grad():
-        quant.bias[:channels] -= shift  # the first half of the moments is the posterior mean
-        post_quant.bias += shift * post_quant.weight.sum(dim=(1, 2, 3))
-    vae.register_to_config(shift_factor=0.0)
-    return vae
 
 
 def _readme(tag_dir: Path, config, use_ema: bool, step: int, text_encoder: str) -> str:
@@ -114,9 +91,10 @@ def export_pipeline(
         )
     model = parts(load_model(tag_dir, use_ema))  # verifies every file's sha256 first
     config = load_saved_config(tag_dir)
-    if autoencoder_config(config.autoencoder_dir).get("_class_name") == "VQModel":
+    autoencoder_dir = RunLayout.of(config).autoencoder_dir
+    if autoencoder_config(autoencoder_dir).get("_class_name") == "VQModel":
         raise LdmError(
-            f"cannot export: the autoencoder {config.autoencoder_dir} is a VQModel "
+            f"cannot export: the autoencoder {autoencoder_dir} is a VQModel "
             "(autoencoder.regularization=vq), which diffusers' StableDiffusionPipeline cannot "
             "hold (it decodes with AutoencoderKL's arguments); sample with `ldm sample` instead"
         )
@@ -124,7 +102,7 @@ def export_pipeline(
     # warnings, which would bury the one-line errors above.
     from diffusers import StableDiffusionPipeline
 
-    step = json.loads((tag_dir / ckpt.TRAIN_STATE).read_text())["step"]
+    step = json.loads((tag_dir / TRAIN_STATE).read_text())["step"]
     if "text_encoder" in model:  # trained with the UNet: the checkpoint's (EMA) weights
         text_encoder = model["text_encoder"]
         tokenizer = load_tokenizer(config.text_encoder.name_or_path)
@@ -137,7 +115,7 @@ def export_pipeline(
     # StableDiffusionPipeline rewrites steps_offset to 1 on load anyway; say so up front.
     scheduler = DDIMScheduler.from_config(build_sampling_scheduler(config).config, steps_offset=1)
     pipe = StableDiffusionPipeline(
-        vae=fold_latent_shift(load_autoencoder(config.autoencoder_dir)),
+        vae=fold_latent_shift(load_autoencoder(autoencoder_dir)),
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         unet=model["unet"],

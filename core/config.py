@@ -1,10 +1,11 @@
-"""The experiment config: one typed tree, loaded from YAML plus `section.key=value` overrides.
+"""The experiment config: one typed tree, with a docstring per field, validated on load.
 
 Every stage (shards, autoencoder, precompute, train, sample) reads its settings from this
-tree, so one file describes an experiment end to end. Validation happens on load, before
-any work starts: unknown keys, wrong types and impossible values are rejected with one line
-naming the key. Presets (`training.presets`) are plain functions returning a config; a YAML
-file may start from one with `preset: NAME`.
+tree, so one file describes an experiment end to end. Validation happens when a config is
+built, before any work starts: unknown keys, wrong types and impossible values are rejected
+with one line naming the key (`core.loader` turns YAML plus `section.key=value` overrides
+into this tree; `core.presets` are plain functions returning one). Where a run's files live
+is not part of the config: `core.layout.RunLayout` derives that once, on the driver.
 """
 
 from __future__ import annotations
@@ -12,14 +13,11 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-
-from orchestrator.errors import LdmError
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 MINILM = "minilm"  # name of the pretrained MiniLM text encoder shipped by a PyPI package
 LDMBERT = "ldmbert"  # the paper's text transformer, trained from scratch (diffusers)
@@ -137,6 +135,12 @@ class AutoencoderConfig(Section):
     parallel; the default, as their optimizer state is a few MB), 1 or 2 (optimizer state,
     and with 2 gradients, sharded over workers). 3 is refused: the adversarial weight needs
     the decoder's whole last layer on every rank."""
+    max_failures: int = Field(0, ge=-1)
+    """Times Ray Train may restart stage 1's workers after one dies, each time from the
+    newest committed checkpoint (-1: no limit)."""
+    preempt_grace_s: float = Field(60.0, gt=0)
+    """After SIGTERM, seconds to save a checkpoint before the job exits anyway; keep it
+    below the pod's terminationGracePeriodSeconds."""
 
 
 class TextEncoderConfig(Section):
@@ -277,6 +281,11 @@ class TrainConfig(Section):
     """Steps between FID-style evaluations on the held-out shards (0: never)."""
     eval_num_images: int = Field(64, ge=8)
     """Held-out images per evaluation: half give the prompts, half are the real reference."""
+
+    def gradient_accumulation_steps(self, num_ranks: int | None = None) -> int:
+        """Micro-batches per rank per optimizer step, on `num_ranks` ranks (default
+        `num_workers`): the one place it is computed (the loop and the DeepSpeed JSON)."""
+        return self.global_batch_size // (self.micro_batch_size * (num_ranks or self.num_workers))
 
 
 class SampleConfig(Section):
@@ -460,61 +469,6 @@ class ExperimentConfig(Section):
             raise ValueError(f"train.resume: no checkpoint folder at {t.resume}")
         return self
 
-    # Derived locations. Paths are made absolute on load, so every process agrees on them.
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.run.root) / self.run.name
-
-    @property
-    def storage_dir(self) -> str:
-        """The run's folder or URI on `run.storage` (its run folder when that is unset)."""
-        if self.run.storage is None:
-            return str(self.run_dir)
-        if "://" in self.run.storage:
-            return f"{self.run.storage.rstrip('/')}/{self.run.name}"
-        return str(Path(self.run.storage) / self.run.name)
-
-    @property
-    def remote_checkpoints(self) -> str | None:
-        """The object-store prefix of the checkpoints, or None when they are files."""
-        if self.run.storage is None or "://" not in self.run.storage:
-            return None
-        return f"{self.storage_dir}/checkpoints"
-
-    @property
-    def checkpoint_dir(self) -> Path:
-        """Local checkpoint folder: the checkpoints themselves, or the staging folder where
-        ranks write tags before uploading them to `remote_checkpoints`."""
-        if self.remote_checkpoints is not None:
-            return self.run_dir / "staging" / "checkpoints"
-        return Path(self.storage_dir) / "checkpoints"
-
-    @property
-    def stop_file(self) -> str:
-        """Written by the launcher on SIGTERM; rank 0 polls it (so it lives on the storage)."""
-        if self.remote_checkpoints is not None:
-            return f"{self.storage_dir}/STOP_REQUESTED"
-        return str(Path(self.storage_dir) / "STOP_REQUESTED")
-
-    @property
-    def autoencoder_dir(self) -> Path:
-        if self.autoencoder.pretrained:
-            return Path(self.autoencoder.pretrained)
-        return self.run_dir / "autoencoder"
-
-    @property
-    def tracking_uri(self) -> str:
-        return (
-            self.tracking.uri
-            or os.environ.get("MLFLOW_TRACKING_URI")
-            or f"sqlite:///{Path(self.run.root).resolve()}/mlflow.db"
-        )
-
-    @property
-    def gradient_accumulation_steps(self) -> int:
-        t = self.train
-        return t.global_batch_size // (t.micro_batch_size * t.num_workers)
-
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
@@ -532,116 +486,3 @@ class ExperimentConfig(Section):
             for section, fields in self.to_dict().items()
             for key, value in fields.items()
         }
-
-
-_PATH_KEYS = (
-    ("run", "root"),
-    ("run", "storage"),
-    ("data", "shards"),
-    ("autoencoder", "pretrained"),
-    ("autoencoder", "lpips_path"),
-    ("precompute", "cache_dir"),
-)
-
-
-def _format_error(err: ValidationError) -> str:
-    first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"])
-    msg = first["msg"].removeprefix("Value error, ")
-    if first["type"] == "extra_forbidden":
-        msg = "unknown key (see `ldm config --show-defaults` for the valid keys)"
-    elif "input" in first and first["type"] not in ("value_error", "model_type"):
-        msg += f" (got {first['input']!r})"
-    more = len(err.errors()) - 1
-    if not loc and ": " in msg and "." in msg.split(": ", 1)[0]:
-        loc, msg = msg.split(": ", 1)  # cross-field checks name their key first
-    where = f"config key {loc}: " if loc else "config: "
-    return where + msg + (f" [and {more} more problem(s)]" if more > 0 else "")
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """`train.lr=1e-4` -> (['train', 'lr'], 0.0001); values are YAML scalars or lists."""
-    if "=" not in text:
-        raise LdmError(f"override {text!r}: expected section.key=value, e.g. train.num_steps=100")
-    key, _, raw = text.partition("=")
-    parts = key.strip().split(".")
-    if len(parts) != 2 or not all(parts):
-        raise LdmError(f"override {text!r}: the key must be section.key, e.g. train.num_steps")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
-        value = raw
-    return parts, value
-
-
-def _migrate_retired_keys(tree: dict[str, Any]) -> dict[str, Any]:
-    """Keys that older versions wrote into checkpoints, rewritten as they are now named."""
-    precompute = tree.get("precompute")
-    if isinstance(precompute, dict) and "text" in precompute:  # now text_encoder.trainable
-        precompute = tree["precompute"] = dict(precompute)
-        if precompute.pop("text") == "token_ids":
-            tree["text_encoder"] = {**tree.get("text_encoder", {}), "trainable": True}
-    return tree
-
-
-def load_saved_config(tag_dir: str | Path, overrides: list[str] = ()) -> ExperimentConfig:
-    """The config a checkpoint tag was trained with, as written into it (paths as saved)."""
-    raw = yaml.safe_load((Path(tag_dir) / "config.yaml").read_text())
-    return build_config(_migrate_retired_keys(raw), overrides, absolute_paths=False)
-
-
-def build_config(
-    base: dict[str, Any] | None = None, overrides: list[str] = (), absolute_paths: bool = True
-) -> ExperimentConfig:
-    """Validate a raw dict (optionally naming a `preset`) plus overrides into a config."""
-    raw = dict(base or {})
-    preset = raw.pop("preset", None)
-    tree: dict[str, Any] = {}
-    if preset is not None:
-        from training.presets import get_preset
-
-        tree = get_preset(preset).to_dict()
-    for section, fields in raw.items():
-        if isinstance(fields, dict) and isinstance(tree.get(section), dict):
-            tree[section] = {**tree[section], **fields}
-        else:
-            tree[section] = fields
-    for text in overrides:
-        (section, key), value = parse_override(text)
-        current = tree.setdefault(section, {})
-        if not isinstance(current, dict):
-            raise LdmError(f"override {text!r}: {section} is not a section")
-        current[key] = value
-    try:
-        config = ExperimentConfig.model_validate(tree)
-    except ValidationError as err:
-        raise LdmError(_format_error(err)) from None
-    if absolute_paths:
-        for section, key in _PATH_KEYS:
-            part = getattr(config, section)
-            value = getattr(part, key)
-            if value is not None and "://" not in value:
-                setattr(part, key, str(Path(value).expanduser().resolve()))
-    return config
-
-
-def load_config(path: str | Path, overrides: list[str] = ()) -> ExperimentConfig:
-    """Load an experiment YAML with `section.key=value` overrides; raises LdmError on bad input."""
-    path = Path(path)
-    if not path.is_file():
-        raise LdmError(
-            f"config file {path} does not exist; pass an experiment YAML such as configs/demo.yaml"
-        )
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise LdmError(
-            f"config file {path}{where}: not valid YAML ({getattr(err, 'problem', err)})"
-        ) from None
-    if not isinstance(raw, dict):
-        raise LdmError(
-            f"config file {path}: expected a mapping of sections, got {type(raw).__name__}"
-        )
-    return build_config(raw, overrides)

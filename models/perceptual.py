@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from orchestrator.errors import LdmError
+from core.errors import LdmError
 
 BACKBONE_FILE = "vgg16-397923af.pth"
 LINEAR_FILE = "vgg.pth"

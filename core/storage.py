@@ -15,7 +15,7 @@ import posixpath
 from pathlib import Path
 from typing import IO, Any
 
-from orchestrator.errors import LdmError
+from core.errors import LdmError
 
 
 def is_remote(url: str | Path) -> bool:

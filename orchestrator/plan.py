@@ -26,8 +26,13 @@ from dataclasses import dataclass
 
 import torch
 
-from orchestrator.config import ExperimentConfig
-from orchestrator.errors import LdmError
+from core.config import ExperimentConfig
+from core.errors import LdmError
+from core.loader import build_config
+from models.autoencoder import build_autoencoder
+from models.flops import train_flops_per_sample
+from models.text_encoders import build_text_encoder_meta
+from models.unet import build_denoiser, build_unet
 
 GIB = 2**30
 
@@ -69,8 +74,6 @@ class Plan:
 
 
 def parameter_counts(config: ExperimentConfig) -> dict[str, int]:
-    from training.models import build_autoencoder, build_text_encoder_meta, build_unet
-
     def count(module: torch.nn.Module) -> int:
         return sum(p.numel() for p in module.parameters())
 
@@ -83,8 +86,6 @@ def parameter_counts(config: ExperimentConfig) -> dict[str, int]:
 
 def activation_bytes_per_sample(config: ExperimentConfig) -> float:
     """Bytes the UNet's forward pass saves for backward, per sample, in bf16 (traced)."""
-    from training.models import build_unet
-
     seen: set[int] = set()
     total = 0
     latent = config.data.resolution // config.autoencoder.downsample_factor
@@ -161,9 +162,6 @@ def step_time(
 @functools.lru_cache(maxsize=8)
 def _profile(config_json: str) -> tuple[dict[str, int], float, float]:
     """(parameters, training FLOPs per sample, activation bytes per sample) of a config."""
-    from training.flops import train_flops_per_sample
-    from training.models import build_denoiser
-
     config = ExperimentConfig.model_validate_json(config_json)
     params = parameter_counts(config)
     # A text encoder trained jointly is optimised (and sharded) with the UNet.
@@ -236,8 +234,6 @@ MOSAIC = {(8, 256): 1100.0, (8, 512): 290.0, (128, 256): 11600.0, (128, 512): 45
 
 def mosaic_check(overlap: float) -> list[dict]:
     """Calibrate on 8 x A100 at 256 px, then predict MosaicML's other three figures."""
-    from orchestrator.config import build_config
-
     def at(resolution: int) -> ExperimentConfig:
         return build_config({"preset": "sd2_base"}, [f"data.resolution={resolution}"])
 

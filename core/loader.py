@@ -1,0 +1,128 @@
+"""Loading the experiment config: YAML (optionally starting from a preset) plus dotted
+`section.key=value` overrides, validated into `core.config.ExperimentConfig`.
+
+Every problem is one `LdmError` line naming the key (or the file and line) at fault.
+Local paths are made absolute on load, so every process of a job agrees on them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from core.config import ExperimentConfig
+from core.errors import LdmError
+from core.presets import get_preset
+
+_PATH_KEYS = (
+    ("run", "root"),
+    ("run", "storage"),
+    ("data", "shards"),
+    ("autoencoder", "pretrained"),
+    ("autoencoder", "lpips_path"),
+    ("precompute", "cache_dir"),
+)
+
+
+def _format_error(err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"])
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key (see `ldm config --show-defaults` for the valid keys)"
+    elif "input" in first and first["type"] not in ("value_error", "model_type"):
+        msg += f" (got {first['input']!r})"
+    more = len(err.errors()) - 1
+    if not loc and ": " in msg and "." in msg.split(": ", 1)[0]:
+        loc, msg = msg.split(": ", 1)  # cross-field checks name their key first
+    where = f"config key {loc}: " if loc else "config: "
+    return where + msg + (f" [and {more} more problem(s)]" if more > 0 else "")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`train.lr=1e-4` -> (['train', 'lr'], 0.0001); values are YAML scalars or lists."""
+    if "=" not in text:
+        raise LdmError(f"override {text!r}: expected section.key=value, e.g. train.num_steps=100")
+    key, _, raw = text.partition("=")
+    parts = key.strip().split(".")
+    if len(parts) != 2 or not all(parts):
+        raise LdmError(f"override {text!r}: the key must be section.key, e.g. train.num_steps")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+def _migrate_retired_keys(tree: dict[str, Any]) -> dict[str, Any]:
+    """Keys that older versions wrote into checkpoints, rewritten as they are now named."""
+    precompute = tree.get("precompute")
+    if isinstance(precompute, dict) and "text" in precompute:  # now text_encoder.trainable
+        precompute = tree["precompute"] = dict(precompute)
+        if precompute.pop("text") == "token_ids":
+            tree["text_encoder"] = {**tree.get("text_encoder", {}), "trainable": True}
+    return tree
+
+
+def load_saved_config(tag_dir: str | Path, overrides: list[str] = ()) -> ExperimentConfig:
+    """The config a checkpoint tag was trained with, as written into it (paths as saved)."""
+    raw = yaml.safe_load((Path(tag_dir) / "config.yaml").read_text())
+    return build_config(_migrate_retired_keys(raw), overrides, absolute_paths=False)
+
+
+def build_config(
+    base: dict[str, Any] | None = None, overrides: list[str] = (), absolute_paths: bool = True
+) -> ExperimentConfig:
+    """Validate a raw dict (optionally naming a `preset`) plus overrides into a config."""
+    raw = dict(base or {})
+    preset = raw.pop("preset", None)
+    tree: dict[str, Any] = {}
+    if preset is not None:
+        tree = get_preset(preset).to_dict()
+    for section, fields in raw.items():
+        if isinstance(fields, dict) and isinstance(tree.get(section), dict):
+            tree[section] = {**tree[section], **fields}
+        else:
+            tree[section] = fields
+    for text in overrides:
+        (section, key), value = parse_override(text)
+        current = tree.setdefault(section, {})
+        if not isinstance(current, dict):
+            raise LdmError(f"override {text!r}: {section} is not a section")
+        current[key] = value
+    try:
+        config = ExperimentConfig.model_validate(tree)
+    except ValidationError as err:
+        raise LdmError(_format_error(err)) from None
+    if absolute_paths:
+        for section, key in _PATH_KEYS:
+            part = getattr(config, section)
+            value = getattr(part, key)
+            if value is not None and "://" not in value:
+                setattr(part, key, str(Path(value).expanduser().resolve()))
+    return config
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> ExperimentConfig:
+    """Load an experiment YAML with `section.key=value` overrides; raises LdmError on bad input."""
+    path = Path(path)
+    if not path.is_file():
+        raise LdmError(
+            f"config file {path} does not exist; pass an experiment YAML such as configs/demo.yaml"
+        )
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise LdmError(
+            f"config file {path}{where}: not valid YAML ({getattr(err, 'problem', err)})"
+        ) from None
+    if not isinstance(raw, dict):
+        raise LdmError(
+            f"config file {path}: expected a mapping of sections, got {type(raw).__name__}"
+        )
+    return build_config(raw, overrides)

@@ -1,0 +1,418 @@
+"""The one stage launcher: every training stage (the autoencoder and the UNet) runs through it.
+
+`launch` owns what a stage's driver does around its ranks: the job's one MLflow run (started,
+or reopened when the job resumes, and ended with the job's status), the Ray session, a
+`TorchTrainer` whose workers each run the stage's rank function (restarted up to
+`max_failures` times, each time from the newest committed checkpoint), SIGTERM/SIGINT turned
+into "checkpoint and stop" within a grace period, and a one-line error for a user's mistake
+found inside a worker. One worker on this machine (no cluster address, not inside a Ray job,
+no restarts asked for) is that same rank run in this process: a file rendezvous, nothing
+listening on a port, no Ray start-up.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import os
+import signal
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from core import storage
+from core.config import ExperimentConfig
+from core.errors import LdmError, Preempted
+from core.layout import CheckpointPlace, RunLayout
+from orchestrator.cluster import ray_session, worker_scaling
+from training import checkpoint as ckpt
+from training.context import RankContext
+from training.engine import forget_process_groups
+from training.tracking import end_run, reopen_run, start_run
+
+RankFunction = Callable[[RankContext], dict[str, float]]
+
+# glibc hands large freed blocks back to the OS (above a threshold it moves at run time), so
+# a step's big buffers are page-faulted in anew every step. Inside a DeepSpeed engine the
+# demo's stage-1 step took ~15,000 page faults (plain torch: ~2,300) and ran at 7.0 steps/s
+# against plain torch's 8.0-8.3; with blocks up to 256 MB kept in the heap and 1 GB of free
+# heap before trimming: ~40 faults a step and 8.3 steps/s (measured in one process, 2 threads).
+MALLOC_TUNABLES = "glibc.malloc.mmap_threshold=268435456:glibc.malloc.trim_threshold=1073741824"
+_WORKER_ENV = (
+    "DS_ACCELERATOR",
+    "TORCH_EXTENSIONS_DIR",
+    "HF_HOME",
+    "HF_HUB_OFFLINE",
+    "TRANSFORMERS_OFFLINE",
+    "MLFLOW_DISABLE_TELEMETRY",
+    "DO_NOT_TRACK",
+    "TOKENIZERS_PARALLELISM",
+    "PYTHONWARNINGS",
+)
+
+
+@dataclass
+class Stage:
+    """One training stage as the launcher runs it."""
+
+    name: str
+    """`autoencoder` or `train`: the MLflow `ldm.stage` tag and the prefix of printed lines."""
+    rank_function: RankFunction
+    """A module-level function (Ray imports it by name in every worker)."""
+    num_workers: int
+    max_failures: int
+    preempt_grace_s: float
+    checkpoints: CheckpointPlace
+    """Where the stage's tags are: named in the message of a stopped job."""
+    run_name: str
+    """The MLflow run's name."""
+    tags: dict[str, str] = field(default_factory=dict)
+    """MLflow tags, set on a new run and refreshed on a reopened one."""
+    args: dict[str, Any] = field(default_factory=dict)
+    """`RankContext.args`: the same on every rank."""
+    data: dict[str, Any] = field(default_factory=dict)
+    """`RankContext.data`: large inputs; through Ray's object store to workers."""
+    resume_run_id: str | None = None
+    """The MLflow run of the checkpoint the job resumes, reopened instead of a new one."""
+    on_start: Callable[[str], None] | None = None
+    """Called with the run id once the MLflow run exists (e.g. to log the dataset input)."""
+
+
+@dataclass
+class Launched:
+    run_id: str
+    metrics: dict[str, float]
+    """The last metrics rank 0 reported (or returned, in process)."""
+
+
+def worker_env() -> dict[str, str]:
+    """Environment every Ray worker gets: CPU DeepSpeed, offline models, caches kept local,
+    fewer page faults, and single (not doubled) output lines."""
+    env = {k: os.environ[k] for k in _WORKER_ENV if k in os.environ}
+    env["GLIBC_TUNABLES"] = os.environ.get("GLIBC_TUNABLES", MALLOC_TUNABLES)
+    # Ray Train's print patch doubles every line a worker prints (Ray 2.60 tees it whenever
+    # stdout is wrapped, and Ray's own wrapper always is in a worker).
+    env["RAY_TRAIN_ENABLE_PRINT_PATCH"] = "0"
+    return env
+
+
+def in_process(config: ExperimentConfig, num_workers: int, max_failures: int) -> bool:
+    """One worker on this machine (no cluster address, not inside a Ray job) and no restarts
+    to manage: the rank runs in the launcher's process, without Ray's start-up."""
+    return (
+        num_workers == 1
+        and max_failures == 0
+        and config.cluster.address is None
+        and not os.environ.get("RAY_ADDRESS")
+    )
+
+
+def launch(config: ExperimentConfig, layout: RunLayout, stage: Stage) -> Launched:
+    """Run `stage` to its end (or to a graceful stop: `Preempted`), tracked in one MLflow run."""
+    run_id, previous_status = _open_run(config, layout, stage)
+    status, trained = "FAILED", False
+    stop = _GracefulStop(layout.stop_file, stage.preempt_grace_s, stage.name)
+    metrics: dict[str, float] = {}
+    try:
+        context = RankContext(config, layout, run_id, stage.args, stage.data)
+        if in_process(config, stage.num_workers, stage.max_failures):
+            with stop:
+                trained = True
+                metrics = _run_in_process(stage.rank_function, context)
+        else:
+            with ray_session(config.cluster.address, runtime_env={"env_vars": worker_env()}):
+                with stop:  # installed after ray.init, which sets a SIGTERM handler of its own
+                    trained = True
+                    metrics = _run_on_ray(config, layout, stage, context)
+        status = "KILLED" if stop.signal_name else "FINISHED"
+    except _GraceExpired:
+        status = "KILLED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    except Exception as err:
+        user_error = find_user_error(err)
+        if user_error is not None:
+            raise user_error from None
+        raise
+    finally:
+        if not trained and previous_status:  # e.g. an unreachable cluster: nothing changed
+            status = previous_status
+        end_run(layout.tracking_uri, run_id, status)
+        storage.remove(layout.stop_file)
+    if stop.signal_name:
+        newest = ckpt.newest(stage.checkpoints)
+        saved = "the checkpoint was saved" if stop.saved_in_time else "the grace period ran out"
+        raise Preempted(
+            f"stopped by {stop.signal_name}: {saved}; newest checkpoint "
+            f"{storage.basename(newest) if newest else '(none)'}; "
+            "run the same command again to resume"
+        )
+    return Launched(run_id, metrics)
+
+
+def _open_run(config: ExperimentConfig, layout: RunLayout, stage: Stage) -> tuple[str, str | None]:
+    """The job's MLflow run: the resumed checkpoint's, reopened (its status returned, to be
+    restored if the job never trains), or a new one."""
+    uri = layout.tracking_uri
+    run_id, previous_status = stage.resume_run_id, None
+    if run_id is not None:
+        try:
+            previous_status = reopen_run(uri, run_id, stage.tags)
+        except Exception as err:  # another tracking store: the checkpoint's run is not there
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+            print(f"{stage.name}: cannot reopen MLflow run {run_id} ({first}); starting a new one")
+            run_id = None
+    if run_id is None:
+        run_id = start_run(
+            uri,
+            config.tracking.experiment,
+            stage.run_name,
+            config.flat(),
+            tags={"ldm.stage": stage.name, **stage.tags},
+            artifact_root=layout.mlflow_artifacts,
+        )
+        if stage.on_start is not None:
+            stage.on_start(run_id)
+    print(f"{stage.name}: MLflow run {run_id} at {uri}", flush=True)
+    return run_id, previous_status
+
+
+# --- one rank in this process ---------------------------------------------------------------
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (respects taskset and container CPU sets)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
+def _keep_freed_memory() -> None:
+    """MALLOC_TUNABLES for this process, set at run time (see `worker_env`)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc: its defaults stay
+        return
+    libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
+    libc.mallopt(-3, 1 << 28)  # M_MMAP_THRESHOLD
+
+
+@contextmanager
+def single_rank_group() -> Iterator[None]:
+    """A one-rank process group in this process, as a Ray Train worker has one: NCCL on a
+    GPU, else gloo; a file rendezvous (a TCP store would listen on every interface)."""
+    saved = {k: os.environ.get(k) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")  # what DeepSpeed reads
+    with tempfile.TemporaryDirectory() as tmp:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(0)
+        forget_process_groups()  # of an earlier group in this process, if any
+        dist.init_process_group(
+            backend, init_method=f"file://{tmp}/rendezvous", rank=0, world_size=1
+        )
+        try:
+            yield
+        finally:
+            dist.destroy_process_group()
+            forget_process_groups()
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+
+
+def _run_in_process(rank_function: RankFunction, context: RankContext) -> dict[str, float]:
+    _keep_freed_memory()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(usable_cores())
+    try:
+        with single_rank_group():
+            return rank_function(context)
+    finally:
+        torch.set_num_threads(threads)
+
+
+# --- Ray Train workers ----------------------------------------------------------------------
+
+
+def _cpu_share(reserved: float, workers_on_node: int) -> int:
+    """Torch threads of one worker: its share of its node's CPUs, at least its reservation.
+
+    Ray sets OMP_NUM_THREADS to a worker's CPU reservation (`cluster.num_cpus_per_worker`, 1
+    by default), which would leave a lone worker on one core of a many-core node. The node's
+    CPUs are what Ray counts there (container limits included), at most the cores this
+    process may run on.
+    """
+    import ray
+
+    node = ray.get_runtime_context().get_node_id()
+    counted = next((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["NodeID"] == node), 0)
+    cpus = min(int(counted) or usable_cores(), usable_cores())
+    return max(1, math.floor(reserved), cpus // max(1, workers_on_node))
+
+
+def _ray_worker(loop_config: dict[str, Any]) -> None:
+    """Entry point of each Ray Train worker: the stage's rank function, in a worker."""
+    import ray
+    import ray.train
+
+    train_context = ray.train.get_context()
+    rank = train_context.get_world_rank()
+    context: RankContext = loop_config["context"]
+    # Zero-copy from the node's object store: workers on one node map the same copy.
+    context.data = dict(zip(loop_config["data_keys"], ray.get(loop_config["data"]), strict=True))
+    node = ray.get_runtime_context().get_node_id()
+    print(f"{loop_config['stage']}: worker rank {rank} on node {node} pid {os.getpid()}", flush=True)
+    threads = _cpu_share(
+        context.config.cluster.num_cpus_per_worker, train_context.get_local_world_size()
+    )
+    torch.set_num_threads(threads)
+
+    def report(metrics: dict[str, float], tag: str | None) -> None:
+        # Ray Train registers a small pointer; the tag on storage (with its commit marker)
+        # stays the source of truth, so a large checkpoint is never copied twice.
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = None
+            if rank == 0 and tag is not None:
+                Path(tmp, "ldm_checkpoint.txt").write_text(str(tag))
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(
+                metrics,
+                checkpoint=checkpoint,
+                checkpoint_dir_name=storage.basename(tag) if tag else None,
+            )
+
+    context.report = report
+    loop_config["rank_function"](context)
+
+
+def _ray_storage(layout: RunLayout) -> tuple[str, Any]:
+    """Ray Train's storage: a folder in the run's storage (local, or the object-store prefix
+    through the same fsspec filesystem and credentials as everything else)."""
+    if not storage.is_remote(layout.storage_dir):
+        return str(Path(layout.storage_dir).resolve()), None
+    import fsspec
+    import pyarrow.fs
+
+    fs, path = fsspec.core.url_to_fs(layout.storage_dir)
+    return path, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
+
+
+def _run_on_ray(
+    config: ExperimentConfig, layout: RunLayout, stage: Stage, context: RankContext
+) -> dict[str, float]:
+    import ray
+    from ray.train import FailureConfig, RunConfig
+    from ray.train.torch import TorchTrainer
+
+    keys = sorted(stage.data)
+    data = [ray.put(stage.data[k]) for k in keys]
+    context.data = {}  # travels through the object store, not inside the pickled context
+    storage_path, filesystem = _ray_storage(layout)
+    name = f"ray_{stage.name}"
+    trainer = TorchTrainer(
+        _ray_worker,
+        train_loop_config={
+            "context": context,
+            "rank_function": stage.rank_function,
+            "stage": stage.name,
+            "data_keys": keys,
+            "data": data,
+        },
+        scaling_config=worker_scaling(config.cluster, stage.num_workers),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage_path,
+            storage_filesystem=filesystem,
+            failure_config=FailureConfig(max_failures=stage.max_failures),
+        ),
+    )
+    try:
+        result = trainer.fit()
+    finally:
+        # Tags and their commit markers are the checkpoints; Ray's folder holds only
+        # pointers to them, useful to no later job.
+        storage.remove_tree(storage.join(layout.storage_dir, name))
+    return dict(result.metrics or {})
+
+
+# --- SIGTERM and user errors ----------------------------------------------------------------
+
+
+class _GraceExpired(Exception):
+    pass
+
+
+class _GracefulStop:
+    """SIGTERM/SIGINT -> ask every rank to checkpoint and stop, within a grace period.
+
+    The request is a file on the run's storage that rank 0 polls each step; SIGALRM ends the
+    wait when the grace period runs out, and a second signal ends it at once. Either way the
+    newest committed checkpoint stays valid, so only unsaved steps are lost.
+    """
+
+    def __init__(self, stop_file: str, grace_s: float, stage: str):
+        self.stop_file, self.grace_s, self.stage = stop_file, grace_s, stage
+        self.signal_name: str | None = None
+        self.saved_in_time = True
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signal_name is not None:  # a second signal: stop waiting
+            self.saved_in_time = False
+            raise _GraceExpired()
+        self.signal_name = signal.Signals(signum).name
+        storage.makedirs(storage.dirname(self.stop_file))
+        storage.write_bytes(self.stop_file, self.signal_name.encode())
+        print(
+            f"{self.stage}: {self.signal_name}: saving a checkpoint and stopping "
+            f"(grace {self.grace_s:g} s)",
+            flush=True,
+        )
+        signal.setitimer(signal.ITIMER_REAL, self.grace_s)
+
+    def _expire(self, signum: int, frame: Any) -> None:
+        self.saved_in_time = False
+        raise _GraceExpired()
+
+    def __enter__(self) -> _GracefulStop:
+        storage.remove(self.stop_file)  # a request left by an earlier, killed job
+        for sig, handler in (
+            (signal.SIGTERM, self._handle),
+            (signal.SIGINT, self._handle),
+            (signal.SIGALRM, self._expire),
+        ):
+            self._previous[sig] = signal.signal(sig, handler)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def find_user_error(err: BaseException) -> LdmError | None:
+    """Ray wraps worker exceptions; surface an LdmError raised inside a worker as itself."""
+    seen = set()
+    stack = [err]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, LdmError):
+            original = getattr(e, "cause", None) or e  # RayTaskError keeps the original here
+            return LdmError(original.args[0] if original.args else str(original))
+        # Ray re-raises worker errors as RayTaskError subclasses of the original type, inside
+        # a WorkerGroupError that maps ranks to their failures.
+        stack += [e.__cause__, e.__context__, *getattr(e, "worker_failures", {}).values()]
+    return None

@@ -1,0 +1,181 @@
+"""`ldm precompute`: the Ray Data job that encodes raw shards into the latent cache.
+
+The pieces (`data_pipeline.precompute`) are scheduled separately by Ray Data: CPU actors
+decode a raw shard into fixed batches, encoder actors (a GPU each when the cluster has GPUs)
+run the autoencoder and the text encoder on one batch at a time. This driver reorders
+finished batches into one cache shard per raw shard, publishing each as it completes, skips
+the shards a rerun finds done, writes the manifest, and tracks the job in MLflow.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from core import storage
+from core.config import ExperimentConfig
+from core.errors import LdmError
+from core.layout import RunLayout
+from data_pipeline.cache import spec_digest
+from data_pipeline.precompute import (
+    Encoder,
+    ShardDecoder,
+    ShardWriter,
+    cache_spec,
+    cached_shards,
+    check_bad_budget,
+    done_entry,
+    resolve_cache_dir,
+    write_cache_manifest,
+)
+from models.text_encoders import tokenizer_path
+from orchestrator.cluster import ray_session
+from training.tracking import MLflowTracker, end_run, start_run
+
+
+def _encode(
+    config: ExperimentConfig,
+    layout: RunLayout,
+    spec: dict[str, Any],
+    cache_dir: str,
+    todo: list[str],
+    done: list[dict],
+    num_shards: int,
+    progress: bool,
+) -> None:
+    """The Ray Data job: encode the `todo` shards, publishing each as it completes."""
+    import ray
+
+    if not todo:
+        return
+    p = config.precompute
+    with ray_session(config.cluster.address), tempfile.TemporaryDirectory() as tmp:
+        # Local caches stage next to their final name (a rename); remote ones upload.
+        staging = Path(tmp) if storage.is_remote(cache_dir) else Path(cache_dir)
+        use_gpu = bool(ray.cluster_resources().get("GPU", 0))
+        ds = ray.data.from_items([{"shard": s} for s in todo], override_num_blocks=len(todo))
+        ds = ds.flat_map(
+            ShardDecoder,
+            fn_constructor_kwargs=dict(
+                text_encoder=str(tokenizer_path(config.text_encoder.name_or_path)),
+                max_length=config.text_encoder.max_length,
+                resolution=config.data.resolution,
+                center_crop=config.data.center_crop,
+                seed=config.run.seed,
+                batch_size=p.batch_size,
+            ),
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, len(todo))),
+            num_cpus=p.num_cpus_per_decoder,
+        )
+        ds = ds.map_batches(
+            Encoder,
+            fn_constructor_kwargs=dict(
+                autoencoder_dir=str(layout.autoencoder_dir),
+                text_encoder=config.text_encoder.name_or_path,
+                spec=spec,
+                num_threads=math.ceil(p.num_cpus_per_encoder),
+            ),
+            batch_size=1,  # one shard batch per call: its size is fixed upstream
+            compute=ray.data.ActorPoolStrategy(size=p.num_encoders),
+            num_cpus=p.num_cpus_per_encoder,
+            num_gpus=1 if use_gpu else 0,
+        )
+        sources = {storage.basename(s): s for s in todo}
+        writers: dict[str, ShardWriter] = {}
+        for row in ds.iter_rows():
+            name = row["shard"]
+            if name not in writers:
+                writers[name] = ShardWriter(cache_dir, name, sources[name], staging)
+            writer = writers[name]
+            writer.add(row)
+            if writer.complete:
+                entry = writers.pop(name).publish()
+                done.append(entry)
+                if progress:
+                    print(
+                        f"precompute: wrote {entry['name']} ({entry['num_samples']} "
+                        f"samples, {entry['num_bad']} bad)"
+                    )
+                check_bad_budget(done, num_shards, p.max_bad_fraction)
+        if writers:
+            raise LdmError(
+                f"precompute: shards {sorted(writers)} ended incomplete; re-run to retry them"
+            )
+
+
+def _start_run(
+    config: ExperimentConfig, layout: RunLayout, spec: dict[str, Any], cache_dir: str
+) -> str:
+    run_id = start_run(
+        layout.tracking_uri,
+        config.tracking.experiment,
+        f"{config.run.name}-precompute",
+        {**config.flat(), **{f"spec.{k}": v for k, v in spec.items()}},
+        tags={
+            "ldm.stage": "precompute",
+            "ldm.cache_spec": spec_digest(spec),
+            "ldm.cache_dir": str(cache_dir),
+        },
+        artifact_root=layout.mlflow_artifacts,
+    )
+    print(f"precompute: MLflow run {run_id} at {layout.tracking_uri}", flush=True)
+    return run_id
+
+
+def precompute(config: ExperimentConfig, progress: bool = True) -> str:
+    """Encode every raw shard not yet in the cache; returns the cache folder (path or URI)."""
+    layout = RunLayout.of(config)
+    spec = cache_spec(config, layout.autoencoder_dir)
+    cache_dir = resolve_cache_dir(config, spec)
+    storage.makedirs(cache_dir)
+    shards = cached_shards(config)
+    names = [storage.basename(s) for s in shards]
+    if len(set(names)) != len(names):
+        raise LdmError(f"data.shards: shard file names repeat in {config.data.shards}")
+    done = [e for e in (done_entry(cache_dir, n) for n in names) if e]
+    todo = [s for s, n in zip(shards, names, strict=True) if n not in {e["name"] for e in done}]
+    print(f"precompute: {len(done)} of {len(shards)} shards already cached in {cache_dir}")
+    started = time.perf_counter()
+    previous = storage.join(cache_dir, "manifest.json")
+    run_id = (
+        json.loads(storage.read_bytes(previous)).get("mlflow_run_id")
+        if not todo and storage.exists(previous)
+        else None
+    )
+    if todo:
+        run_id = _start_run(config, layout, spec, cache_dir)
+    status = "FAILED"
+    try:
+        _encode(config, layout, spec, cache_dir, todo, done, len(shards), progress)
+        manifest = write_cache_manifest(
+            config, spec, cache_dir, names, layout.autoencoder_dir, run_id
+        )
+        status = "FINISHED"
+    finally:
+        if todo:
+            _end_run(layout, run_id, status, manifest if status == "FINISHED" else None, started)
+    return cache_dir
+
+
+def _end_run(
+    layout: RunLayout, run_id: str, status: str, manifest: dict | None, started: float
+) -> None:
+    if manifest is not None:
+        seconds = time.perf_counter() - started
+        tracker = MLflowTracker(layout.tracking_uri, run_id, layout.mlflow_spool)
+        tracker.log_metrics(
+            {
+                "num_samples": manifest["num_samples"],
+                "num_bad": manifest["num_bad"],
+                "seconds": seconds,
+            },
+            0,
+        )
+        tracker.log_text(json.dumps(manifest, indent=2), "manifest.json")
+        tracker.close()
+        print(f"precompute: done in {seconds:.1f} s", flush=True)
+    end_run(layout.tracking_uri, run_id, status)

@@ -1,0 +1,100 @@
+"""Rank-0 side effects behind one object whose methods return early on every other rank.
+
+Every rank builds its stage's `Rank0` and calls the same methods at the same points, so the
+loops never ask which rank they run on. A method marked `rank0_only` runs only where
+`self.rank == 0` and returns None elsewhere; a subclass whose public method lacks the mark
+fails when it is defined, so no new method can silently run on every rank.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from core import storage
+from core.config import TrackingConfig
+from training.tracking import MLflowTracker, NullTracker
+
+F = TypeVar("F", bound=Callable[..., Any])
+_MARK = "_rank0_only"
+
+
+def rank0_only(method: F) -> F:
+    """Run `method` on rank 0 only (where `self.rank == 0`); return None elsewhere."""
+
+    @functools.wraps(method)
+    def guarded(self, *args, **kwargs):
+        if self.rank != 0:
+            return None
+        return method(self, *args, **kwargs)
+
+    setattr(guarded, _MARK, True)
+    return guarded  # type: ignore[return-value]
+
+
+def _check_guarded(cls: type) -> None:
+    unguarded = [
+        name
+        for name, value in vars(cls).items()
+        if callable(value) and not name.startswith("_") and not getattr(value, _MARK, False)
+    ]
+    if unguarded:
+        raise TypeError(
+            f"{cls.__name__}.{unguarded[0]} is not marked @rank0_only: every public method of "
+            "a Rank0 runs on rank 0 only"
+        )
+
+
+class Rank0:
+    """What only the first rank does: MLflow (through an outage-proof tracker), progress
+    lines, and polling the stop request SIGTERM leaves on the run's storage."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        _check_guarded(cls)
+
+    def __init__(
+        self,
+        rank: int,
+        tracking_uri: str,
+        run_id: str | None,
+        spool: Path,
+        tracking: TrackingConfig,
+        stop_file: str,
+    ):
+        self.rank = rank
+        self.tracker: NullTracker = NullTracker()
+        self.stop_file = stop_file
+        self._stop_polled = -1.0
+        if rank == 0 and run_id:
+            self.tracker = MLflowTracker(
+                tracking_uri,
+                run_id,
+                spool,
+                max_pending=tracking.max_pending_records,
+                flush_timeout_s=tracking.flush_timeout_s,
+            )
+
+    @rank0_only
+    def note(self, text: str) -> None:
+        print(text, flush=True)
+
+    @rank0_only
+    def stop_requested(self) -> bool:
+        """Whether the launcher asked the job to stop. One rank polls the storage, at most
+        once a second (on an object store each look is a request); the loop tells the rest."""
+        now = time.monotonic()
+        if now - self._stop_polled < 1.0:
+            return False
+        self._stop_polled = now
+        return storage.exists(self.stop_file)
+
+    @rank0_only
+    def close(self) -> None:
+        self.tracker.close()
+
+
+_check_guarded(Rank0)

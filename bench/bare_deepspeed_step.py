@@ -40,8 +40,9 @@ def main(job_path: str) -> dict[str, float]:
     from training.engine import build_engine
 
     marks["import_deepspeed"] = time.time()
-    from orchestrator.config import load_config
-    from training.models import build_noise_scheduler, build_unet
+    from core.loader import load_config
+    from models.schedulers import build_noise_scheduler
+    from models.unet import build_unet
 
     config = load_config(job["config"])
     marks["import_project_and_config"] = time.time()

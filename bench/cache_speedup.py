@@ -49,9 +49,11 @@ class Encoders:
     """The frozen autoencoder and text encoder, run the way `ldm precompute` runs them."""
 
     def __init__(self, config):
-        from training.models import load_autoencoder, load_text_encoder
+        from core.layout import RunLayout
+        from models.autoencoder import load_autoencoder
+        from models.text_encoders import load_text_encoder
 
-        self.vae = load_autoencoder(config.autoencoder_dir)
+        self.vae = load_autoencoder(RunLayout.of(config).autoencoder_dir)
         self.text_encoder, self.tokenizer = load_text_encoder(config.text_encoder.name_or_path)
         self.max_length = config.text_encoder.max_length
 
@@ -110,14 +112,16 @@ def median_step_s(
 
 
 def main(cycles: int = 12, warmup: int = 2, budget_s: float = 90.0) -> dict[str, Any]:
+    from core.layout import RunLayout
     from data_pipeline.precompute import cache_spec
-    from training.loop import diffusion_loss
-    from training.models import build_noise_scheduler, build_unet
+    from models.schedulers import build_noise_scheduler
+    from models.unet import build_unet
+    from training.objective import diffusion_loss
 
     config = bench_config()
     threads = os.cpu_count() or 1
     torch.set_num_threads(threads)  # every variant runs on these, nothing in parallel
-    spec = cache_spec(config)
+    spec = cache_spec(config, RunLayout.of(config).autoencoder_dir)
     mb = config.train.micro_batch_size
     pixels, captions = demo_batch(config.data.resolution, mb)
 

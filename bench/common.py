@@ -73,8 +73,8 @@ def bench_config(overrides: list[str] = ()):
 
     Encoding cost does not depend on the weights' values, so no training is needed.
     """
-    from orchestrator.config import build_config
-    from training.models import build_autoencoder
+    from core.loader import build_config
+    from models.autoencoder import build_autoencoder
 
     config = build_config({"preset": "demo", "run": {"root": str(WORK)}}, overrides)
     folder = WORK / "autoencoder"

@@ -50,7 +50,7 @@ DRY_ROWS = [(label, overrides, 2, 2) for label, overrides, _, _ in ROWS]
 
 
 def row_config(preset: str, resolution: int, overrides: list[str], micro_batch: int):
-    from orchestrator.config import build_config
+    from core.loader import build_config
 
     return build_config(
         {
@@ -74,7 +74,8 @@ class Bf16Trainer:
     without DeepSpeed, for one device."""
 
     def __init__(self, config, device: torch.device):
-        from training.models import build_noise_scheduler, build_unet
+        from models.schedulers import build_noise_scheduler
+        from models.unet import build_unet
 
         torch.manual_seed(0)
         with torch.device(device):  # initialise on the GPU: 860 M parameters, seconds not minutes
@@ -232,8 +233,8 @@ def main(dry_run: bool = False, steps: int = 10) -> dict[str, Any]:
         raise SystemExit(2)
     from diffusers.utils import logging as diffusers_logging
 
-    from training.flops import peak_flops, train_flops_per_sample
-    from training.models import build_unet
+    from models.flops import peak_flops, train_flops_per_sample
+    from models.unet import build_unet
 
     # Casting the freshly built UNet to bf16 warns once per row about modules to keep in fp32
     # (there are none in this UNet).

@@ -46,9 +46,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bench.common import ROOT, WORK, bench_config, demo_shards, table, write_result
+from core.layout import RunLayout
 
 if TYPE_CHECKING:
-    from orchestrator.config import ExperimentConfig
+    from core.config import ExperimentConfig
 
 OUT = WORK / "overhead"
 CACHE = WORK / "cache-train"
@@ -136,14 +137,18 @@ def ensure_cache() -> Path:
 
     Reused while its spec matches the bench config (same autoencoder and text encoder).
     """
+    from core.errors import LdmError
     from data_pipeline.cache import check_spec, read_manifest
     from data_pipeline.precompute import cache_spec
-    from orchestrator.errors import LdmError
 
     config = base_config()
     if (CACHE / "manifest.json").is_file():
         try:
-            check_spec(CACHE, read_manifest(CACHE), cache_spec(config))
+            check_spec(
+                CACHE,
+                read_manifest(CACHE),
+                cache_spec(config, RunLayout.of(config).autoencoder_dir),
+            )
             return CACHE
         except LdmError:
             shutil.rmtree(CACHE)
@@ -198,12 +203,14 @@ def train_config(
 
 def launch_train(config: ExperimentConfig, timeout_s: float = 300.0) -> Launched:
     """`ldm train` on a fresh run folder (a leftover checkpoint would make it resume)."""
-    shutil.rmtree(config.run_dir, ignore_errors=True)
-    config.run_dir.mkdir(parents=True)
-    yaml_path = config.run_dir.parent / f"{config.run.name}.yaml"
+    shutil.rmtree(RunLayout.of(config).run_dir, ignore_errors=True)
+    RunLayout.of(config).run_dir.mkdir(parents=True)
+    yaml_path = RunLayout.of(config).run_dir.parent / f"{config.run.name}.yaml"
     yaml_path.write_text(config.to_yaml())
     run = run_ldm(
-        ["train", str(yaml_path)], config.run_dir.parent / f"{config.run.name}.log", timeout_s
+        ["train", str(yaml_path)],
+        RunLayout.of(config).run_dir.parent / f"{config.run.name}.log",
+        timeout_s,
     )
     if run.returncode != 0:
         raise SystemExit(f"ldm train failed ({run.returncode}):\n{run.tail()}")
@@ -231,7 +238,7 @@ def system_steady(
     """Steady throughput and phase split of a finished `ldm train` run, from MLflow."""
     keys = ["loss", "samples_per_s", "samples_per_s_per_worker", "step_time_s"]
     keys += [f"time/{p}_fraction" for p in PHASES]
-    history = metric_histories(config.tracking_uri, run.run_id(), keys)
+    history = metric_histories(RunLayout.of(config).tracking_uri, run.run_id(), keys)
     steps = sorted(history["loss"])
     if len(steps) < warmup_windows + 2:
         raise SystemExit(f"only {len(steps)} logged windows: raise --steps or lower --log-every")
@@ -278,10 +285,11 @@ def bare_loop(
     import torch
     from diffusers.training_utils import EMAModel
 
-    from data_pipeline.cache import read_manifest
+    from data_pipeline.cache import read_empty_prompt, read_manifest
     from data_pipeline.stream import LatentCacheStream
-    from training.loop import diffusion_loss, empty_prompt
-    from training.models import build_noise_scheduler, build_unet
+    from models.schedulers import build_noise_scheduler
+    from models.unet import build_unet
+    from training.objective import diffusion_loss, empty_prompt
 
     t = config.train
     spec = read_manifest(cache)["spec"]
@@ -296,7 +304,7 @@ def bare_loop(
         params = [p for p in unet.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay)
         scheduler = build_noise_scheduler(config)
-        empty = empty_prompt(cache, spec["text_max_length"])
+        empty = empty_prompt(read_empty_prompt(cache), spec["text_max_length"])
         norm = (spec.get("shift_factor", 0.0), spec["scaling_factor"])
         seconds = dict.fromkeys(("forward", "backward", "optimizer"), 0.0)
 

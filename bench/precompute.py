@@ -21,16 +21,17 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import WORK, Timer, bench_config, demo_shards, table, write_result
+from core.layout import RunLayout
 
 
 def bare_precompute(config, spec: dict, shards: list[str], out: Path) -> None:
     """The same decode and encode steps in one process: no Ray, no pipelining."""
-    from data_pipeline.precompute import _Encoder, _ShardDecoder, _ShardWriter
+    from data_pipeline.precompute import Encoder, ShardDecoder, ShardWriter
 
     out.mkdir(parents=True)
-    from training.models import text_encoder_path
+    from models.text_encoders import text_encoder_path
 
-    decoder = _ShardDecoder(
+    decoder = ShardDecoder(
         str(text_encoder_path(config.text_encoder.name_or_path)),
         config.text_encoder.max_length,
         config.data.resolution,
@@ -38,11 +39,14 @@ def bare_precompute(config, spec: dict, shards: list[str], out: Path) -> None:
         config.run.seed,
         config.precompute.batch_size,
     )
-    encoder = _Encoder(
-        str(config.autoencoder_dir), config.text_encoder.name_or_path, spec, os.cpu_count() or 1
+    encoder = Encoder(
+        str(RunLayout.of(config).autoencoder_dir),
+        config.text_encoder.name_or_path,
+        spec,
+        os.cpu_count() or 1,
     )
     for shard in shards:
-        writer = _ShardWriter(str(out), Path(shard).name, shard, out)
+        writer = ShardWriter(str(out), Path(shard).name, shard, out)
         for batch in decoder({"shard": shard}):
             rows = encoder({k: [v] for k, v in batch.items()})
             for i in range(len(rows["index"])):
@@ -90,12 +94,13 @@ def main(num_shards: int = 8, overrides: list[str] = ()) -> dict:
     import ray
 
     from data_pipeline.images import list_shards
-    from data_pipeline.precompute import cache_spec, precompute
+    from data_pipeline.precompute import cache_spec
     from orchestrator.cluster import ray_session
+    from orchestrator.precompute import precompute
 
     shards = list_shards(demo_shards(num_shards))
     config = bench_config(overrides)
-    spec = cache_spec(config)
+    spec = cache_spec(config, RunLayout.of(config).autoencoder_dir)
     bare_dir, ray_dir = WORK / "cache-bare", WORK / "cache-ray"
     for folder in (bare_dir, ray_dir):
         shutil.rmtree(folder, ignore_errors=True)

@@ -130,20 +130,21 @@ def main() -> dict:
     import mlflow
     import torch
 
-    from orchestrator.config import load_config
+    from core.layout import RunLayout
+    from core.loader import load_config
+    from models.unet import build_unet
     from orchestrator.demo import run_demo
-    from training.checkpoint import latest_committed
+    from training import checkpoint as ckpt
     from training.evaluation import Evaluator
-    from training.generate import load_model
-    from training.models import build_unet
-    from training.sampling import Sampler
+    from training.sampling import Sampler, load_model
 
     root = WORK / "quality"
     overrides = [f"run.root={root}", "train.eval_every=250"]
     timings = run_demo(ROOT / "configs" / "demo.yaml", overrides)
     config = load_config(ROOT / "configs" / "demo.yaml", overrides)
 
-    client = mlflow.MlflowClient(config.tracking_uri)
+    layout = RunLayout.of(config)
+    client = mlflow.MlflowClient(layout.tracking_uri)
     experiment = client.get_experiment_by_name(config.tracking.experiment)
     runs = client.search_runs(
         [experiment.experiment_id],
@@ -153,9 +154,9 @@ def main() -> dict:
     history = client.get_metric_history(runs[0].info.run_id, "eval/fd_efficientnet_lite0")
     by_step = {m.step: m.value for m in sorted(history, key=lambda m: m.timestamp)}
 
-    sampler = Sampler(config)
+    sampler = Sampler(config, layout.autoencoder_dir)
     evaluator = Evaluator(config)
-    tag = latest_committed(config.checkpoint_dir)
+    tag = ckpt.local_tag(ckpt.newest(layout.checkpoints), layout.checkpoints)
     trained = load_model(tag)
     torch.manual_seed(config.run.seed)
     untrained = build_unet(config, trained.config.in_channels).eval()

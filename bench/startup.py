@@ -44,9 +44,10 @@ from bench.overhead import (
     run_command,
     train_config,
 )
+from core.layout import RunLayout
 
 if TYPE_CHECKING:
-    from orchestrator.config import ExperimentConfig
+    from core.config import ExperimentConfig
 
 OUT = WORK / "startup"
 BARE_SCRIPT = Path(__file__).resolve().parent / "bare_deepspeed_step.py"
@@ -74,7 +75,7 @@ def system_marks(config: ExperimentConfig, run: Launched) -> dict[str, float]:
     """Seconds from launch to each milestone of one `ldm train` run."""
     marks = {label: run.first(text) for label, text in SYSTEM_LINES}
     history = metric_histories(
-        config.tracking_uri, run.run_id(), ["model_gflops_per_sample", "loss"]
+        RunLayout.of(config).tracking_uri, run.run_id(), ["model_gflops_per_sample", "loss"]
     )
     marks["model, engine, loader ready (MLflow, step 0)"] = (
         history["model_gflops_per_sample"][0].timestamp / 1000
@@ -120,7 +121,7 @@ def main(repeats: int = 2) -> dict[str, Any]:
     latent_channels = read_manifest(cache)["spec"]["latent_channels"]
     config = train_config("startup", 1, num_steps=2, log_every=1, root=OUT)
     # A user's store exists after their first run: create it before timing, not during.
-    MlflowClient(tracking_uri=config.tracking_uri).search_experiments()
+    MlflowClient(tracking_uri=RunLayout.of(config).tracking_uri).search_experiments()
     systems, bares = [], []
     for i in range(repeats):
         bares.append(bare_marks(config, latent_channels, i))

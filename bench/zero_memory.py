@@ -207,7 +207,7 @@ class PeakTracker:
 
 def stage_config(stage: int, precision: str):
     """The demo preset with the widened UNet, at this ZeRO stage and precision, on 2 ranks."""
-    from orchestrator.config import build_config
+    from core.loader import build_config
 
     return build_config(
         {
@@ -231,9 +231,10 @@ def measure_stage(stage: int, precision: str, template) -> dict[str, Any]:
     import torch
 
     from data_pipeline.cache import CacheBatch
+    from models.schedulers import build_noise_scheduler
+    from models.text_encoders import text_hidden_size
     from training.engine import build_engine
-    from training.loop import diffusion_loss
-    from training.models import build_noise_scheduler, text_hidden_size
+    from training.objective import diffusion_loss
 
     config = stage_config(stage, precision)
     latent_channels = config.autoencoder.latent_channels
@@ -307,7 +308,7 @@ def _rank(rank: int, port: int, precisions: list[str], out: str) -> None:
 
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // WORLD))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    from training.models import build_unet
+    from models.unet import build_unet
 
     config = stage_config(0, "fp32")
     torch.manual_seed(0)

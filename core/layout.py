@@ -81,7 +81,9 @@ class RunLayout:
 
         def place(folder: str) -> CheckpointPlace:
             if remote:  # ranks stage tags on their node, then upload them
-                return CheckpointPlace(run_dir / "staging" / folder, storage.join(storage_dir, folder))
+                return CheckpointPlace(
+                    run_dir / "staging" / folder, storage.join(storage_dir, folder)
+                )
             return CheckpointPlace(Path(storage_dir) / folder, None)
 
         pretrained = config.autoencoder.pretrained

@@ -91,7 +91,9 @@ def tiny() -> ExperimentConfig:
         ),
         text_encoder=TextEncoderConfig(max_length=16),
         precompute=PrecomputeConfig(batch_size=16),
-        unet=UNetConfig(block_out_channels=[32, 64], cross_attention_levels=1, num_attention_heads=2),
+        unet=UNetConfig(
+            block_out_channels=[32, 64], cross_attention_levels=1, num_attention_heads=2
+        ),
         train=TrainConfig(
             num_workers=2,
             num_steps=6,

@@ -71,6 +71,7 @@ def read_empty_prompt(cache_dir: str | Path) -> np.ndarray:
     """The stored encoding of the empty prompt (hidden states, or token ids), unpadded."""
     return npy_load(storage.read_bytes(storage.join(cache_dir, EMPTY_PROMPT)))
 
+
 def check_spec(cache_dir: str | Path, manifest: dict[str, Any], expected: dict[str, Any]) -> None:
     """Refuse a cache built from another spec, naming the first field that differs."""
     built = manifest["spec"]

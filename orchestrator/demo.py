@@ -70,9 +70,11 @@ def run_demo(config_path: Path, overrides: list[str] = ()) -> dict[str, float]:
         precompute(config)
     with _stage("train", timings):
         latest = ckpt.newest(layout.checkpoints)
-        done = latest is not None and ckpt.TrainState.load(
-            storage.join(latest, ckpt.TRAIN_STATE)
-        ).step >= config.train.num_steps
+        done = (
+            latest is not None
+            and ckpt.TrainState.load(storage.join(latest, ckpt.TRAIN_STATE)).step
+            >= config.train.num_steps
+        )
         if done:
             print(f"train: already at step {config.train.num_steps} ({latest})")
         else:

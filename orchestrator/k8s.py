@@ -92,7 +92,7 @@ def _pod(container: dict[str, Any], grace_s: int, extra_volumes: list[dict] = ()
         "metadata": {"labels": dict(PART_OF)},
         "spec": {
             "securityContext": pod_security(),
-            # Longer than train.preempt_grace_s: the checkpoint on SIGTERM must finish.
+            # Longer than a stage's preempt_grace_s: the checkpoint on SIGTERM must finish.
             "terminationGracePeriodSeconds": grace_s,
             "automountServiceAccountToken": False,
             "containers": [container],
@@ -120,7 +120,10 @@ def _ray_container(name: str, resources: dict, mounts: list[dict] = ()) -> dict[
 
 
 def _grace(config: ExperimentConfig | None) -> int:
-    preempt = config.train.preempt_grace_s if config else 60.0
+    """The pods' grace period: a minute past the longest checkpoint-on-SIGTERM of a stage."""
+    preempt = (
+        max(config.train.preempt_grace_s, config.autoencoder.preempt_grace_s) if config else 60.0
+    )
     return int(preempt) + 60
 
 
@@ -220,7 +223,7 @@ def ray_job(
             "entrypoint": f"ldm {stage} /etc/ldm/experiment.yaml",
             "shutdownAfterJobFinishes": True,
             "ttlSecondsAfterFinished": 3600,
-            "backoffLimit": 0,  # retries are Ray Train's (train.max_failures), from checkpoints
+            "backoffLimit": 0,  # retries are Ray Train's (max_failures), from checkpoints
             "submitterPodTemplate": _pod(
                 {
                     "name": "submitter",

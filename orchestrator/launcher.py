@@ -271,7 +271,9 @@ def _ray_worker(loop_config: dict[str, Any]) -> None:
     # Zero-copy from the node's object store: workers on one node map the same copy.
     context.data = dict(zip(loop_config["data_keys"], ray.get(loop_config["data"]), strict=True))
     node = ray.get_runtime_context().get_node_id()
-    print(f"{loop_config['stage']}: worker rank {rank} on node {node} pid {os.getpid()}", flush=True)
+    print(
+        f"{loop_config['stage']}: worker rank {rank} on node {node} pid {os.getpid()}", flush=True
+    )
     threads = _cpu_share(
         context.config.cluster.num_cpus_per_worker, train_context.get_local_world_size()
     )

@@ -234,6 +234,7 @@ MOSAIC = {(8, 256): 1100.0, (8, 512): 290.0, (128, 256): 11600.0, (128, 512): 45
 
 def mosaic_check(overlap: float) -> list[dict]:
     """Calibrate on 8 x A100 at 256 px, then predict MosaicML's other three figures."""
+
     def at(resolution: int) -> ExperimentConfig:
         return build_config({"preset": "sd2_base"}, [f"data.resolution={resolution}"])
 

@@ -1,12 +1,17 @@
-"""Shared test setup: offline models, caches out of $HOME, and the fixture images."""
+"""Shared test setup: offline models, caches out of $HOME, the fixture images, and two ways
+to run the real `ldm` command line: in this process (`ldm`, seconds) or as a subprocess
+(`run_ldm`, for what needs a process of its own: signals, kills, a clean interpreter)."""
 
+import io
 import os
+import subprocess
 import sys
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
 
-from orchestrator.cli import set_default_env
+from orchestrator.cli import main, set_default_env
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE_IMAGES = ROOT / "tests" / "fixtures" / "emoji64"
@@ -16,8 +21,6 @@ set_default_env()
 
 def run_ldm(*args: str, cwd: Path | None = None, timeout: int = 600, env: dict | None = None):
     """Run the real `ldm` command line in a subprocess; returns the CompletedProcess."""
-    import subprocess
-
     return subprocess.run(
         [sys.executable, "-m", "orchestrator.cli", *args],
         cwd=cwd or ROOT,
@@ -26,6 +29,30 @@ def run_ldm(*args: str, cwd: Path | None = None, timeout: int = 600, env: dict |
         timeout=timeout,
         env={**os.environ, **(env or {})},
     )
+
+
+def ldm(*args: str) -> subprocess.CompletedProcess:
+    """Run the real `ldm` command line in this process (argument parsing, the command, its
+    one-line errors and exit status), without a new interpreter's imports; returns what
+    `run_ldm` returns."""
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        try:
+            code = main(list(args))
+        except SystemExit as exit_:  # argparse refusing the arguments
+            code = exit_.code
+    return subprocess.CompletedProcess(["ldm", *args], code, out.getvalue(), err.getvalue())
+
+
+@pytest.fixture(scope="module")
+def embedded_ray():
+    """One embedded Ray for a module's in-process multi-worker runs: every `ray_session`
+    in the module reuses it instead of starting its own (seconds each)."""
+    from orchestrator.cluster import ray_session
+    from orchestrator.launcher import worker_env
+
+    with ray_session(runtime_env={"env_vars": worker_env()}) as session:
+        yield session
 
 
 def ok(result):
@@ -43,23 +70,27 @@ def one_line_error(result, *fragments):
 
 @pytest.fixture(scope="session")
 def pipeline(tmp_path_factory):
-    """Run every stage once; tests below inspect what each produced."""
+    """Run every stage once through the `ldm` command line (in this process, sharing one
+    embedded Ray); tests below inspect what each produced."""
+    from orchestrator.cluster import ray_session
+    from orchestrator.launcher import worker_env
+
     work = tmp_path_factory.mktemp("e2e")
     uri = f"sqlite:///{work}/mlflow.db"
     (work / "exp.yaml").write_text(
         f"preset: tiny\nrun:\n  root: {work}/runs\ndata:\n  shards: {work}/shards\n"
         f"tracking:\n  uri: {uri}\n"
     )
+    exp = str(work / "exp.yaml")
     results = {
         "shards": ok(
-            run_ldm(
-                "shards", str(FIXTURE_IMAGES), str(work / "shards"), "--samples-per-shard", "16"
-            )
+            ldm("shards", str(FIXTURE_IMAGES), str(work / "shards"), "--samples-per-shard", "16")
         ),
-        "autoencoder": ok(run_ldm("autoencoder", str(work / "exp.yaml"))),
-        "precompute": ok(run_ldm("precompute", str(work / "exp.yaml"))),
-        "train": ok(run_ldm("train", str(work / "exp.yaml"))),
+        "autoencoder": ok(ldm("autoencoder", exp)),  # one worker: in this process, no Ray
     }
+    with ray_session(runtime_env={"env_vars": worker_env()}):
+        results["precompute"] = ok(ldm("precompute", exp))
+        results["train"] = ok(ldm("train", exp))  # 2 Ray Train workers, ZeRO-2
     return work, uri, results
 
 

@@ -11,9 +11,9 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from orchestrator.config import build_config
+from core.loader import build_config
+from models.unet import build_unet
 from training.engine import build_engine, load_engine, to_universal
-from training.models import build_unet
 
 
 def main(tag: Path, scratch: Path, port: int) -> dict:
@@ -26,7 +26,7 @@ def main(tag: Path, scratch: Path, port: int) -> dict:
     shutil.rmtree(universal, ignore_errors=True)
     to_universal(tag, universal)
     engine = build_engine(build_unet(config, 4), config, 1, load_universal=True)
-    load_engine(engine, universal.parent, universal.name)
+    load_engine(engine, universal)
     optimizer = engine.optimizer.optimizer
     (flat,) = optimizer.param_groups[0]["params"]
     n = sum(p.numel() for p in engine.module.parameters())

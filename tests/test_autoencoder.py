@@ -10,13 +10,16 @@ import pytest
 import torch
 import webdataset as wds
 
+from core.errors import LdmError
+from core.layout import RunLayout
+from core.loader import build_config
+from data_pipeline.image_set import load_images, random_crops
 from data_pipeline.images import to_model_range, to_uint8
-from orchestrator.config import build_config
-from orchestrator.errors import LdmError
+from models.autoencoder import build_autoencoder, load_autoencoder
+from models.metrics import bicubic_baseline, psnr
+from orchestrator.autoencoder import train_autoencoder
 from tests.conftest import FIXTURE_IMAGES
-from training import autoencoder as stage
-from training.autoencoder import bicubic_baseline, psnr, reconstruct, train_autoencoder
-from training.models import build_autoencoder, load_autoencoder
+from training.autoencoder_eval import publish, reconstruct
 
 NUM_IMAGES = 32
 NUM_HOLDOUT = 4
@@ -67,7 +70,7 @@ def trained(tmp_path_factory):
 
 def test_saves_a_loadable_scaled_autoencoder(trained) -> None:
     config, metrics = trained
-    folder = config.autoencoder_dir
+    folder = RunLayout.of(config).autoencoder_dir
     assert list(folder.glob("*.safetensors")), "weights must be saved as safetensors"
     vae = load_autoencoder(folder)
     scaling = vae.config.scaling_factor
@@ -84,12 +87,12 @@ def test_saves_a_loadable_scaled_autoencoder(trained) -> None:
         assert saved[key] == pytest.approx(metrics[key])
     assert saved["steps"] == NUM_STEPS
     # Nothing but the published folder and the checkpoints is left: no staging or old copies.
-    assert sorted(p.name for p in config.run_dir.iterdir()) == [
+    assert sorted(p.name for p in RunLayout.of(config).run_dir.iterdir()) == [
         "autoencoder",
         "autoencoder-checkpoints",
     ]
     # The last step always checkpoints; with checkpoint_every=250 it is the only tag.
-    tags = sorted((config.run_dir / "autoencoder-checkpoints").iterdir())
+    tags = sorted((RunLayout.of(config).run_dir / "autoencoder-checkpoints").iterdir())
     assert [t.name for t in tags] == [f"step_{NUM_STEPS:08d}"]
     assert (tags[0] / "COMMITTED.json").is_file()
 
@@ -111,7 +114,7 @@ def test_mlflow_run_has_the_metrics_and_loss_went_down(trained) -> None:
     from mlflow.tracking import MlflowClient
 
     config, metrics = trained
-    client = MlflowClient(tracking_uri=config.tracking_uri)
+    client = MlflowClient(tracking_uri=RunLayout.of(config).tracking_uri)
     experiment = client.get_experiment_by_name("ae-test")
     (run,) = client.search_runs([experiment.experiment_id])
     assert run.info.run_name == "tiny-autoencoder"
@@ -133,7 +136,7 @@ def test_mlflow_run_has_the_metrics_and_loss_went_down(trained) -> None:
     assert losses[-1] < losses[0], losses
     torch.manual_seed(config.run.seed)
     untrained = build_autoencoder(config).eval()
-    _, test, _ = stage.load_images(config)
+    _, test, _ = load_images(config)
     assert metrics["psnr"] > psnr(test, reconstruct(untrained, test)) + 1.0
     assert run.data.tags["ldm.world_size"] == "1" and run.data.tags["ldm.zero_stage"] == "0"
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
@@ -143,7 +146,7 @@ def test_mlflow_run_has_the_metrics_and_loss_went_down(trained) -> None:
 
 def test_retraining_replaces_the_folder_atomically(tmp_path: Path, monkeypatch) -> None:
     config = tiny_config(tmp_path, tmp_path / "unused")
-    target = config.autoencoder_dir
+    target = RunLayout.of(config).autoencoder_dir
     target.mkdir(parents=True)
     (target / "stale.txt").write_text("old model")
     vae = build_autoencoder(config)
@@ -153,12 +156,12 @@ def test_retraining_replaces_the_folder_atomically(tmp_path: Path, monkeypatch) 
 
     monkeypatch.setattr(type(vae), "save_pretrained", crash)
     with pytest.raises(RuntimeError, match="disk full"):
-        stage._publish(vae, {"psnr": 1.0}, target)
+        publish(vae, {"psnr": 1.0}, target)
     assert sorted(p.name for p in target.parent.iterdir()) == ["autoencoder"]
     assert (target / "stale.txt").read_text() == "old model"
 
     monkeypatch.undo()
-    stage._publish(vae, {"psnr": 1.0}, target)
+    publish(vae, {"psnr": 1.0}, target)
     assert not (target / "stale.txt").exists()
     assert json.loads((target / "metrics.json").read_text()) == {"psnr": 1.0}
     assert sorted(p.name for p in target.parent.iterdir()) == ["autoencoder"]
@@ -208,8 +211,8 @@ def test_psnr_and_bicubic_baseline() -> None:
 def test_random_crops_are_seeded_in_range_and_flipped() -> None:
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (5, 16, 16, 3), dtype=np.uint8)
-    first = stage.random_crops(images, 64, 8, torch.Generator().manual_seed(1))
-    again = stage.random_crops(images, 64, 8, torch.Generator().manual_seed(1))
+    first = random_crops(images, 64, 8, torch.Generator().manual_seed(1))
+    again = random_crops(images, 64, 8, torch.Generator().manual_seed(1))
     assert first.shape == (64, 3, 8, 8) and first.equal(again)
     assert -1 <= float(first.min()) and float(first.max()) <= 1
     crops = to_uint8(first)

@@ -12,19 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from orchestrator.config import build_config
-from orchestrator.errors import LdmError
+from core.errors import LdmError
+from core.loader import build_config
+from models.discriminator import NLayerDiscriminator, adaptive_weight, generator_loss, hinge_d_loss
+from models.metrics import frechet_distance, frechet_distance_few, psnr, ssim
+from models.perceptual import _VGG16, BACKBONE_FILE, LINEAR_FILE, LPIPS, missing_files
 from tests.test_autoencoder import tiny_config
-from training import autoencoder as stage
-from training import evaluation
-from training.autoencoder import frechet_distance, psnr, ssim
-from training.discriminator import (
-    NLayerDiscriminator,
-    adaptive_weight,
-    generator_loss,
-    hinge_d_loss,
-)
-from training.perceptual import _VGG16, BACKBONE_FILE, LINEAR_FILE, LPIPS, missing_files
+from training import autoencoder_losses as stage
 
 
 @pytest.mark.parametrize(("side", "layers", "logits"), [(32, 3, 2), (64, 3, 6), (16, 2, 2)])
@@ -123,8 +117,8 @@ def test_ssim_known_values() -> None:
 def test_few_sample_frechet_distance_equals_the_full_one() -> None:
     rng = np.random.default_rng(0)
     a, b = rng.normal(size=(12, 40)), rng.normal(0.5, 2.0, size=(9, 40))
-    assert frechet_distance(a, b) == pytest.approx(evaluation.frechet_distance(a, b), rel=1e-6)
-    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+    assert frechet_distance_few(a, b) == pytest.approx(frechet_distance(a, b), rel=1e-6)
+    assert frechet_distance_few(a, a) == pytest.approx(0.0, abs=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -181,9 +175,9 @@ def test_deepspeed_engines_step_as_plain_torch(process_group, tmp_path, zero_sta
     adaptive weight's autograd.grad inside its forward, then the discriminator's) updates
     the weights exactly as plain torch optimizers do: nothing added, such as the gradient
     clipping DeepSpeed applies unless told otherwise."""
-    from training.discriminator import NLayerDiscriminator
+    from models.autoencoder import build_autoencoder
+    from models.discriminator import NLayerDiscriminator
     from training.engine import autoencoder_deepspeed_config, build_module_engine
-    from training.models import build_autoencoder
 
     config = build_config(
         tiny_config(tmp_path, tmp_path / "unused", train_crop=16).to_dict(),
@@ -202,16 +196,16 @@ def test_deepspeed_engines_step_as_plain_torch(process_group, tmp_path, zero_sta
     parts = {}
     for name, (v, d) in models.items():
         optimizer = torch.optim.AdamW(v.parameters(), lr=ae.learning_rate, fused=True)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, stage._lr_factor(ae.num_steps))
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, stage.lr_factor(ae.num_steps))
         d_optimizer = torch.optim.Adam(d.parameters(), lr=ae.learning_rate, betas=(0.5, 0.9))
-        critics = stage._Critics(lpips=None, disc=d)
-        loss, d_loss = stage._AutoencoderLoss(config, v, critics), stage._DiscriminatorLoss(d)
+        critics = stage.Critics(lpips=None, disc=d)
+        loss, d_loss = stage.AutoencoderLoss(config, v, critics), stage.DiscriminatorLoss(d)
         parts[name] = (loss, d_loss, optimizer, schedule, d_optimizer, critics)
     loss, d_loss, optimizer, schedule, d_optimizer, critics = parts["deepspeed"]
     ds = autoencoder_deepspeed_config(config, 1, 10_000)
     engine = build_module_engine(loss, optimizer, ds, schedule)
     d_engine = build_module_engine(d_loss, d_optimizer, ds)
-    deepspeed_step = stage._Step(config, engine, d_engine, critics)
+    deepspeed_step = stage.AdversarialStep(config, engine, d_engine, critics)
 
     loss, d_loss, optimizer, schedule, d_optimizer, _ = parts["plain"]
     g = torch.Generator().manual_seed(0)

@@ -14,10 +14,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from orchestrator.config import build_config
-from orchestrator.errors import LdmError
+from core.errors import LdmError
+from core.layout import RunLayout
+from core.loader import build_config
+from orchestrator.autoencoder import read_resume_state, train_autoencoder
+from orchestrator.launcher import worker_env
 from tests.test_autoencoder import tiny_config, write_shard
-from training.autoencoder import _read_resume_state, runtime_env, train_autoencoder
 
 STEPS = 6
 
@@ -26,7 +28,7 @@ STEPS = 6
 def ray():
     from orchestrator.cluster import ray_session
 
-    with ray_session(runtime_env=runtime_env()):
+    with ray_session(runtime_env={"env_vars": worker_env()}):
         yield
 
 
@@ -72,9 +74,9 @@ def test_resumed_run_equals_an_uninterrupted_one(tmp_path: Path, monkeypatch, ca
     out = capsys.readouterr().out
     assert out.count("perceptual loss OFF") == 1, out
     assert "autoencoder.lpips_path is not set" in out
-    root = config.run_dir / "autoencoder-checkpoints"
+    root = RunLayout.of(config).run_dir / "autoencoder-checkpoints"
     assert sorted(p.name for p in root.iterdir()) == ["step_00000003", "step_00000006"]
-    uninterrupted = _weights(config.autoencoder_dir)
+    uninterrupted = _weights(RunLayout.of(config).autoencoder_dir)
     final_disc = _engine_module(root / "step_00000006", "discriminator")
 
     # Resume from step 3, as a run killed between steps 3 and 6 would: here the step-6 tag
@@ -83,19 +85,19 @@ def test_resumed_run_equals_an_uninterrupted_one(tmp_path: Path, monkeypatch, ca
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0xFF
     weights.write_bytes(bytes(data))
-    shutil.rmtree(config.autoencoder_dir)
+    shutil.rmtree(RunLayout.of(config).autoencoder_dir)
     second = train_autoencoder(config, progress=False)
     out = capsys.readouterr().out
     assert "not resuming from a damaged checkpoint" in out and "step_00000006" in out
     assert "resuming from" in out and "step_00000003" in out
     assert second["resumed_at_step"] == 3
-    _assert_equal(_weights(config.autoencoder_dir), uninterrupted)
+    _assert_equal(_weights(RunLayout.of(config).autoencoder_dir), uninterrupted)
     # The discriminator too, bit for bit.
     _assert_equal(_engine_module(root / "step_00000006", "discriminator"), final_disc)
     assert second["psnr"] == pytest.approx(first["psnr"])
 
     # One MLflow run across both jobs, with the adversarial metrics from the start step on.
-    client = MlflowClient(tracking_uri=config.tracking_uri)
+    client = MlflowClient(tracking_uri=RunLayout.of(config).tracking_uri)
     (run,) = client.search_runs([client.get_experiment_by_name("ae-test").experiment_id])
     assert run.info.status == "FINISHED"
     assert run.data.metrics["perceptual_loss_enabled"] == 0
@@ -117,8 +119,8 @@ def test_resumed_run_equals_an_uninterrupted_one(tmp_path: Path, monkeypatch, ca
         train_autoencoder(more, progress=False)
     # Logging and checkpoint cadence may change between jobs.
     relaxed = full_recipe(tmp_path, tmp_path / "shards", "autoencoder.checkpoint_every=2")
-    tag, state = _read_resume_state(relaxed)
-    assert tag.name == "step_00000006" and state["step"] == STEPS
+    tag, state = read_resume_state(relaxed, RunLayout.of(relaxed))
+    assert Path(tag).name == "step_00000006" and state.step == STEPS
 
 
 def test_two_deepspeed_ranks_train_and_resume(tmp_path: Path, monkeypatch) -> None:
@@ -133,20 +135,23 @@ def test_two_deepspeed_ranks_train_and_resume(tmp_path: Path, monkeypatch) -> No
     )
     first = train_autoencoder(config, progress=False)
     assert first["world_size"] == 2
-    root = config.run_dir / "autoencoder-checkpoints"
+    root = RunLayout.of(config).run_dir / "autoencoder-checkpoints"
     tag = root / "step_00000006"
-    state = json.loads((tag / "state.json").read_text())
+    state = json.loads((tag / "train_state.json").read_text())
     assert state["world_size"] == 2
     # Each rank drew its own crops: two different generator states.
     rngs = state["rng"]
-    assert sorted(rngs) == ["0", "1"] and rngs["0"]["crops"] != rngs["1"]["crops"]
+    assert (
+        sorted(rngs) == ["0", "1"]
+        and rngs["0"]["generators"]["crops"] != rngs["1"]["generators"]["crops"]
+    )
     for engine in ("autoencoder", "discriminator"):  # ZeRO-2: each rank holds its shard
         shards = sorted(p.name for p in (tag / engine).glob("zero_pp_rank_*"))
         assert [s[:14] for s in shards] == ["zero_pp_rank_0", "zero_pp_rank_1"], shards
-    uninterrupted = _weights(config.autoencoder_dir)
+    uninterrupted = _weights(RunLayout.of(config).autoencoder_dir)
     final_disc = _engine_module(tag, "discriminator")
 
-    client = MlflowClient(tracking_uri=config.tracking_uri)
+    client = MlflowClient(tracking_uri=RunLayout.of(config).tracking_uri)
     (run,) = client.search_runs([client.get_experiment_by_name("ae-test").experiment_id])
     assert run.data.tags["ldm.world_size"] == "2" and run.data.tags["ldm.zero_stage"] == "2"
     assert len(client.get_metric_history(run.info.run_id, "loss")) == STEPS
@@ -159,8 +164,8 @@ def test_two_deepspeed_ranks_train_and_resume(tmp_path: Path, monkeypatch) -> No
 
     # Killed after step 3: both ranks continue from their own saved state.
     shutil.rmtree(tag)
-    shutil.rmtree(config.autoencoder_dir)
+    shutil.rmtree(RunLayout.of(config).autoencoder_dir)
     second = train_autoencoder(config, progress=False)
     assert second["resumed_at_step"] == 3 and second["world_size"] == 2
-    _assert_equal(_weights(config.autoencoder_dir), uninterrupted)
+    _assert_equal(_weights(RunLayout.of(config).autoencoder_dir), uninterrupted)
     _assert_equal(_engine_module(tag, "discriminator"), final_disc)

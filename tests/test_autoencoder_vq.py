@@ -13,14 +13,17 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
+from core.errors import LdmError
+from core.layout import RunLayout
+from core.loader import build_config
 from data_pipeline.cache import npy_bytes, npy_load
 from data_pipeline.images import to_model_range
-from orchestrator.config import build_config
-from orchestrator.errors import LdmError
+from models.autoencoder import build_autoencoder, fold_vq_shift, load_autoencoder
+from models.unet import build_unet
+from orchestrator.autoencoder import train_autoencoder
 from tests.test_autoencoder import tiny_config, write_shard
 from training import checkpoint as ckpt
-from training.autoencoder import fold_vq_shift, reconstruct, train_autoencoder
-from training.models import build_autoencoder, build_unet, load_autoencoder
+from training.autoencoder_eval import reconstruct
 
 CODEBOOK = 64
 
@@ -50,7 +53,7 @@ def vq_run(tmp_path_factory):
 
 def test_vq_autoencoder_is_published_as_a_plain_vqmodel(vq_run) -> None:
     config, metrics = vq_run
-    saved = json.loads((config.autoencoder_dir / "config.json").read_text())
+    saved = json.loads((RunLayout.of(config).autoencoder_dir / "config.json").read_text())
     assert saved["_class_name"] == "VQModel" and saved["num_vq_embeddings"] == CODEBOOK
     # The latent shift went into the weights: nothing diffusers' VQModel would not know.
     assert "shift_factor" not in saved and saved["scaling_factor"] == pytest.approx(
@@ -60,7 +63,7 @@ def test_vq_autoencoder_is_published_as_a_plain_vqmodel(vq_run) -> None:
     assert 0 < metrics["codebook_usage"] <= 1
     assert 0 < metrics["psnr"] < 100 and 0 < metrics["ssim"] < 1
 
-    vae = load_autoencoder(config.autoencoder_dir)
+    vae = load_autoencoder(RunLayout.of(config).autoencoder_dir)
     assert type(vae).__name__ == "VQModel"
     images = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
     assert reconstruct(vae, images).shape == images.shape
@@ -87,16 +90,18 @@ def test_fold_vq_shift_keeps_the_round_trip(tmp_path: Path) -> None:
 
 
 def test_precompute_stores_pre_quantisation_latents_only(vq_run) -> None:
-    from data_pipeline.precompute import _Encoder, cache_spec
+    from data_pipeline.precompute import Encoder, cache_spec
 
     config, _ = vq_run
     assert config.precompute.latents == "moments"  # the default, which VQ cannot honour
-    spec = cache_spec(config)
+    spec = cache_spec(config, RunLayout.of(config).autoencoder_dir)
     assert spec["autoencoder_class"] == "VQModel" and spec["latents"] == "mean"
     assert spec["shift_factor"] == 0.0
 
     # The real encoder stage on one shard batch (token ids: no text encoder to load).
-    encoder = _Encoder(str(config.autoencoder_dir), "minilm", {**spec, "text": "token_ids"}, 1)
+    encoder = Encoder(
+        str(RunLayout.of(config).autoencoder_dir), "minilm", {**spec, "text": "token_ids"}, 1
+    )
     pixels = np.random.default_rng(1).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
     row = {
         "shard": "00000.tar",
@@ -119,14 +124,14 @@ def test_precompute_stores_pre_quantisation_latents_only(vq_run) -> None:
 
 
 def test_vq_checkpoint_samples_and_export_refuses(vq_run, tmp_path: Path) -> None:
-    from training.export import export_pipeline
-    from training.generate import sample_from_checkpoint
-    from training.loop import EMA_FILE, UNET_CONFIG
+    from orchestrator.export import export_pipeline
+    from orchestrator.sample import sample_from_checkpoint
+    from training.checkpoint import CONFIG_FILE, EMA_FILE
 
     config, _ = vq_run
     # A committed training tag as the UNet stage writes one, with a small random UNet.
     raw = config.to_dict()
-    raw["autoencoder"]["pretrained"] = str(config.autoencoder_dir)
+    raw["autoencoder"]["pretrained"] = str(RunLayout.of(config).autoencoder_dir)
     raw["unet"] = {"block_out_channels": [32, 64], "cross_attention_levels": 1}
     raw["unet"]["num_attention_heads"] = 2
     run_config = build_config(raw)
@@ -134,7 +139,7 @@ def test_vq_checkpoint_samples_and_export_refuses(vq_run, tmp_path: Path) -> Non
     tag.mkdir(parents=True)
     torch.manual_seed(0)
     unet = build_unet(run_config, latent_channels=4)
-    unet.to_json_file(str(tag / UNET_CONFIG))
+    unet.to_json_file(str(tag / CONFIG_FILE.format("unet")))
     ema = {k: v.contiguous() for k, v in unet.state_dict().items()}
     save_file(ema, tag / EMA_FILE.format("unet"))
     (tag / "config.yaml").write_text(yaml.safe_dump(run_config.to_dict()))

@@ -7,9 +7,9 @@ import pytest
 import torch
 import webdataset as wds
 
+from core.errors import LdmError
 from data_pipeline.cache import FORMAT, npy_bytes, write_manifest
 from data_pipeline.stream import DataCursor, LatentCacheStream
-from orchestrator.errors import LdmError
 
 
 def make_cache(path, num_shards=4, per_shard=10, dim=8):
@@ -141,7 +141,7 @@ def test_batches_are_padded_with_a_mask(tmp_path):
 
 def test_caption_dropout_rate_matches_the_config(tmp_path):
     """Dropout happens at train time, per caption, at the configured rate."""
-    from training.loop import drop_captions
+    from training.objective import drop_captions
 
     cache = make_cache(tmp_path / "cache")
     batch = next(iter(LatentCacheStream(cache, 0, 1, 20, 0, seed=0)))
@@ -161,7 +161,7 @@ def test_caption_dropout_rate_matches_the_config(tmp_path):
 
 def test_train_time_latents_draw_from_the_posterior_and_pick_a_view():
     from data_pipeline.cache import collate
-    from training.loop import draw_latents
+    from training.objective import draw_latents
 
     mean, flipped = np.zeros((2, 2, 2)), np.ones((2, 2, 2))
     logvar = np.full((2, 2, 2), 2 * np.log(0.5))  # std 0.5

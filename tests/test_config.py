@@ -3,9 +3,10 @@
 import pytest
 import yaml
 
-from orchestrator.config import ExperimentConfig, build_config, load_config
-from orchestrator.errors import LdmError
-from training.presets import PRESETS, get_preset
+from core.config import ExperimentConfig
+from core.errors import LdmError
+from core.loader import build_config, load_config
+from core.presets import PRESETS, get_preset
 
 
 def test_yaml_with_preset_and_overrides(tmp_path):
@@ -91,7 +92,7 @@ def test_deepspeed_json_is_derived():
 
 
 def test_checkpoints_written_with_retired_keys_still_load(tmp_path):
-    from orchestrator.config import load_saved_config
+    from core.loader import load_saved_config
 
     old = build_config({"preset": "tiny"}, absolute_paths=False).to_dict()
     old["precompute"]["text"] = "token_ids"  # before text_encoder.trainable replaced it

@@ -1,8 +1,9 @@
 """Every stage through the real `ldm` command on the fixture images, at tiny sizes.
 
-shards -> autoencoder -> precompute (Ray Data) -> train (Ray Train, 2 workers, DeepSpeed
-ZeRO-2, MLflow in SQLite) -> sample, then the bad inputs a user is most likely to hit
-(resuming into the same MLflow run is tested in test_resume).
+shards -> autoencoder (one DeepSpeed rank in process) -> precompute (Ray Data) -> train (Ray
+Train, 2 workers, DeepSpeed ZeRO-2, MLflow in SQLite) -> sample, then the bad inputs a user
+is most likely to hit (resuming into the same MLflow run is tested in test_resume). The
+command line runs in the test process (`ldm`); one check runs it as its own process.
 """
 
 import json
@@ -11,7 +12,7 @@ import shutil
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import FIXTURE_IMAGES, ok, one_line_error, run_ldm
+from tests.conftest import FIXTURE_IMAGES, ldm, ok, one_line_error, run_ldm
 
 pytestmark = pytest.mark.slow
 
@@ -70,7 +71,7 @@ def test_sample_writes_pngs(pipeline, tmp_path):
     work, _, _ = pipeline
     tag = work / "runs" / "tiny" / "checkpoints" / "step_00000006"
     result = ok(
-        run_ldm(
+        ldm(
             "sample",
             str(tag),
             "--prompt",
@@ -101,7 +102,7 @@ def test_cache_from_another_autoencoder_is_refused(pipeline, tmp_path):
     first = sorted(tensors)[0]
     tensors[first] = tensors[first] + 1
     save_file(tensors, weights)
-    result = run_ldm(
+    result = ldm(
         "train",
         str(work / "exp.yaml"),
         f"autoencoder.pretrained={other}",
@@ -114,7 +115,7 @@ def test_too_little_data_is_refused_before_launch(pipeline):
     # 64 samples cannot give 2 ranks x 3 loader workers one micro-batch of 16 each per epoch.
     # (Fewer shards than streams is fine: the stream deals samples, not shards.)
     work, _, _ = pipeline
-    result = run_ldm(
+    result = ldm(
         "train",
         str(work / "exp.yaml"),
         "train.num_loader_workers=3",
@@ -127,34 +128,35 @@ def test_too_little_data_is_refused_before_launch(pipeline):
 def test_unreachable_cluster(pipeline):
     work, _, _ = pipeline
     one_line_error(
-        run_ldm("train", str(work / "exp.yaml"), "--address", "127.0.0.1:9"), "127.0.0.1:9"
+        ldm("train", str(work / "exp.yaml"), "--address", "127.0.0.1:9"), "127.0.0.1:9"
     )
-    one_line_error(run_ldm("jobs", "list", "--address", "http://127.0.0.1:9"), "127.0.0.1:9")
+    one_line_error(ldm("jobs", "list", "--address", "http://127.0.0.1:9"), "127.0.0.1:9")
 
 
 def test_bad_inputs_get_one_line(tmp_path):
-    one_line_error(run_ldm("shards", str(tmp_path / "missing"), str(tmp_path / "out")), "missing")
+    one_line_error(ldm("shards", str(tmp_path / "missing"), str(tmp_path / "out")), "missing")
     (tmp_path / "empty").mkdir()
-    one_line_error(run_ldm("shards", str(tmp_path / "empty"), str(tmp_path / "out")), "empty")
+    one_line_error(ldm("shards", str(tmp_path / "empty"), str(tmp_path / "out")), "empty")
     nocap = tmp_path / "nocap"
     nocap.mkdir()
     shutil.copy(next(FIXTURE_IMAGES.glob("*.png")), nocap / "a.png")
-    one_line_error(run_ldm("shards", str(nocap), str(tmp_path / "out")), "caption")
+    one_line_error(ldm("shards", str(nocap), str(tmp_path / "out")), "caption")
     cfg = tmp_path / "exp.yaml"
     cfg.write_text("preset: tiny\ntrain:\n  num_stepz: 3\n")
+    # As its own process too: the exit status and the one line a shell sees.
     one_line_error(run_ldm("train", str(cfg)), "train.num_stepz", "unknown key")
     cfg.write_text("preset: tiny\n")
     one_line_error(
-        run_ldm("train", str(cfg), "train.micro_batch_size=big"), "train.micro_batch_size"
+        ldm("train", str(cfg), "train.micro_batch_size=big"), "train.micro_batch_size"
     )
 
 
 def test_cache_info_and_verify(pipeline, tmp_path):
     work, _, _ = pipeline
     (cache,) = (work / "runs" / "cache").iterdir()
-    info = ok(run_ldm("cache", "info", str(cache))).stdout
+    info = ok(ldm("cache", "info", str(cache))).stdout
     assert "64 in 4 shards" in info and "KiB per sample" in info
-    verified = ok(run_ldm("cache", "verify", str(cache), "--num-decode", "4")).stdout
+    verified = ok(ldm("cache", "verify", str(cache), "--num-decode", "4")).stdout
     assert "cache OK: 4 shards, 64 samples" in verified and "decoded 4 samples: PSNR" in verified
     psnr = float(verified.split("PSNR ")[1].split(" dB")[0])
     assert 5 < psnr < 60  # a real decode of a barely trained autoencoder, not a copy or noise
@@ -165,12 +167,12 @@ def test_cache_info_and_verify(pipeline, tmp_path):
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF
     shard.write_bytes(bytes(data))
-    one_line_error(run_ldm("cache", "verify", str(broken)), shard.name, "sha256", "ldm precompute")
+    one_line_error(ldm("cache", "verify", str(broken)), shard.name, "sha256", "ldm precompute")
     other = tmp_path / "other-ae"
     shutil.copytree(work / "runs" / "tiny" / "autoencoder", other)
     weights = next(other.glob("*.safetensors"))
     weights.write_bytes(weights.read_bytes()[:-1] + b"\x01")  # one byte of one weight differs
     one_line_error(
-        run_ldm("cache", "verify", str(cache), "--autoencoder", str(other)),
+        ldm("cache", "verify", str(cache), "--autoencoder", str(other)),
         "not the one this cache was built with",
     )

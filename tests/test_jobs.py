@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 
+import core
 import orchestrator
+from core.errors import LdmError
 from orchestrator import jobs
 from orchestrator.cluster import ray_session
-from orchestrator.errors import LdmError
 from tests.ray_cluster import free_ports, local_ray_cluster
 
 HELLO = "python -c \"print('hello from job')\""
@@ -61,8 +62,11 @@ def authed(cluster, no_auth_env, monkeypatch):
 def _fake_project(root: Path) -> Path:
     """A project whose `orchestrator.cli` reports what the job sees instead of training."""
     (root / "orchestrator").mkdir(parents=True)
-    for name in ("__init__.py", "errors.py", "cluster.py"):
+    for name in ("__init__.py", "cluster.py"):
         shutil.copy(Path(orchestrator.__file__).parent / name, root / "orchestrator" / name)
+    (root / "core").mkdir()
+    for name in ("__init__.py", "errors.py"):
+        shutil.copy(Path(core.__file__).parent / name, root / "core" / name)
     (root / "orchestrator" / "cli.py").write_text(
         textwrap.dedent(
             """\
@@ -86,10 +90,9 @@ def _fake_project(root: Path) -> Path:
     )
     (root / "orchestrator" / "__pycache__").mkdir()
     (root / "orchestrator" / "__pycache__" / "cli.cpython-311.pyc").write_bytes(b"x")
-    (root / "training").mkdir()
-    (root / "training" / "__init__.py").write_text("")
-    (root / "data_pipeline").mkdir()
-    (root / "data_pipeline" / "__init__.py").write_text("")
+    for package in ("models", "data_pipeline", "training"):
+        (root / package).mkdir()
+        (root / package / "__init__.py").write_text("")
     (root / "configs").mkdir()
     (root / "configs" / "demo.yaml").write_text("preset: tiny\n")
     for junk in (".venv", "runs", "data", ".git", ".cache"):
@@ -106,8 +109,10 @@ def test_staging_dir_holds_code_and_config(tmp_path):
     staged = jobs.build_staging_dir(root, "run:\n  name: x\n", tmp_path / "staged")
     assert sorted(p.name for p in staged.iterdir()) == [
         "configs",
+        "core",
         "data_pipeline",
         "job_config.yaml",
+        "models",
         "orchestrator",
         "training",
     ]

@@ -86,8 +86,8 @@ def test_joint_text_encoder_trains_shards_resumes_samples_and_exports(pipeline, 
     assert all(trained / 2 <= n < trained / 2 + 1024 for n in partitions), (partitions, trained)
 
     # Sampling and export use the trained encoder from the checkpoint.
-    from training.export import export_pipeline
-    from training.generate import sample_from_checkpoint
+    from orchestrator.export import export_pipeline
+    from orchestrator.sample import sample_from_checkpoint
 
     (png,) = sample_from_checkpoint(full, ["a red heart"], tmp_path, num_images=1, num_steps=2)
     assert png.stat().st_size > 0

@@ -19,8 +19,8 @@ import jsonschema
 import pytest
 import yaml
 
+from core.loader import load_config
 from orchestrator import k8s
-from orchestrator.config import load_config
 from tests.conftest import ROOT, ok, run_ldm
 
 K8S = ROOT / "k8s"

@@ -11,8 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from core.presets import tiny
 from data_pipeline.cache import CacheBatch
-from training.presets import tiny
 
 SWITCHES = {
     "default": [],
@@ -36,7 +36,7 @@ SWITCHES = {
 
 
 def _config(overrides: list[str]):
-    from orchestrator.config import build_config
+    from core.loader import build_config
 
     base = tiny().to_dict()
     base["train"].update(zero_stage=2, micro_batch_size=4, global_batch_size=4, num_workers=1)
@@ -56,9 +56,10 @@ def _batch() -> CacheBatch:
 def _losses(overrides: list[str], num_steps: int) -> tuple[list[float], torch.nn.Module, dict]:
     """Losses of `num_steps` engine steps on one batch with the same noise each step, the
     UNet, and what its first convolution gave (layout, dtype)."""
+    from models.schedulers import build_noise_scheduler
+    from models.unet import build_unet
     from training.engine import build_engine
-    from training.loop import diffusion_loss
-    from training.models import build_noise_scheduler, build_unet
+    from training.objective import diffusion_loss
 
     config = _config(overrides)
     torch.manual_seed(0)

@@ -3,9 +3,9 @@ throughput model checked against published figures no one here produced (MosaicM
 
 import pytest
 
-from orchestrator.config import build_config
+from core.loader import build_config
+from orchestrator import plan
 from tests.conftest import ok, run_ldm
-from training import plan
 
 
 def test_zero_memory_follows_the_paper():

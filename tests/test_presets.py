@@ -3,8 +3,10 @@
 import pytest
 import torch
 
-from training.models import build_autoencoder, build_text_encoder_meta, build_unet
-from training.presets import PRESETS, get_preset
+from core.presets import PRESETS, get_preset
+from models.autoencoder import build_autoencoder
+from models.text_encoders import build_text_encoder_meta
+from models.unet import build_unet
 
 # Published parameter counts: the diffusers/transformers checkpoints of each model.
 PUBLISHED = {

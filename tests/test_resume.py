@@ -1,7 +1,9 @@
 """Checkpoints that can be trusted: exact resume, crash during save, preemption, recovery.
 
-Every run here is a real `ldm train` (Ray Train, 2 DeepSpeed ZeRO-2 ranks unless stated) on
-the latent cache the session's `pipeline` fixture built.
+Every run here is a real `ldm train` on the latent cache the session's `pipeline` fixture
+built: one rank in the command's own process, or 2 DeepSpeed ZeRO-2 ranks as Ray Train
+workers of the module's one embedded Ray. Preemption and a killed worker run `ldm train` as a
+process of its own, as a scheduler sees it.
 """
 
 import json
@@ -17,7 +19,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
-from tests.conftest import ROOT, ok, run_ldm
+from tests.conftest import ROOT, ldm, ok, one_line_error
 from tests.mlflow_server import MlflowServer
 
 pytestmark = pytest.mark.slow
@@ -63,32 +65,39 @@ def _same_weights(a, b) -> float:
     return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
-def test_resume_equals_uninterrupted_and_survives_a_crash_during_save(pipeline):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_resume_equals_uninterrupted_and_survives_a_crash_during_save(
+    pipeline, embedded_ray, workers
+):
+    """One rank in process, and two Ray Train workers: the same guarantees."""
     work, uri, _ = pipeline
-    exp = _experiment(work)
-    ok(run_ldm("train", *exp, "run.name=full", "train.num_steps=6", *QUIET))
-    ok(run_ldm("train", *exp, "run.name=split", "train.num_steps=3", *QUIET))
+    exp = [*_experiment(work), f"train.num_workers={workers}"]
+    full, split = f"full{workers}", f"split{workers}"
+    ok(ldm("train", *exp, f"run.name={full}", "train.num_steps=6", *QUIET))
+    ok(ldm("train", *exp, f"run.name={split}", "train.num_steps=3", *QUIET))
 
     # Then a crash while saving step 6, as a killed run leaves it: the marker never landed
     # and a file is half-written. Resume must ignore that tag, redo steps 4-6 from step 3,
     # and replace it.
-    broken = work / "runs" / "split" / "checkpoints" / "step_00000006"
+    broken = work / "runs" / split / "checkpoints" / "step_00000006"
     broken.mkdir()
     (broken / "unet.safetensors").write_bytes(b"half-written")
-    resumed = ok(run_ldm("train", *exp, "run.name=split", "train.num_steps=6", *QUIET))
+    resumed = ok(ldm("train", *exp, f"run.name={split}", "train.num_steps=6", *QUIET))
     assert "resuming from" in resumed.stdout and "step_00000003 (step 3)" in resumed.stdout
-    assert _tags(work, "split") == ["step_00000003", "step_00000006"]
+    assert _tags(work, split) == ["step_00000003", "step_00000006"]
 
     # Same losses at every step and bitwise-equal weights: nothing repeated, nothing skipped.
-    full = _losses(uri, "full")
-    assert [s for s, _ in full] == [1, 2, 3, 4, 5, 6]
-    assert _losses(uri, "split") == full
+    losses = _losses(uri, full)
+    assert [s for s, _ in losses] == [1, 2, 3, 4, 5, 6]
+    assert _losses(uri, split) == losses
     assert (
         _same_weights(
-            _weights(work, "full", "step_00000006"), _weights(work, "split", "step_00000006")
+            _weights(work, full, "step_00000006"), _weights(work, split, "step_00000006")
         )
         == 0.0
     )
+    # Ray Train's own folder holds only pointers to our tags: nothing is left of it.
+    assert not list((work / "runs" / split).glob("ray_*"))
 
 
 class _Job:
@@ -124,7 +133,9 @@ class _Job:
         return code, "".join(self.lines)
 
 
-def test_sigterm_saves_then_resumes_on_more_workers(pipeline):
+def test_sigterm_saves_then_resumes_on_more_workers(pipeline, embedded_ray):
+    """SIGTERM to a one-worker `ldm train` (its rank runs in the command's process): it
+    saves a committed checkpoint and exits 143; the next start, on two workers, continues."""
     work, uri, _ = pipeline
     exp = _experiment(work)
     job = _Job(
@@ -135,31 +146,24 @@ def test_sigterm_saves_then_resumes_on_more_workers(pipeline):
         "train.checkpoint_every=100000",
         *QUIET,
     )
-    job.wait_for(lambda: any(" step 3: loss" in line for line in job.lines))
+    job.wait_for(lambda: any("step 3: loss" in line for line in job.lines))
     job.proc.send_signal(signal.SIGTERM)
     code, out = job.finish(timeout=120)
     assert code == 143, out[-3000:]
     assert "stopped by SIGTERM: the checkpoint was saved" in out
+    assert "worker rank" not in out  # one worker ran in the command's process, not on Ray
     (tag,) = _tags(work, "preempt")
     step = int(tag.split("_")[1])
     assert step >= 3
     assert not (work / "runs" / "preempt" / "STOP_REQUESTED").exists()
 
     # Elastic 1 -> 2: the next start, on twice the workers, continues the same MLflow run.
-    resumed = ok(run_ldm("train", *exp, "run.name=preempt", f"train.num_steps={step + 2}", *QUIET))
+    resumed = ok(ldm("train", *exp, "run.name=preempt", f"train.num_steps={step + 2}", *QUIET))
     assert f"{tag} (step {step})" in resumed.stdout
     steps = [s for s, _ in _losses(uri, "preempt")]
     assert steps == list(range(1, step + 3))
-    assert (
-        len(
-            list(
-                (work / "runs" / "preempt" / "checkpoints" / f"step_{step + 2:08d}").glob(
-                    "zero_pp_rank_*_optim_states.pt"
-                )
-            )
-        )
-        == 2
-    )
+    final = work / "runs" / "preempt" / "checkpoints" / f"step_{step + 2:08d}"
+    assert len(list(final.glob("zero_pp_rank_*_optim_states.pt"))) == 2
 
 
 def test_killed_worker_and_mlflow_outage_recover_into_one_run(pipeline, tmp_path):
@@ -175,7 +179,7 @@ def test_killed_worker_and_mlflow_outage_recover_into_one_run(pipeline, tmp_path
             *exp,
             "run.name=recover",
             "train.max_failures=1",
-            "train.num_steps=30",
+            "train.num_steps=20",
             "train.checkpoint_every=5",
             "train.log_every=1",
             "train.sample_every=10",
@@ -195,15 +199,15 @@ def test_killed_worker_and_mlflow_outage_recover_into_one_run(pipeline, tmp_path
         assert "is unreachable" in out, out[-3000:]
         # Delivered by the same tracker once the server returned, or by the restarted one.
         assert "MLflow is back" in out or "left by an earlier run" in out, out[-3000:]
-        assert "step_00000030" in _tags(work, "recover")
+        assert "step_00000020" in _tags(work, "recover")
 
         client, run = _train_run(server.uri, "recover")
         run_id = run.info.run_id
         steps = sorted({s for s, _ in _losses(server.uri, "recover")})
-        assert steps == list(range(1, 31))
+        assert steps == list(range(1, 21))
         grids = [a.path for a in client.list_artifacts(run_id, "images")]
         grid_steps = {int(g.split("+step+")[1].split("+")[0]) for g in grids if g.endswith(".png")}
-        assert {10, 20, 30} <= grid_steps, grids
+        assert {10, 20} <= grid_steps, grids
         (dataset,) = run.inputs.dataset_inputs
         tags = run.data.tags
         manifest = json.loads((Path(tags["ldm.cache_dir"]) / "manifest.json").read_text())
@@ -230,26 +234,6 @@ def test_killed_worker_and_mlflow_outage_recover_into_one_run(pipeline, tmp_path
 
 def test_resume_never_refuses_a_folder_with_checkpoints(pipeline):
     work, _, _ = pipeline
-    from tests.conftest import one_line_error
-
     one_line_error(
-        run_ldm("train", str(work / "exp.yaml"), "train.resume=never"), "resume=never", "run.name"
+        ldm("train", str(work / "exp.yaml"), "train.resume=never"), "resume=never", "run.name"
     )
-
-
-def test_elastic_load_carries_the_optimizer_state_exactly(pipeline, tmp_path):
-    work, _, _ = pipeline
-    tag = work / "runs" / "tiny" / "checkpoints" / "step_00000003"  # written by 2 ZeRO-2 ranks
-    result = subprocess.run(
-        [sys.executable, "-m", "tests.elastic_check", str(tag), str(tmp_path), "29561"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    lines = [line for line in result.stdout.splitlines() if line.startswith("ELASTIC ")]
-    assert lines, result.stdout[-2000:] + result.stderr[-3000:]
-    diffs = json.loads(lines[0].removeprefix("ELASTIC "))
-    assert diffs["saved_ranks"] == 2 and diffs["adam_step"] == 3 and diffs["lr_scheduler_step"] == 3
-    assert diffs["exp_avg_norm"] > 0 and diffs["exp_avg_sq_norm"] > 0
-    assert diffs["exp_avg"] == diffs["exp_avg_sq"] == diffs["fp32_master"] == 0.0

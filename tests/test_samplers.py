@@ -8,15 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from orchestrator.config import build_config
-from orchestrator.errors import LdmError
-from training.models import (
-    build_autoencoder,
-    build_noise_scheduler,
-    build_sampling_scheduler,
-    build_unet,
-)
-from training.presets import tiny
+from core.errors import LdmError
+from core.loader import build_config
+from core.presets import tiny
+from models.autoencoder import build_autoencoder
+from models.schedulers import build_noise_scheduler, build_sampling_scheduler
+from models.unet import build_unet
 
 PROMPTS = ["an emoji of red heart", "an emoji of blue heart"]
 
@@ -39,7 +36,7 @@ def parts(tmp_path_factory):
     torch.manual_seed(0)
     build_autoencoder(_config()).save_pretrained(tmp / "autoencoder")
     unet = build_unet(config, latent_channels=4).eval()
-    return tmp, unet, Sampler(config)
+    return tmp, unet, Sampler(config, tmp / "autoencoder")
 
 
 def _sample(parts, overrides=(), negative_prompt=None, seed=0):

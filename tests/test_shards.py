@@ -14,10 +14,10 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
+from core.errors import LdmError
 from data_pipeline.emoji import build_emoji_folder, emoji_captions, fetch_emoji
 from data_pipeline.images import ShardReadReport, list_shards, read_shard
 from data_pipeline.shards import ShardsSummary, write_shards
-from orchestrator.errors import LdmError
 
 FIXTURE = Path(__file__).parent / "fixtures" / "emoji64"
 ROOT = Path(__file__).resolve().parents[1]

@@ -20,6 +20,7 @@ from models.metrics import frechet_distance_few, psnr, ssim
 SCALING_IMAGES = 512  # training images whose latents set the scaling factor
 GRID_IMAGES = 8  # held-out images shown in the reconstruction grid
 
+
 def reconstruction_metrics(
     originals: np.ndarray, reconstructions: np.ndarray, baseline: np.ndarray
 ) -> dict[str, float]:
@@ -51,7 +52,6 @@ def reconstruct(vae: torch.nn.Module, images: np.ndarray, batch_size: int = 64) 
         x = to_model_range(images[start : start + batch_size]).to(device)
         out.append(to_uint8(vae.decode(encode_latents(vae, x)).sample))
     return np.concatenate(out)
-
 
 
 def codebook_usage(vae: torch.nn.Module, images: np.ndarray, batch_size: int = 64) -> float:

@@ -247,7 +247,12 @@ class AutoencoderRank0(Rank0):
         progress: bool,
     ):
         super().__init__(
-            rank, layout.tracking_uri, run_id, layout.mlflow_spool, config.tracking, layout.stop_file
+            rank,
+            layout.tracking_uri,
+            run_id,
+            layout.mlflow_spool,
+            config.tracking,
+            layout.stop_file,
         )
         self.config, self.layout, self.run_id, self.progress = config, layout, run_id, progress
 

@@ -19,6 +19,7 @@ from models.perceptual import LPIPS, missing_files
 
 WARMUP_STEPS = 20
 
+
 def lr_factor(num_steps: int):
     """The learning-rate multiplier by step: a short linear warmup, then cosine decay."""
     # A short linear warmup, then cosine decay to zero: measured +0.9 dB held out over a

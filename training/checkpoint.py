@@ -278,7 +278,9 @@ class Checkpointer:
         already committed a newer tag. After a worker failure Ray Train runs the rank again:
         it continues from the newest tag this job wrote, registered with Ray or not."""
         latest = newest(self.place)
-        if latest is not None and storage.basename(latest) > storage.basename(newest_at_start or ""):
+        if latest is not None and storage.basename(latest) > storage.basename(
+            newest_at_start or ""
+        ):
             return latest
         return requested
 

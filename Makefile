@@ -31,7 +31,9 @@ $(STAMP): pyproject.toml
 demo: install
 	$(BIN)/ldm demo
 
+# The layers contract (import-linter, see pyproject.toml) first: a wrong-way import fails fast.
 test: install
+	$(BIN)/lint-imports
 	$(BIN)/pytest -q
 
 test-fast: install
@@ -40,6 +42,7 @@ test-fast: install
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 format: install
 	$(BIN)/ruff format .

@@ -2,14 +2,21 @@
 here with the paper's full loss switched on (L1, the perceptual term asked for but without
 weights, the PatchGAN discriminator after a start step), so every piece of state counts:
 with one Ray Train worker, and with two DeepSpeed ranks at ZeRO-2 that each draw their own
-crops. The tests share one embedded Ray."""
+crops. The tests share one embedded Ray. A killed worker (`autoencoder.max_failures`) and
+SIGTERM both end in the weights of an uninterrupted run."""
 
 from __future__ import annotations
 
 import json
 import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -19,7 +26,9 @@ from core.layout import RunLayout
 from core.loader import build_config
 from orchestrator.autoencoder import read_resume_state, train_autoencoder
 from orchestrator.launcher import worker_env
+from tests.conftest import ROOT
 from tests.test_autoencoder import tiny_config, write_shard
+from training import checkpoint as ckpt
 
 STEPS = 6
 
@@ -123,49 +132,128 @@ def test_resumed_run_equals_an_uninterrupted_one(tmp_path: Path, monkeypatch, ca
     assert Path(tag).name == "step_00000006" and state.step == STEPS
 
 
-def test_two_deepspeed_ranks_train_and_resume(tmp_path: Path, monkeypatch) -> None:
+def _kill_a_train_worker_once(marker: Path, killed: list[int]) -> threading.Thread:
+    """In the background: once `marker` exists, SIGKILL one Ray Train worker of this test's
+    embedded Ray (as a lost node or an OOM kill would), and note its pid."""
+
+    def watch() -> None:
+        deadline = time.monotonic() + 300
+        while not marker.is_file() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        for proc in psutil.Process().children(recursive=True):
+            try:
+                if "RayTrainWorker" in " ".join(proc.cmdline()):
+                    proc.kill()
+                    killed.append(proc.pid)
+                    return
+            except psutil.Error:
+                pass
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_two_ranks_survive_a_killed_worker_into_the_uninterrupted_weights(
+    tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """Two DeepSpeed ranks at ZeRO-2, each drawing its own crops; with
+    `autoencoder.max_failures=1` a worker killed mid-run costs a restart from the newest
+    committed checkpoint, and the run ends with the weights of one that was never killed."""
     from mlflow.tracking import MlflowClient
 
     monkeypatch.chdir(tmp_path)
-    config = full_recipe(
-        tmp_path,
-        write_shard(tmp_path / "shards"),
+    shards = write_shard(tmp_path / "shards")
+    two_ranks = (
         "autoencoder.num_workers=2",
         "autoencoder.zero_stage=2",
+        "autoencoder.num_steps=24",
+        "autoencoder.checkpoint_every=8",
     )
+    config = full_recipe(tmp_path, shards, *two_ranks)
     first = train_autoencoder(config, progress=False)
     assert first["world_size"] == 2
-    root = RunLayout.of(config).run_dir / "autoencoder-checkpoints"
-    tag = root / "step_00000006"
+    layout = RunLayout.of(config)
+    tag = layout.autoencoder_checkpoints.local / "step_00000024"
     state = json.loads((tag / "train_state.json").read_text())
     assert state["world_size"] == 2
     # Each rank drew its own crops: two different generator states.
     rngs = state["rng"]
-    assert (
-        sorted(rngs) == ["0", "1"]
-        and rngs["0"]["generators"]["crops"] != rngs["1"]["generators"]["crops"]
-    )
+    assert sorted(rngs) == ["0", "1"]
+    assert rngs["0"]["generators"]["crops"] != rngs["1"]["generators"]["crops"]
     for engine in ("autoencoder", "discriminator"):  # ZeRO-2: each rank holds its shard
-        shards = sorted(p.name for p in (tag / engine).glob("zero_pp_rank_*"))
-        assert [s[:14] for s in shards] == ["zero_pp_rank_0", "zero_pp_rank_1"], shards
-    uninterrupted = _weights(RunLayout.of(config).autoencoder_dir)
+        shards_of = sorted(p.name for p in (tag / engine).glob("zero_pp_rank_*"))
+        assert [s[:14] for s in shards_of] == ["zero_pp_rank_0", "zero_pp_rank_1"], shards_of
+    uninterrupted = _weights(layout.autoencoder_dir)
     final_disc = _engine_module(tag, "discriminator")
-
-    client = MlflowClient(tracking_uri=RunLayout.of(config).tracking_uri)
+    client = MlflowClient(tracking_uri=layout.tracking_uri)
     (run,) = client.search_runs([client.get_experiment_by_name("ae-test").experiment_id])
     assert run.data.tags["ldm.world_size"] == "2" and run.data.tags["ldm.zero_stage"] == "2"
-    assert len(client.get_metric_history(run.info.run_id, "loss")) == STEPS
-    assert sorted({m.step for m in client.get_metric_history(run.info.run_id, "d_loss")}) == [
-        3,
-        4,
-        5,
-        6,
-    ]
+    assert len(client.get_metric_history(run.info.run_id, "loss")) == 24
+    d_steps = sorted({m.step for m in client.get_metric_history(run.info.run_id, "d_loss")})
+    assert d_steps == list(range(3, 25))
 
-    # Killed after step 3: both ranks continue from their own saved state.
-    shutil.rmtree(tag)
-    shutil.rmtree(RunLayout.of(config).autoencoder_dir)
-    second = train_autoencoder(config, progress=False)
-    assert second["resumed_at_step"] == 3 and second["world_size"] == 2
-    _assert_equal(_weights(RunLayout.of(config).autoencoder_dir), uninterrupted)
-    _assert_equal(_engine_module(tag, "discriminator"), final_disc)
+    # The same run in another folder, with one worker SIGKILLed after the step-8 checkpoint.
+    again = full_recipe(
+        tmp_path, shards, *two_ranks, "autoencoder.max_failures=1", f"run.root={tmp_path}/again"
+    )
+    place = RunLayout.of(again).autoencoder_checkpoints
+    killed: list[int] = []
+    watcher = _kill_a_train_worker_once(place.local / "step_00000008" / "COMMITTED.json", killed)
+    second = train_autoencoder(again, progress=False)
+    watcher.join(timeout=5)
+    assert killed, "no Ray Train worker was found to kill"
+    out = capsys.readouterr().out
+    assert "restarted from step_000000" in out, out[-3000:]
+    assert second["world_size"] == 2
+    _assert_equal(_weights(RunLayout.of(again).autoencoder_dir), uninterrupted)
+    _assert_equal(_engine_module(place.local / "step_00000024", "discriminator"), final_disc)
+
+
+def test_sigterm_saves_and_the_same_command_continues(tmp_path: Path, monkeypatch) -> None:
+    """SIGTERM to `ldm autoencoder` (one rank, in the command's own process): a committed
+    checkpoint within the grace period, exit status 143; the same command then continues
+    from it into the weights of an uninterrupted run."""
+    monkeypatch.chdir(tmp_path)
+    config = full_recipe(
+        tmp_path,
+        write_shard(tmp_path / "shards"),
+        "autoencoder.num_steps=300",
+        "autoencoder.checkpoint_every=1000",
+    )
+    path = tmp_path / "exp.yaml"
+    path.write_text(config.to_yaml())
+    job = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator.cli", "autoencoder", str(path)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines: list[str] = []
+    for line in job.stdout:
+        lines.append(line)
+        if "autoencoder: step 5/300" in line:
+            job.send_signal(signal.SIGTERM)
+    code = job.wait(timeout=120)
+    out = "".join(lines)
+    assert code == 143, out[-3000:]
+    assert "stopped by SIGTERM: the checkpoint was saved" in out, out[-3000:]
+    layout = RunLayout.of(config)
+    (tag,) = ckpt.committed(layout.autoencoder_checkpoints)
+    stopped_at = ckpt.TrainState.load(Path(tag) / ckpt.TRAIN_STATE).step
+    assert 5 <= stopped_at < 300 and not layout.autoencoder_dir.exists()
+
+    resumed = train_autoencoder(config, progress=False)
+    assert resumed["resumed_at_step"] == stopped_at
+    reference = full_recipe(
+        tmp_path,
+        tmp_path / "shards",
+        "autoencoder.num_steps=300",
+        "autoencoder.checkpoint_every=1000",
+        f"run.root={tmp_path}/reference",
+    )
+    train_autoencoder(reference, progress=False)
+    _assert_equal(
+        _weights(layout.autoencoder_dir), _weights(RunLayout.of(reference).autoencoder_dir)
+    )

@@ -127,9 +127,7 @@ def test_too_little_data_is_refused_before_launch(pipeline):
 
 def test_unreachable_cluster(pipeline):
     work, _, _ = pipeline
-    one_line_error(
-        ldm("train", str(work / "exp.yaml"), "--address", "127.0.0.1:9"), "127.0.0.1:9"
-    )
+    one_line_error(ldm("train", str(work / "exp.yaml"), "--address", "127.0.0.1:9"), "127.0.0.1:9")
     one_line_error(ldm("jobs", "list", "--address", "http://127.0.0.1:9"), "127.0.0.1:9")
 
 
@@ -146,9 +144,7 @@ def test_bad_inputs_get_one_line(tmp_path):
     # As its own process too: the exit status and the one line a shell sees.
     one_line_error(run_ldm("train", str(cfg)), "train.num_stepz", "unknown key")
     cfg.write_text("preset: tiny\n")
-    one_line_error(
-        ldm("train", str(cfg), "train.micro_batch_size=big"), "train.micro_batch_size"
-    )
+    one_line_error(ldm("train", str(cfg), "train.micro_batch_size=big"), "train.micro_batch_size")
 
 
 def test_cache_info_and_verify(pipeline, tmp_path):

@@ -13,7 +13,7 @@ from diffusers import AutoencoderKL
 from PIL import Image
 from safetensors.torch import load_file
 
-from tests.conftest import ok, one_line_error, run_ldm
+from tests.conftest import ldm, ok, one_line_error
 
 pytestmark = pytest.mark.slow
 
@@ -22,9 +22,11 @@ pytestmark = pytest.mark.slow
 GENERATE = """
 import sys
 
+PROJECT = {"core", "models", "data_pipeline", "training", "orchestrator", "tests"}
+
 class NoProject:
     def find_spec(self, name, path=None, target=None):
-        if name.partition(".")[0] in ("orchestrator", "training", "data_pipeline", "tests"):
+        if name.partition(".")[0] in PROJECT:
             raise ImportError(f"exported pipeline imported project module {name}")
 
 sys.meta_path.insert(0, NoProject())
@@ -36,7 +38,7 @@ image = pipe(
     "an emoji of red heart", num_inference_steps=4, generator=torch.Generator().manual_seed(0)
 ).images[0]
 image.save(sys.argv[2])
-assert not {"orchestrator", "training", "data_pipeline"} & set(sys.modules), sys.modules.keys()
+assert not PROJECT & set(sys.modules), sys.modules.keys()
 """
 
 
@@ -50,7 +52,7 @@ def tag(pipeline):
 @pytest.fixture(scope="module")
 def exported(tag, tmp_path_factory):
     out = tmp_path_factory.mktemp("export") / "pipe"
-    ok(run_ldm("export", str(tag), str(out)))
+    ok(ldm("export", str(tag), str(out)))
     return out
 
 
@@ -91,9 +93,9 @@ def test_exported_vae_decodes_like_training(exported, pipeline):
 
 
 def test_raw_export_differs_and_nonempty_out_is_refused(tag, exported, tmp_path):
-    ok(run_ldm("export", str(tag), str(tmp_path / "raw"), "--raw"))
+    ok(ldm("export", str(tag), str(tmp_path / "raw"), "--raw"))
     ema = load_file(next((exported / "unet").glob("*.safetensors")))
     raw = load_file(next((tmp_path / "raw" / "unet").glob("*.safetensors")))
     assert ema.keys() == raw.keys()
     assert any(not torch.equal(ema[k], raw[k]) for k in ema)
-    one_line_error(run_ldm("export", str(tag), str(exported)), "not empty", "--overwrite")
+    one_line_error(ldm("export", str(tag), str(exported)), "not empty", "--overwrite")

@@ -2,8 +2,8 @@
 cache, both models in one DeepSpeed engine with their optimizer state sharded over the
 ranks, exact resume, and the trained encoder in samples and the exported pipeline.
 
-A real `ldm precompute` / `ldm train` (Ray Train, 2 ZeRO-2 ranks) / sampling / export
-on the session's `pipeline` fixture, with a 2-layer `ldmbert`.
+A real `ldm precompute` / `ldm train` (Ray Train, 2 ZeRO-2 ranks, the module's one embedded
+Ray) / sampling / export on the session's `pipeline` fixture, with a 2-layer `ldmbert`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import ok, run_ldm
+from tests.conftest import ldm, ok
 
 pytestmark = pytest.mark.slow
 
@@ -37,26 +37,28 @@ def _same(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_joint_text_encoder_trains_shards_resumes_samples_and_exports(pipeline, tmp_path):
+def test_joint_text_encoder_trains_shards_resumes_samples_and_exports(
+    pipeline, embedded_ray, tmp_path
+):
     work, _, _ = pipeline
     exp = [
         str(work / "exp.yaml"),
         f"autoencoder.pretrained={work / 'runs' / 'tiny' / 'autoencoder'}",
         *JOINT,
     ]
-    ok(run_ldm("precompute", *exp, "run.name=joint"))
+    ok(ldm("precompute", *exp, "run.name=joint"))
     manifests = [json.loads(p.read_text()) for p in (work / "runs").glob("cache/*/manifest.json")]
     (spec,) = [m["spec"] for m in manifests if m["spec"]["text"] == "token_ids"]
     assert spec["text_encoder"] == "ldmbert" and spec["text_max_length"] == 16
 
     # Uninterrupted to step 4; then step 4 is lost and the run resumes from step 2.
     train = [*exp, "run.name=joint", "train.num_steps=4", *QUIET]
-    ok(run_ldm("train", *train, "train.sample_every=4"))
+    ok(ldm("train", *train, "train.sample_every=4"))
     full = work / "runs" / "joint" / "checkpoints" / "step_00000004"
     parts = ("unet", "text_encoder", "ema_unet", "ema_text_encoder")
     uninterrupted = {part: _weights(full, part) for part in parts}
     (full / "COMMITTED.json").unlink()
-    resumed = ok(run_ldm("train", *train))
+    resumed = ok(ldm("train", *train))
     assert "step_00000002 (step 2)" in resumed.stdout
     for part in parts:
         assert _same(uninterrupted[part], _weights(full, part)), part

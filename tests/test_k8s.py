@@ -21,7 +21,7 @@ import yaml
 
 from core.loader import load_config
 from orchestrator import k8s
-from tests.conftest import ROOT, ok, run_ldm
+from tests.conftest import ROOT, ldm, ok
 
 K8S = ROOT / "k8s"
 CRDS = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml"}
@@ -222,7 +222,7 @@ def test_ldm_k8s_renders_a_valid_rayjob_for_an_experiment(tmp_path):
     config = tmp_path / "exp.yaml"
     config.write_text("preset: tiny\nrun:\n  name: My_Run\ntrain:\n  preempt_grace_s: 300\n")
     result = ok(
-        run_ldm(
+        ldm(
             "k8s",
             str(config),
             "train.num_workers=4",

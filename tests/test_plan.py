@@ -5,7 +5,7 @@ import pytest
 
 from core.loader import build_config
 from orchestrator import plan
-from tests.conftest import ok, run_ldm
+from tests.conftest import ldm, ok
 
 
 def test_zero_memory_follows_the_paper():
@@ -34,7 +34,7 @@ def test_activations_exclude_weights_and_attention_probabilities():
 
 
 def test_plan_command_reports_a_preset(tmp_path):
-    out = ok(run_ldm("plan", "--preset", "sd1", "--gpus", "16", "--gpu-type", "a100")).stdout
+    out = ok(ldm("plan", "--preset", "sd1", "--gpus", "16", "--gpu-type", "a100")).stdout
     assert "unet 859,520,964" in out and "ZeRO-3" in out and "img/s" in out
-    bad = run_ldm("plan", "--preset", "sd1", "--gpu-type", "tpu")
+    bad = ldm("plan", "--preset", "sd1", "--gpu-type", "tpu")
     assert bad.returncode == 2 and "--gpu-type 'tpu'" in bad.stderr

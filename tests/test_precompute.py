@@ -1,10 +1,10 @@
-"""`ldm precompute` as a user runs it: killed and rerun, fed broken data, and on S3.
-
-Each test compares against the cache the session's `pipeline` fixture built without
-interruption: a cache's bytes must not depend on how the job was run.
+"""`ldm precompute` as a user runs it: killed and rerun, and fed broken data (on S3:
+test_s3). Each test compares against the cache the session's `pipeline` fixture built
+without interruption: a cache's bytes must not depend on how the job was run. The kill needs
+a process of its own; every other run is the command line in this process, on the module's
+one embedded Ray.
 """
 
-import hashlib
 import json
 import os
 import shutil
@@ -18,8 +18,7 @@ import pytest
 import webdataset as wds
 
 from data_pipeline.images import read_shard
-from tests.conftest import ROOT, ok, run_ldm
-from tests.s3_server import local_s3, s3_filesystem
+from tests.conftest import ROOT, ldm, ok
 
 pytestmark = pytest.mark.slow
 
@@ -47,7 +46,7 @@ def _kill_tagged(tag: str) -> int:
     return killed
 
 
-def test_killed_precompute_reruns_to_an_identical_cache(pipeline, tmp_path):
+def test_killed_precompute_reruns_to_an_identical_cache(pipeline, embedded_ray, tmp_path):
     work, _, _ = pipeline
     reference, expected = reference_cache(work)
     cache = tmp_path / "cache"
@@ -77,7 +76,7 @@ def test_killed_precompute_reruns_to_an_identical_cache(pipeline, tmp_path):
     (cache / "00003.tar").write_bytes(b"a shard without its sidecar")
     (cache / "00003.done.json").unlink(missing_ok=True)
 
-    rerun = ok(run_ldm("precompute", str(work / "exp.yaml"), f"precompute.cache_dir={cache}"))
+    rerun = ok(ldm("precompute", str(work / "exp.yaml"), f"precompute.cache_dir={cache}"))
     skipped = len(done) - ("00003.done.json" in done)
     assert f"{skipped} of 4 shards already cached" in rerun.stdout
     manifest = json.loads((cache / "manifest.json").read_text())
@@ -114,14 +113,12 @@ def _broken_shards(work, folder):
     return folder
 
 
-def test_corrupt_samples_and_broken_tars_are_counted_and_skipped(pipeline, tmp_path):
+def test_corrupt_samples_and_broken_tars_are_counted_and_skipped(pipeline, embedded_ray, tmp_path):
     work, _, _ = pipeline
     shards = _broken_shards(work, tmp_path / "shards")
     args = ["precompute", str(work / "exp.yaml"), f"data.shards={shards}"]
     result = ok(
-        run_ldm(
-            *args, f"precompute.cache_dir={tmp_path / 'cache'}", "precompute.max_bad_fraction=0.5"
-        )
+        ldm(*args, f"precompute.cache_dir={tmp_path / 'cache'}", "precompute.max_bad_fraction=0.5")
     )
     manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
     counts = {e["name"]: (e["num_samples"], e["num_bad"]) for e in manifest["shards"]}
@@ -137,108 +134,8 @@ def test_corrupt_samples_and_broken_tars_are_counted_and_skipped(pipeline, tmp_p
     assert "00000.tar: 3 bad samples skipped" in result.stdout
     assert "00002.tar: 1 bad samples skipped, e.g. tar:" in result.stdout
 
-    refused = run_ldm(*args, f"precompute.cache_dir={tmp_path / 'strict'}")  # default: 1%
+    refused = ldm(*args, f"precompute.cache_dir={tmp_path / 'strict'}")  # default: 1%
     assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
     last = refused.stderr.strip().splitlines()[-1]
     assert "could not be decoded" in last and "precompute.max_bad_fraction=0.01" in last, last
     assert not (tmp_path / "strict" / "manifest.json").exists()
-
-
-def test_s3_input_and_cache_end_to_end(pipeline, tmp_path):
-    work, _, _ = pipeline
-    reference, expected = reference_cache(work)
-    with local_s3() as env:
-        fs = s3_filesystem(env)
-        fs.mkdir("ldm")
-        for shard in sorted((work / "shards").glob("*.tar")):
-            fs.put_file(str(shard), f"ldm/raw/{shard.name}")
-        exp = str(work / "exp.yaml")
-        on_s3 = ["data.shards=s3://ldm/raw", "precompute.cache_dir=s3://ldm/cache"]
-        first = ok(run_ldm("precompute", exp, *on_s3, env=env))
-        assert "0 of 4 shards already cached in s3://ldm/cache" in first.stdout
-        manifest = json.loads(fs.cat("ldm/cache/manifest.json"))
-        assert manifest["source"] == "s3://ldm/raw"
-        for entry in expected["shards"]:
-            assert fs.cat(f"ldm/cache/{entry['name']}") == (reference / entry["name"]).read_bytes()
-        again = ok(run_ldm("precompute", exp, *on_s3, env=env))
-        assert "4 of 4 shards already cached" in again.stdout
-
-        verified = ok(run_ldm("cache", "verify", "s3://ldm/cache", "--num-decode", "2", env=env))
-        assert "cache OK: 4 shards, 64 samples" in verified.stdout and "PSNR" in verified.stdout
-
-        # Training streams from S3 and keeps its run state there: a second "node" with an
-        # empty local run folder resumes the run from S3 alone, on two workers.
-        train = [
-            "train",
-            exp,
-            *on_s3,
-            "run.name=from-s3",
-            "run.storage=s3://ldm/runs",
-            f"autoencoder.pretrained={work / 'runs' / 'tiny' / 'autoencoder'}",
-            "train.checkpoint_every=2",
-            "train.log_every=1",
-            "train.keep_last=1",
-        ]
-        trained = ok(
-            run_ldm(
-                *train,
-                "train.num_workers=1",
-                "train.num_loader_workers=1",  # a forked loader process reads S3 too
-                "train.num_steps=2",
-                "tracking.log_model=false",
-                env=env,
-            )
-        )
-        assert "train: done" in trained.stdout
-        first = "ldm/runs/from-s3/checkpoints/step_00000002"
-        marker = json.loads(fs.cat(f"{first}/COMMITTED.json"))["files"]
-        assert {"train_state.json", "ema_unet.safetensors", "mp_rank_00_model_states.pt"} <= set(
-            marker
-        )
-        for name, digest in marker.items():
-            assert hashlib.sha256(fs.cat(f"{first}/{name}")).hexdigest() == digest, name
-        staging = work / "runs" / "from-s3" / "staging" / "checkpoints"
-        assert not list(staging.rglob("*.pt")), "staged files stay behind after the upload"
-
-        other_node = tmp_path / "other-node"
-        resumed = ok(
-            run_ldm(
-                *train,
-                f"run.root={other_node}",
-                "train.num_workers=2",
-                "train.num_loader_workers=0",
-                "train.num_steps=4",
-                env=env,
-            )
-        )
-        assert "resuming from" in resumed.stdout and "(step 2)" in resumed.stdout
-        assert "converted for a new world size" in resumed.stdout
-        last = "ldm/runs/from-s3/checkpoints/step_00000004"
-        state = json.loads(fs.cat(f"{last}/train_state.json"))
-        assert state["step"] == 4 and state["world_size"] == 2
-        first_state = json.loads(
-            (
-                other_node
-                / "from-s3"
-                / "staging"
-                / "checkpoints"
-                / ".pulled"
-                / "rank0"
-                / "step_00000002"
-                / "train_state.json"
-            ).read_text()
-        )
-        assert state["mlflow_run_id"] == first_state["mlflow_run_id"]  # one run, two jobs
-        assert not fs.exists(f"{first}/COMMITTED.json")  # keep_last=1 pruned the older tag
-        assert "exported step_00000004" in resumed.stdout
-
-
-def test_no_shards_at_an_s3_prefix_is_one_line(pipeline):
-    work, _, _ = pipeline
-    with local_s3() as env:
-        s3_filesystem(env).mkdir("empty")
-        result = run_ldm(
-            "precompute", str(work / "exp.yaml"), "data.shards=s3://empty/raw", env=env
-        )
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "no *.tar shards in s3://empty/raw" in result.stderr

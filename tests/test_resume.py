@@ -91,9 +91,7 @@ def test_resume_equals_uninterrupted_and_survives_a_crash_during_save(
     assert [s for s, _ in losses] == [1, 2, 3, 4, 5, 6]
     assert _losses(uri, split) == losses
     assert (
-        _same_weights(
-            _weights(work, full, "step_00000006"), _weights(work, split, "step_00000006")
-        )
+        _same_weights(_weights(work, full, "step_00000006"), _weights(work, split, "step_00000006"))
         == 0.0
     )
     # Ray Train's own folder holds only pointers to our tags: nothing is left of it.

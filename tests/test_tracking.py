@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import FIXTURE_IMAGES, ok, run_ldm
+from tests.conftest import FIXTURE_IMAGES, ldm, ok
 from tests.mlflow_server import MlflowServer
 from training.tracking import MLflowTracker, start_run
 
@@ -98,7 +98,7 @@ def test_runs_lists_and_ui_serves_the_local_store(pipeline):
     from tests.ray_cluster import free_ports
 
     work, _, _ = pipeline
-    listed = ok(run_ldm("runs", str(work / "exp.yaml"))).stdout
+    listed = ok(ldm("runs", str(work / "exp.yaml"))).stdout
     header, *rows = listed.splitlines()
     assert header.split()[:6] == ["name", "stage", "status", "step", "loss", "samples/s"]
     train = [r for r in rows if r.split()[:3] == ["tiny", "train", "FINISHED"]]

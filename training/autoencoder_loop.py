@@ -168,6 +168,11 @@ class AutoencoderTraining:
             self.checkpointer.restore_rng(state, {"crops": self.generator})
             self.step = self.start_step = state.step
             self.last = state.metrics
+            if resume_from != self.args.get("resume_from"):  # Ray Train restarted the ranks
+                self.main.note(
+                    f"autoencoder: restarted from {storage.basename(resume_from)} "
+                    f"(step {state.step}) after a worker failure"
+                )
         self.main.start(self.critics.lpips is not None, self.step)
         self.sums: dict[str, float] = {}
         self.seen: dict[str, int] = {}

@@ -25,9 +25,11 @@ RUN uv pip install --no-build-isolation deepspeed==0.19.8
 
 WORKDIR /app
 COPY pyproject.toml README.md ./
-COPY orchestrator ./orchestrator
-COPY training ./training
+COPY core ./core
+COPY models ./models
 COPY data_pipeline ./data_pipeline
+COPY training ./training
+COPY orchestrator ./orchestrator
 COPY configs ./configs
 RUN uv pip install --no-build-isolation . && rm -rf /root/.cache
 

@@ -1,7 +1,7 @@
 """Cache speed-up: a training step fed by the latent cache vs one that encodes online.
 
 Both variants train the same demo UNet with the same AdamW on the same micro-batch of demo
-images (Twemoji, 64x64) with the same diffusion loss (`training.loop.diffusion_loss`):
+images (Twemoji, 64x64) with the same diffusion loss (`training.objective.diffusion_loss`):
 
 - cached: the batch as the training loop gets it from the latent cache, a `CacheBatch` of
   posterior moments and the text encoder's hidden states, built here from these images with

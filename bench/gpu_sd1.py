@@ -9,7 +9,7 @@ code 2). It builds the `sd1` preset's UNet (859,520,964 parameters) with
 Precision: bf16 weights, activations and gradients with fp32 master weights and fp32 AdamW
 moments (torch's fused AdamW on the master copy), which is what `train.precision=bf16` means
 under DeepSpeed; not torch.autocast over fp32 weights. The step is the DDPM step of
-`training.loop.diffusion_loss` (noise, timesteps, epsilon target, MSE in fp32; no latent draw
+`training.objective.diffusion_loss` (noise, timesteps, epsilon target, MSE in fp32; no latent draw
 or caption dropout, whose cost is nil on a GPU), written out here because that function draws
 timesteps and dropout masks on the CPU, which a batch on the GPU does not mix with. Inputs:
 random latents (4x32x32 at 256², 4x64x64 at 512²) and a 77x768 context whose attention mask

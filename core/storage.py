@@ -9,11 +9,15 @@ credentials and endpoint come from the usual AWS variables (`AWS_ACCESS_KEY_ID`,
 
 from __future__ import annotations
 
+import glob as globbing
 import hashlib
 import os
 import posixpath
+import shutil
 from pathlib import Path
 from typing import IO, Any
+
+import fsspec
 
 from core.errors import LdmError
 
@@ -40,8 +44,6 @@ def dirname(url: str | Path) -> str:
 
 
 def _fs(url: str | Path) -> tuple[Any, str]:
-    import fsspec
-
     try:
         return fsspec.core.url_to_fs(str(url))
     except (ImportError, ValueError) as exn:
@@ -127,8 +129,6 @@ def sha256(url: str | Path) -> str:
 def glob(pattern: str | Path) -> list[str]:
     """Sorted paths or URIs matching a glob pattern."""
     if not is_remote(pattern):
-        import glob as globbing
-
         return sorted(globbing.glob(str(pattern)))
     fs, path = _fs(pattern)
     fs.invalidate_cache()  # another node may have written since this process last looked
@@ -143,8 +143,6 @@ def get_file(url: str | Path, local: Path) -> None:
         fs, path = _fs(url)
         fs.get_file(path, str(tmp))
     else:
-        import shutil
-
         shutil.copyfile(url, tmp)
     os.replace(tmp, local)
 
@@ -164,8 +162,6 @@ def remove(url: str | Path) -> None:
 def remove_tree(url: str | Path) -> None:
     """Delete a folder or prefix and everything under it, if it exists."""
     if not is_remote(url):
-        import shutil
-
         shutil.rmtree(url, ignore_errors=True)
         return
     fs, path = _fs(url)

@@ -22,8 +22,6 @@ import os
 import shutil
 from pathlib import Path
 
-from diffusers import DDIMScheduler
-
 from core.errors import LdmError
 from core.layout import RunLayout
 from core.loader import load_saved_config
@@ -100,7 +98,7 @@ def export_pipeline(
         )
     # Imported only now: diffusers' pipelines take seconds to import and log transformers
     # warnings, which would bury the one-line errors above.
-    from diffusers import StableDiffusionPipeline
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     step = json.loads((tag_dir / TRAIN_STATE).read_text())["step"]
     if "text_encoder" in model:  # trained with the UNet: the checkpoint's (EMA) weights

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import fsspec
 import torch
 import torch.distributed as dist
 
@@ -302,7 +303,6 @@ def _ray_storage(layout: RunLayout) -> tuple[str, Any]:
     through the same fsspec filesystem and credentials as everything else)."""
     if not storage.is_remote(layout.storage_dir):
         return str(Path(layout.storage_dir).resolve()), None
-    import fsspec
     import pyarrow.fs
 
     fs, path = fsspec.core.url_to_fs(layout.storage_dir)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+from datetime import datetime
 from pathlib import Path
 
 from core.errors import LdmError
@@ -36,8 +37,6 @@ def list_runs(uri: str, experiment: str, max_runs: int = 50) -> list[str]:
         if loss_key in metrics:
             history = client.get_metric_history(run.info.run_id, loss_key)
             step = str(max(m.step for m in history)) if history else ""
-        from datetime import datetime
-
         started = datetime.fromtimestamp(run.info.start_time / 1000).strftime("%Y-%m-%d %H:%M")
         rows.append(
             (

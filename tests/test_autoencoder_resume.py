@@ -218,7 +218,7 @@ def test_sigterm_saves_and_the_same_command_continues(tmp_path: Path, monkeypatc
     config = full_recipe(
         tmp_path,
         write_shard(tmp_path / "shards"),
-        "autoencoder.num_steps=300",
+        "autoencoder.num_steps=150",
         "autoencoder.checkpoint_every=1000",
     )
     path = tmp_path / "exp.yaml"
@@ -233,7 +233,7 @@ def test_sigterm_saves_and_the_same_command_continues(tmp_path: Path, monkeypatc
     lines: list[str] = []
     for line in job.stdout:
         lines.append(line)
-        if "autoencoder: step 5/300" in line:
+        if "autoencoder: step 5/150" in line:
             job.send_signal(signal.SIGTERM)
     code = job.wait(timeout=120)
     out = "".join(lines)
@@ -242,14 +242,14 @@ def test_sigterm_saves_and_the_same_command_continues(tmp_path: Path, monkeypatc
     layout = RunLayout.of(config)
     (tag,) = ckpt.committed(layout.autoencoder_checkpoints)
     stopped_at = ckpt.TrainState.load(Path(tag) / ckpt.TRAIN_STATE).step
-    assert 5 <= stopped_at < 300 and not layout.autoencoder_dir.exists()
+    assert 5 <= stopped_at < 150 and not layout.autoencoder_dir.exists()
 
     resumed = train_autoencoder(config, progress=False)
     assert resumed["resumed_at_step"] == stopped_at
     reference = full_recipe(
         tmp_path,
         tmp_path / "shards",
-        "autoencoder.num_steps=300",
+        "autoencoder.num_steps=150",
         "autoencoder.checkpoint_every=1000",
         f"run.root={tmp_path}/reference",
     )

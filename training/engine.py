@@ -18,6 +18,8 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() e
 
 import deepspeed  # noqa: E402
 import deepspeed.ops  # noqa: E402
+from deepspeed.checkpoint import ds_to_universal  # noqa: E402
+from deepspeed.utils import groups  # noqa: E402
 
 # DeepSpeed's shared-memory op serves only its inference all-reduce, never training, yet it is
 # compiled (60-110 s of C++ on a fresh CPU machine) when the comm backend starts: skip it.
@@ -126,8 +128,6 @@ def forget_process_groups() -> None:
     """Drop the process groups DeepSpeed cached at its last `initialize`. A process that
     destroys its torch.distributed group and makes a new one (stage 1 trained in the
     driver, more than once in one process) must call this, or DeepSpeed uses the dead one."""
-    from deepspeed.utils import groups
-
     for name in ("_WORLD_GROUP", "_DATA_PARALLEL_GROUP", "_ZERO_PARAM_INTRA_PARALLEL_GROUP"):
         setattr(groups, name, None)
 
@@ -141,8 +141,6 @@ def save_engine(engine, folder: Path) -> None:
 def to_universal(tag_dir: Path, out_dir: Path) -> None:
     """Convert a ZeRO checkpoint into DeepSpeed's universal format (one file per parameter and
     state, unpartitioned), which an engine of any world size can load: elastic restarts."""
-    from deepspeed.checkpoint import ds_to_universal
-
     ds_to_universal.main(
         argparse.Namespace(
             input_folder=str(tag_dir),

@@ -111,7 +111,7 @@ class Sampler:
                 if rescale > 0:
                     # Imported here: the pipeline module pulls in transformers' image
                     # processors, seconds that every sample grid would otherwise pay.
-                    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import (
+                    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import (  # noqa: PLC0415
                         rescale_noise_cfg,
                     )
 

@@ -7,13 +7,19 @@ training loop calls the same methods everywhere without asking which rank it is.
 
 from __future__ import annotations
 
+import collections
+import json
 import os
+import shutil
 import tempfile
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
@@ -84,8 +90,6 @@ def log_cache_input(uri: str, run_id: str, cache_dir: str, manifest: dict[str, A
 
 def end_run(uri: str, run_id: str, status: str = "FINISHED", attempts: int = 3) -> None:
     """Mark the run ended; a tracking server that stays unreachable only costs a warning."""
-    import time
-
     for attempt in range(attempts):
         try:
             _client(uri).set_terminated(run_id, status=status)
@@ -148,10 +152,6 @@ class MLflowTracker(NullTracker):
         flush_timeout_s: float = 30.0,
         retry_max_s: float = 10.0,
     ):
-        import collections
-        import json
-        import threading
-
         # Fail a request fast and let this class retry: MLflow's own retries (7, with
         # exponential backoff, 120 s timeouts) would hold records back for minutes.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
@@ -186,8 +186,6 @@ class MLflowTracker(NullTracker):
 
     # The caller's side: append and return.
     def _put(self, record: dict) -> None:
-        import json
-
         with self._lock:
             self._file.write(json.dumps(record) + "\n")
             self._file.flush()
@@ -199,15 +197,11 @@ class MLflowTracker(NullTracker):
             self._lock.notify()
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        import time
-
         now = int(time.time() * 1000)
         values = [[k, float(v), now, step] for k, v in metrics.items()]
         self._put({"kind": "metrics", "metrics": values})
 
     def log_image(self, image: np.ndarray, key: str, step: int) -> None:
-        from PIL import Image
-
         path = self.spool / f"{key}_step{step:08d}.png"
         Image.fromarray(image).save(path)
         self._put({"kind": "image", "file": path.name, "key": key, "step": step})
@@ -225,8 +219,6 @@ class MLflowTracker(NullTracker):
 
     # The delivery thread.
     def _deliver_forever(self) -> None:
-        import time
-
         wait = 0.5
         while True:
             with self._lock:
@@ -316,8 +308,6 @@ class MLflowTracker(NullTracker):
             metrics = [Metric(k, v, ts, step) for k, v, ts, step in record["metrics"]]
             self.client.log_batch(self.run_id, metrics=metrics)
         elif kind == "image":
-            from PIL import Image
-
             path = self.spool / record["file"]
             if path.exists():
                 with Image.open(path) as image:
@@ -342,8 +332,6 @@ class MLflowTracker(NullTracker):
 
     def close(self) -> None:
         """Deliver what is pending, waiting at most `flush_timeout_s`; the rest stays spooled."""
-        import time
-
         with self._lock:
             self._closing = True
             self._close_deadline = time.monotonic() + self.flush_timeout_s
@@ -352,8 +340,6 @@ class MLflowTracker(NullTracker):
         self._file.close()
         left = self.pending()
         if not left:  # all delivered: leave no spool behind
-            import shutil
-
             shutil.rmtree(self.spool, ignore_errors=True)
             try:
                 self.spool.parent.rmdir()  # the spool root, if no other run waits in it
@@ -388,8 +374,6 @@ class SystemMetrics:
     on the training step axis, so an outage buffers them like every other metric."""
 
     def __init__(self, tracker: NullTracker, every_s: float, step: Callable[[], int]):
-        import threading
-
         from mlflow.system_metrics.metrics.cpu_monitor import CPUMonitor
         from mlflow.system_metrics.metrics.disk_monitor import DiskMonitor
         from mlflow.system_metrics.metrics.network_monitor import NetworkMonitor

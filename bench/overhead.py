@@ -1,7 +1,8 @@
 """Orchestration overhead: steady training samples/s of `ldm train` vs a bare PyTorch loop.
 
 The system is the whole training stage as users run it: the `ldm train` command (a
-subprocess) with an embedded local Ray, Ray Train worker(s), each a DeepSpeed engine (ZeRO-2,
+subprocess) whose one worker runs in its own process, or two Ray Train workers on an
+embedded local Ray, each a DeepSpeed engine (ZeRO-2,
 fp32, as the demo preset) streaming micro-batches from the latent cache through a DataLoader
 worker, and rank 0 logging to a real MLflow store (SQLite). The baseline is a bare loop in
 this process: the same UNet (`build_unet`, same config and seed), the same micro batch, the
@@ -13,11 +14,12 @@ just before and half just after each `ldm train`, so a slow patch of a shared ma
 on both sides. The loop's EMA update is not in the baseline (it is training work, not
 orchestration); its cost is timed apart and shown next to the loop's unphased time.
 
-Threads: Ray gives a training worker OMP_NUM_THREADS = floor(cluster.num_cpus_per_worker)
-(1 here) unless the environment sets it, so the one-worker baseline runs at that many torch
-threads. Two workers on this 2-core machine fill both cores with one thread each: their total
-is compared with the bare loop at 2 threads (same cores) and their per-worker rate with the
-bare loop at 1 thread (same threads per process).
+Threads: the stage launcher gives each rank its node's cores divided among the node's
+workers. One worker runs in the `ldm train` process itself (no Ray) with every core, so the
+one-worker baseline runs at that many torch threads. Two Ray Train workers on this 2-core
+machine fill both cores with one thread each: their total is compared with the bare loop at
+2 threads (same cores) and their per-worker rate with the bare loop at 1 thread (same
+threads per process).
 
 Steady state: the system's throughput comes from what its loop logs to MLflow every
 `log_every` steps, read back with MlflowClient. The first logging window (start-up, the FLOPs
@@ -47,6 +49,7 @@ from typing import TYPE_CHECKING, Any
 
 from bench.common import ROOT, WORK, bench_config, demo_shards, table, write_result
 from core.layout import RunLayout
+from orchestrator.launcher import usable_cores
 
 if TYPE_CHECKING:
     from core.config import ExperimentConfig
@@ -226,10 +229,13 @@ def metric_histories(uri: str, run_id: str, keys: list[str]) -> dict[str, dict[i
 
 
 def worker_threads(config: ExperimentConfig) -> int:
-    """Torch threads of a Ray Train worker: Ray's OMP_NUM_THREADS for its CPU reservation."""
-    if os.environ.get("OMP_NUM_THREADS"):
-        return int(os.environ["OMP_NUM_THREADS"])
-    return max(1, math.floor(config.cluster.num_cpus_per_worker))
+    """Torch threads of one rank: this machine's cores divided among the workers, as the
+    stage launcher sets them (all of them for one worker, which runs in process)."""
+    return max(
+        1,
+        math.floor(config.cluster.num_cpus_per_worker),
+        usable_cores() // config.train.num_workers,
+    )
 
 
 def system_steady(
@@ -442,7 +448,7 @@ def main(
     }
     rows = [
         (
-            f"train samples/s, 1 worker ({threads} thread)",
+            f"train samples/s, 1 worker in process ({threads} threads)",
             f"{system1['samples_per_s']:.1f} ldm train",
             f"{bare1['samples_per_s']:.1f} bare loop",
             f"{result['ratio']:.2f}",
@@ -457,30 +463,33 @@ def main(
     ]
     if two_workers:
         config2 = train_config("overhead-w2", 2, num_steps, log_every, OUT, overrides)
-        system2, bare2 = side_by_side(config2, cache, 2 * threads, bare_steps)
-        print(f"bare loop, {2 * threads} threads: {bare2['samples_per_s']:.1f} samples/s")
+        per_worker = worker_threads(config2)
+        system2, bare2 = side_by_side(config2, cache, 2 * per_worker, bare_steps)
+        # The per-worker baseline: one process at one worker's threads.
+        bare_one = merged([bare_loop(config2, cache, per_worker, warmup=4, steps=bare_steps)])
+        print(f"bare loop, {2 * per_worker} threads: {bare2['samples_per_s']:.1f} samples/s")
         print(f"ldm train, 2 workers: {system2['samples_per_s']:.1f} samples/s", flush=True)
-        result["two_workers"] = {"system": system2, "bare": bare2}
+        result["two_workers"] = {"system": system2, "bare": bare2, "bare_one_worker": bare_one}
         result["two_worker_ratio_vs_bare_2_threads"] = (
             system2["samples_per_s"] / bare2["samples_per_s"]
         )
         result["two_worker_per_worker_ratio_vs_bare_1_thread"] = (
-            system2["samples_per_s_per_worker"] / bare1["samples_per_s"]
+            system2["samples_per_s_per_worker"] / bare_one["samples_per_s"]
         )
         rows += [
             (
-                f"train samples/s, 2 workers x {threads} thread on {os.cpu_count()} cores",
+                f"train samples/s, 2 workers x {per_worker} thread on {os.cpu_count()} cores",
                 f"{system2['samples_per_s']:.1f}",
-                f"{bare2['samples_per_s']:.1f} bare, {2 * threads} threads",
+                f"{bare2['samples_per_s']:.1f} bare, {2 * per_worker} threads",
                 f"{result['two_worker_ratio_vs_bare_2_threads']:.2f}",
             ),
             (
                 "  per worker",
                 f"{system2['samples_per_s_per_worker']:.1f}",
-                f"{bare1['samples_per_s']:.1f} bare, {threads} thread",
+                f"{bare_one['samples_per_s']:.1f} bare, {per_worker} thread",
                 f"{result['two_worker_per_worker_ratio_vs_bare_1_thread']:.2f}",
             ),
-            *phase_rows("2w", system2, bare1),
+            *phase_rows("2w", system2, bare_one),
         ]
     write_result("overhead", result)
     print(table(rows))

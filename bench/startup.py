@@ -1,28 +1,28 @@
 """Start-up: seconds from launching `ldm train` to its first finished step, vs bare DeepSpeed.
 
-The system is `ldm train CONFIG` as a user runs it (a subprocess; embedded local Ray, one Ray
-Train worker, the demo UNet with ZeRO-2 fp32, the latent cache, MLflow in SQLite). Its first
-finished step is the MLflow timestamp of the step-1 `loss` (`train.log_every=1`): rank 0
-takes it right after the step, in the worker, so no log forwarding delay is counted.
+The system is `ldm train CONFIG` as a user runs it (a subprocess; one worker, which the stage
+launcher runs in the command's own process, with no Ray: the demo UNet with ZeRO-2 fp32, the
+latent cache, MLflow in SQLite). Its first finished step is the MLflow timestamp of the
+step-1 `loss` (`train.log_every=1`), taken by rank 0 right after the step.
 
 The baseline is `python bench/bare_deepspeed_step.py` (one rank, the process group set up as
 torchrun would but with a file rendezvous: torchrun's store would listen on every interface):
 the same UNet,
 `deepspeed.initialize` through `training.engine.build_engine` (the same DeepSpeed JSON),
 one step on random tensors of a batch's shapes; with DS_ACCELERATOR=cpu, the shared-memory
-op skipped as training/engine.py does, and OMP_NUM_THREADS=1 as Ray gives the worker. Its
-first step is the time.time() the script records after `engine.step()`.
+op skipped as training/engine.py does, and torch's default threads (every core, as the
+in-process rank has). Its first step is the time.time() the script records after
+`engine.step()`.
 
 Both clocks are this machine's wall clock, read from launch (just before the subprocess
 starts). Each side runs `--repeats` times, alternating; the figure is the fastest run of
 each (the one least disturbed by other work), all runs are kept in the JSON.
 
-Breakdown of the system (from output lines as the driver prints them, so Ray's log
-forwarding can add up to about a second to the worker-side marks; the last two are MLflow
-timestamps, exact): driver ready (imports, config and cache checks, MLflow run created),
-Ray up and the Train controller asking for a worker, worker process group set up, the
-worker's imports (deepspeed, diffusers) done, model + engine + EMA + loader + FLOPs count
-ready (`model_gflops_per_sample` at step 0), first step done.
+Breakdown of the system (the first from the line the driver prints, the last two MLflow
+timestamps): driver ready (imports, config and cache checks, MLflow run created), model +
+engine + EMA + loader + FLOPs count ready (`model_gflops_per_sample` at step 0), first step
+done. With more workers, or `train.max_failures` > 0, the ranks are Ray Train workers: Ray's
+start-up then comes on top (about 11 s here before the in-process path, see the README).
 
     python -m bench.startup [--repeats 2]
 """
@@ -55,9 +55,6 @@ BARE_SCRIPT = Path(__file__).resolve().parent / "bare_deepspeed_step.py"
 # (label, text of the first output line that marks it), in the order they happen.
 SYSTEM_LINES = [
     ("driver ready (imports, checks, MLflow run)", "train: MLflow run "),
-    ("Ray up, controller requests a worker", "Requesting resources"),
-    ("worker started, process group set up", "Setting up process group"),
-    ("worker imports done (training.loop)", "train: worker rank 0"),
 ]
 BARE_MARKS = [
     ("interpreter start", "script_start"),
@@ -102,8 +99,8 @@ def bare_marks(config: ExperimentConfig, latent_channels: int, index: int) -> di
     run = run_command(
         [sys.executable, str(BARE_SCRIPT), str(job_path)],
         OUT / f"bare-{index}.log",
-        # gloo on loopback; the thread count Ray gives a worker with one CPU.
-        env={"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"},
+        # gloo on loopback; torch's default threads, as the in-process rank has.
+        env={"DS_ACCELERATOR": "cpu", "GLOO_SOCKET_IFNAME": "lo"},
     )
     if run.returncode != 0 or not out.is_file():
         raise SystemExit(f"bare DeepSpeed failed ({run.returncode}):\n{run.tail()}")

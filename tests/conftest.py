@@ -17,6 +17,9 @@ ROOT = Path(__file__).resolve().parents[1]
 FIXTURE_IMAGES = ROOT / "tests" / "fixtures" / "emoji64"
 
 set_default_env()
+# Ray Train's controller looks at its workers every 2 s by default: in these short runs that
+# is seconds of waiting per run, for a finished worker group to be noticed.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 
 
 def run_ldm(*args: str, cwd: Path | None = None, timeout: int = 600, env: dict | None = None):

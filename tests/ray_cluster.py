@@ -72,7 +72,7 @@ class LocalRayCluster:
         """Live processes that belong to this cluster (carry its tag)."""
         return _tagged(self.tag)
 
-    def stop(self, timeout_s: float = 20.0) -> None:
+    def stop(self, timeout_s: float = 5.0) -> None:
         """Stop both nodes and everything they started; raise if something survives."""
         # Worker node first, so it does not spend the teardown retrying a dead GCS.
         for proc in reversed(self.processes):

@@ -1,6 +1,7 @@
 """A text encoder trained jointly with the UNet (the paper's LDM-KL-8-G recipe): a token-id
 cache, both models in one DeepSpeed engine with their optimizer state sharded over the
-ranks, exact resume, and the trained encoder in samples and the exported pipeline.
+ranks, exact resume (raw and EMA weights of both), and the trained encoder in samples and
+the exported pipeline.
 
 A real `ldm precompute` / `ldm train` (Ray Train, 2 ZeRO-2 ranks, the module's one embedded
 Ray) / sampling / export on the session's `pipeline` fixture, with a 2-layer `ldmbert`.
@@ -51,17 +52,23 @@ def test_joint_text_encoder_trains_shards_resumes_samples_and_exports(
     (spec,) = [m["spec"] for m in manifests if m["spec"]["text"] == "token_ids"]
     assert spec["text_encoder"] == "ldmbert" and spec["text_max_length"] == 16
 
-    # Uninterrupted to step 4; then step 4 is lost and the run resumes from step 2.
+    # Two ZeRO-2 ranks (Ray Train workers), 4 steps with a sample grid at the end.
     train = [*exp, "run.name=joint", "train.num_steps=4", *QUIET]
     ok(ldm("train", *train, "train.sample_every=4"))
     full = work / "runs" / "joint" / "checkpoints" / "step_00000004"
     parts = ("unet", "text_encoder", "ema_unet", "ema_text_encoder")
-    uninterrupted = {part: _weights(full, part) for part in parts}
-    (full / "COMMITTED.json").unlink()
-    resumed = ok(ldm("train", *train))
+
+    # Exact resume, on one rank in process: uninterrupted to step 4; then step 4 is lost and
+    # the run resumes from step 2 into the same raw and EMA weights of both models.
+    one = [*exp, "run.name=joint1", "train.num_workers=1", "train.num_steps=4", *QUIET]
+    ok(ldm("train", *one))
+    full1 = work / "runs" / "joint1" / "checkpoints" / "step_00000004"
+    uninterrupted = {part: _weights(full1, part) for part in parts}
+    (full1 / "COMMITTED.json").unlink()
+    resumed = ok(ldm("train", *one))
     assert "step_00000002 (step 2)" in resumed.stdout
     for part in parts:
-        assert _same(uninterrupted[part], _weights(full, part)), part
+        assert _same(uninterrupted[part], _weights(full1, part)), part
 
     # The encoder trained: its weights moved between steps 2 and 4, and its EMA lags them.
     step2 = work / "runs" / "joint" / "checkpoints" / "step_00000002"

@@ -120,3 +120,32 @@ def test_no_shards_at_an_s3_prefix_is_one_line(pipeline, s3):
     result = ldm("precompute", str(work / "exp.yaml"), "data.shards=s3://empty/raw")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "no *.tar shards in s3://empty/raw" in result.stderr
+
+
+def test_stage_1_checkpoints_on_s3_resume_from_an_empty_run_folder(s3, tmp_path):
+    """Stage 1 keeps its checkpoints on `run.storage` too: a rerun whose local run folder is
+    gone continues from the tag on S3 and publishes the same model."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from core.layout import RunLayout
+    from core.loader import build_config
+    from orchestrator.autoencoder import train_autoencoder
+    from tests.test_autoencoder import tiny_config, write_shard
+
+    s3.mkdir("stage1")
+    base = tiny_config(tmp_path, write_shard(tmp_path / "shards"), train_crop=16, num_steps=6)
+    config = build_config(
+        base.to_dict(), ["autoencoder.checkpoint_every=3", "run.storage=s3://stage1/runs"]
+    )
+    layout = RunLayout.of(config)
+    first = train_autoencoder(config, progress=False)
+    assert s3.exists("stage1/runs/tiny/autoencoder-checkpoints/step_00000006/COMMITTED.json")
+    (weights,) = layout.autoencoder_dir.glob("*.safetensors")
+    published = load_file(weights)
+    shutil.rmtree(layout.run_dir)  # another node: nothing local
+    again = train_autoencoder(config, progress=False)
+    assert again["resumed_at_step"] == 6 and again["psnr"] == first["psnr"]
+    republished = load_file(next(layout.autoencoder_dir.glob("*.safetensors")))
+    assert all(published[k].equal(republished[k]) for k in published)

@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Any
 
 from bench.common import ROOT, WORK, bench_config, demo_shards, table, write_result
 from core.layout import RunLayout
-from orchestrator.launcher import usable_cores
+from orchestrator.cluster import usable_cores
 
 if TYPE_CHECKING:
     from core.config import ExperimentConfig

@@ -62,6 +62,13 @@ class RaySession:
     """True when `ray_session` started this Ray itself and stops it on exit."""
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (respects taskset and container CPU sets)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
 def short_temp_dir() -> str:
     """The system temp dir when its path is short enough for Ray's sockets, else /tmp."""
     tmp = tempfile.gettempdir()

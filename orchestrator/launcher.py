@@ -13,7 +13,6 @@ listening on a port, no Ray start-up.
 from __future__ import annotations
 
 import ctypes
-import math
 import os
 import signal
 import tempfile
@@ -31,7 +30,8 @@ from core import storage
 from core.config import ExperimentConfig
 from core.errors import LdmError, Preempted
 from core.layout import CheckpointPlace, RunLayout
-from orchestrator.cluster import ray_session, worker_scaling
+from orchestrator.cluster import ray_session, usable_cores, worker_scaling
+from orchestrator.ray_worker import pack, run_rank
 from training import checkpoint as ckpt
 from training.context import RankContext
 from training.engine import forget_process_groups
@@ -188,13 +188,6 @@ def _open_run(config: ExperimentConfig, layout: RunLayout, stage: Stage) -> tupl
 # --- one rank in this process ---------------------------------------------------------------
 
 
-def usable_cores() -> int:
-    """The cores this process may run on (respects taskset and container CPU sets)."""
-    if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))
-    return os.cpu_count() or 1
-
-
 def _keep_freed_memory() -> None:
     """MALLOC_TUNABLES for this process, set at run time (see `worker_env`)."""
     try:
@@ -245,59 +238,6 @@ def _run_in_process(rank_function: RankFunction, context: RankContext) -> dict[s
 # --- Ray Train workers ----------------------------------------------------------------------
 
 
-def _cpu_share(reserved: float, workers_on_node: int) -> int:
-    """Torch threads of one worker: its share of its node's CPUs, at least its reservation.
-
-    Ray sets OMP_NUM_THREADS to a worker's CPU reservation (`cluster.num_cpus_per_worker`, 1
-    by default), which would leave a lone worker on one core of a many-core node. The node's
-    CPUs are what Ray counts there (container limits included), at most the cores this
-    process may run on.
-    """
-    import ray
-
-    node = ray.get_runtime_context().get_node_id()
-    counted = next((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["NodeID"] == node), 0)
-    cpus = min(int(counted) or usable_cores(), usable_cores())
-    return max(1, math.floor(reserved), cpus // max(1, workers_on_node))
-
-
-def _ray_worker(loop_config: dict[str, Any]) -> None:
-    """Entry point of each Ray Train worker: the stage's rank function, in a worker."""
-    import ray
-    import ray.train
-
-    train_context = ray.train.get_context()
-    rank = train_context.get_world_rank()
-    context: RankContext = loop_config["context"]
-    # Zero-copy from the node's object store: workers on one node map the same copy.
-    context.data = dict(zip(loop_config["data_keys"], ray.get(loop_config["data"]), strict=True))
-    node = ray.get_runtime_context().get_node_id()
-    print(
-        f"{loop_config['stage']}: worker rank {rank} on node {node} pid {os.getpid()}", flush=True
-    )
-    threads = _cpu_share(
-        context.config.cluster.num_cpus_per_worker, train_context.get_local_world_size()
-    )
-    torch.set_num_threads(threads)
-
-    def report(metrics: dict[str, float], tag: str | None) -> None:
-        # Ray Train registers a small pointer; the tag on storage (with its commit marker)
-        # stays the source of truth, so a large checkpoint is never copied twice.
-        with tempfile.TemporaryDirectory() as tmp:
-            checkpoint = None
-            if rank == 0 and tag is not None:
-                Path(tmp, "ldm_checkpoint.txt").write_text(str(tag))
-                checkpoint = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(
-                metrics,
-                checkpoint=checkpoint,
-                checkpoint_dir_name=storage.basename(tag) if tag else None,
-            )
-
-    context.report = report
-    loop_config["rank_function"](context)
-
-
 def _ray_storage(layout: RunLayout) -> tuple[str, Any]:
     """Ray Train's storage: a folder in the run's storage (local, or the object-store prefix
     through the same fsspec filesystem and credentials as everything else)."""
@@ -322,10 +262,9 @@ def _run_on_ray(
     storage_path, filesystem = _ray_storage(layout)
     name = f"ray_{stage.name}"
     trainer = TorchTrainer(
-        _ray_worker,
+        run_rank,
         train_loop_config={
-            "context": context,
-            "rank_function": stage.rank_function,
+            "payload": pack(stage.rank_function, context),
             "stage": stage.name,
             "data_keys": keys,
             "data": data,

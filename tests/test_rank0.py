@@ -5,20 +5,21 @@ from __future__ import annotations
 
 import pytest
 
-from core.config import TrackingConfig
+from core.layout import RunLayout
+from core.loader import build_config
 from training.autoencoder_loop import AutoencoderRank0
 from training.loop import UNetRank0
 from training.rank0 import Rank0, rank0_only
 
 
 def _rank0(rank: int, tmp_path) -> Rank0:
-    return Rank0(
-        rank, "sqlite:///unused.db", None, tmp_path, TrackingConfig(), str(tmp_path / "STOP")
-    )
+    config = build_config({"preset": "tiny"}, [f"run.root={tmp_path}", "run.name=r"])
+    return Rank0(rank, config, RunLayout.of(config), None)
 
 
 def test_guarded_methods_run_on_rank_0_only(tmp_path, capsys):
-    (tmp_path / "STOP").write_text("SIGTERM")
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "STOP_REQUESTED").write_text("SIGTERM")
     for rank in (1, 0):
         main = _rank0(rank, tmp_path)
         main.note(f"hello from {rank}")

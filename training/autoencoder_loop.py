@@ -97,8 +97,7 @@ def train_rank(ctx: RankContext) -> dict[str, float]:
         run.maybe_checkpoint(force=stopping)
         if stopping:
             run.main.note(f"autoencoder: stop requested; saved {storage.basename(run.tag)}")
-            run.main.close()
-            return {}
+            break
     return run.finish()
 
 
@@ -216,7 +215,11 @@ class AutoencoderTraining:
         self.report(self.last, self.tag)
 
     def finish(self) -> dict[str, float]:
+        """Rank 0 evaluates and publishes, once every step is done (not after a stop)."""
         ae = self.config.autoencoder
+        if self.step < ae.num_steps:
+            self.main.close()
+            return {}
         train_seconds = time.perf_counter() - self.loop_start
         trained_steps = ae.num_steps - self.start_step
         facts = {
@@ -251,15 +254,8 @@ class AutoencoderRank0(Rank0):
         run_id: str | None,
         progress: bool,
     ):
-        super().__init__(
-            rank,
-            layout.tracking_uri,
-            run_id,
-            layout.mlflow_spool,
-            config.tracking,
-            layout.stop_file,
-        )
-        self.config, self.layout, self.run_id, self.progress = config, layout, run_id, progress
+        super().__init__(rank, config, layout, run_id)
+        self.run_id, self.progress = run_id, progress
 
     @rank0_only
     def start(self, perceptual: bool, step: int) -> None:

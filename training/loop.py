@@ -229,15 +229,8 @@ class UNetRank0(Rank0):
         run_id: str | None,
         device: torch.device,
     ):
-        super().__init__(
-            rank,
-            layout.tracking_uri,
-            run_id,
-            layout.mlflow_spool,
-            config.tracking,
-            layout.stop_file,
-        )
-        self.config, self.layout, self.device = config, layout, device
+        super().__init__(rank, config, layout, run_id)
+        self.device = device
         # Built before the noise stream is seeded: loading the encoders may draw from it.
         self.sampler = Sampler(config, layout.autoencoder_dir, device) if rank == 0 else None
         self.sample_model: torch.nn.Module | None = None

@@ -11,11 +11,11 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, TypeVar
 
 from core import storage
-from core.config import TrackingConfig
+from core.config import ExperimentConfig
+from core.layout import RunLayout
 from training.tracking import MLflowTracker, NullTracker
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -56,26 +56,18 @@ class Rank0:
         super().__init_subclass__(**kwargs)
         _check_guarded(cls)
 
-    def __init__(
-        self,
-        rank: int,
-        tracking_uri: str,
-        run_id: str | None,
-        spool: Path,
-        tracking: TrackingConfig,
-        stop_file: str,
-    ):
-        self.rank = rank
+    def __init__(self, rank: int, config: ExperimentConfig, layout: RunLayout, run_id: str | None):
+        """Every rank builds one; only rank 0 (with an MLflow run) opens the tracker."""
+        self.rank, self.config, self.layout = rank, config, layout
         self.tracker: NullTracker = NullTracker()
-        self.stop_file = stop_file
         self._stop_polled = -1.0
         if rank == 0 and run_id:
             self.tracker = MLflowTracker(
-                tracking_uri,
+                layout.tracking_uri,
                 run_id,
-                spool,
-                max_pending=tracking.max_pending_records,
-                flush_timeout_s=tracking.flush_timeout_s,
+                layout.mlflow_spool,
+                max_pending=config.tracking.max_pending_records,
+                flush_timeout_s=config.tracking.flush_timeout_s,
             )
 
     @rank0_only
@@ -90,7 +82,7 @@ class Rank0:
         if now - self._stop_polled < 1.0:
             return False
         self._stop_polled = now
-        return storage.exists(self.stop_file)
+        return storage.exists(self.layout.stop_file)
 
     @rank0_only
     def close(self) -> None:

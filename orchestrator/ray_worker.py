@@ -1,0 +1,78 @@
+"""The entry point of every Ray Train worker, kept light on purpose.
+
+Ray Train's controller unpickles the train function and its config before any worker
+starts: if they named the rank code (torch, DeepSpeed, diffusers), the controller would
+import all of it first (seconds per job). So the launcher sends the rank function and its
+`RankContext` as bytes that only the workers open, and this module imports nothing heavy at
+the top.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import cloudpickle
+
+from core import storage
+from orchestrator.cluster import usable_cores
+
+
+def pack(rank_function: Any, context: Any) -> bytes:
+    """What every worker runs, as bytes the controller passes on unopened."""
+    return cloudpickle.dumps((rank_function, context))
+
+
+def cpu_share(reserved: float, workers_on_node: int) -> int:
+    """Torch threads of one worker: its share of its node's CPUs, at least its reservation.
+
+    Ray sets OMP_NUM_THREADS to a worker's CPU reservation (`cluster.num_cpus_per_worker`, 1
+    by default), which would leave a lone worker on one core of a many-core node. The node's
+    CPUs are what Ray counts there (container limits included), at most the cores this
+    process may run on.
+    """
+    import ray
+
+    node = ray.get_runtime_context().get_node_id()
+    counted = next((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["NodeID"] == node), 0)
+    cpus = min(int(counted) or usable_cores(), usable_cores())
+    return max(1, math.floor(reserved), cpus // max(1, workers_on_node))
+
+
+def run_rank(loop_config: dict[str, Any]) -> None:
+    """One Ray Train worker: its share of the cores, the large inputs from the object store,
+    then the stage's rank function with a `report` that registers committed checkpoints."""
+    import ray
+    import ray.train
+    import torch  # noqa: PLC0415 - kept out of Ray Train's controller, which imports this module
+
+    rank_function, context = cloudpickle.loads(loop_config["payload"])
+    train_context = ray.train.get_context()
+    rank = train_context.get_world_rank()
+    # Zero-copy from the node's object store: workers on one node map the same copy.
+    context.data = dict(zip(loop_config["data_keys"], ray.get(loop_config["data"]), strict=True))
+    node = ray.get_runtime_context().get_node_id()
+    stage = loop_config["stage"]
+    print(f"{stage}: worker rank {rank} on node {node} pid {os.getpid()}", flush=True)
+    reserved = context.config.cluster.num_cpus_per_worker
+    torch.set_num_threads(cpu_share(reserved, train_context.get_local_world_size()))
+
+    def report(metrics: dict[str, float], tag: str | None) -> None:
+        # Ray Train registers a small pointer; the tag on storage (with its commit marker)
+        # stays the source of truth, so a large checkpoint is never copied twice.
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = None
+            if rank == 0 and tag is not None:
+                Path(tmp, "ldm_checkpoint.txt").write_text(str(tag))
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(
+                metrics,
+                checkpoint=checkpoint,
+                checkpoint_dir_name=storage.basename(tag) if tag else None,
+            )
+
+    context.report = report
+    rank_function(context)

@@ -78,21 +78,24 @@ def cmd_shards(args: argparse.Namespace) -> None:
 
 
 def cmd_autoencoder(args: argparse.Namespace) -> None:
+    config = _load(args)  # a bad config fails in a fraction of a second, before the imports
     from orchestrator.autoencoder import train_autoencoder
 
-    train_autoencoder(_load(args))
+    train_autoencoder(config)
 
 
 def cmd_precompute(args: argparse.Namespace) -> None:
+    config = _load(args)
     from orchestrator.precompute import precompute
 
-    precompute(_load(args))
+    precompute(config)
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    config = _load(args)
     from orchestrator.train import train
 
-    result = train(_load(args))
+    result = train(config)
     print(f"train: done; checkpoints in {result['checkpoint_dir']}; MLflow run {result['run_id']}")
 
 

@@ -6,6 +6,8 @@ import io
 import os
 import subprocess
 import sys
+import threading
+import time
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
@@ -56,6 +58,37 @@ def embedded_ray():
 
     with ray_session(runtime_env={"env_vars": worker_env()}) as session:
         yield session
+
+
+def kill_a_train_worker() -> int | None:
+    """SIGKILL one Ray Train worker of this process's embedded Ray (as a lost node or an OOM
+    kill would); its pid, or None when there is none."""
+    import psutil
+
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if "RayTrainWorker" in " ".join(proc.cmdline()):
+                proc.kill()
+                return proc.pid
+        except psutil.Error:
+            pass
+    return None
+
+
+def when_file_appears(path: Path, action, timeout_s: float = 300) -> threading.Thread:
+    """In the background: run `action()` once `path` exists."""
+
+    def watch() -> None:
+        deadline = time.monotonic() + timeout_s
+        while not path.is_file():
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.02)
+        action()
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
 
 
 def ok(result):

@@ -12,11 +12,8 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -26,7 +23,7 @@ from core.layout import RunLayout
 from core.loader import build_config
 from orchestrator.autoencoder import read_resume_state, train_autoencoder
 from orchestrator.launcher import worker_env
-from tests.conftest import ROOT
+from tests.conftest import ROOT, kill_a_train_worker, when_file_appears
 from tests.test_autoencoder import tiny_config, write_shard
 from training import checkpoint as ckpt
 
@@ -132,28 +129,6 @@ def test_resumed_run_equals_an_uninterrupted_one(tmp_path: Path, monkeypatch, ca
     assert Path(tag).name == "step_00000006" and state.step == STEPS
 
 
-def _kill_a_train_worker_once(marker: Path, killed: list[int]) -> threading.Thread:
-    """In the background: once `marker` exists, SIGKILL one Ray Train worker of this test's
-    embedded Ray (as a lost node or an OOM kill would), and note its pid."""
-
-    def watch() -> None:
-        deadline = time.monotonic() + 300
-        while not marker.is_file() and time.monotonic() < deadline:
-            time.sleep(0.02)
-        for proc in psutil.Process().children(recursive=True):
-            try:
-                if "RayTrainWorker" in " ".join(proc.cmdline()):
-                    proc.kill()
-                    killed.append(proc.pid)
-                    return
-            except psutil.Error:
-                pass
-
-    thread = threading.Thread(target=watch, daemon=True)
-    thread.start()
-    return thread
-
-
 def test_two_ranks_survive_a_killed_worker_into_the_uninterrupted_weights(
     tmp_path: Path, monkeypatch, capsys
 ) -> None:
@@ -198,11 +173,14 @@ def test_two_ranks_survive_a_killed_worker_into_the_uninterrupted_weights(
         tmp_path, shards, *two_ranks, "autoencoder.max_failures=1", f"run.root={tmp_path}/again"
     )
     place = RunLayout.of(again).autoencoder_checkpoints
-    killed: list[int] = []
-    watcher = _kill_a_train_worker_once(place.local / "step_00000008" / "COMMITTED.json", killed)
+    killed: list[int | None] = []
+    watcher = when_file_appears(
+        place.local / "step_00000008" / "COMMITTED.json",
+        lambda: killed.append(kill_a_train_worker()),
+    )
     second = train_autoencoder(again, progress=False)
     watcher.join(timeout=5)
-    assert killed, "no Ray Train worker was found to kill"
+    assert killed and killed[0], "no Ray Train worker was found to kill"
     out = capsys.readouterr().out
     assert "restarted from step_000000" in out, out[-3000:]
     assert second["world_size"] == 2
@@ -218,7 +196,7 @@ def test_sigterm_saves_and_the_same_command_continues(tmp_path: Path, monkeypatc
     config = full_recipe(
         tmp_path,
         write_shard(tmp_path / "shards"),
-        "autoencoder.num_steps=150",
+        "autoencoder.num_steps=100",
         "autoencoder.checkpoint_every=1000",
     )
     path = tmp_path / "exp.yaml"
@@ -233,7 +211,7 @@ def test_sigterm_saves_and_the_same_command_continues(tmp_path: Path, monkeypatc
     lines: list[str] = []
     for line in job.stdout:
         lines.append(line)
-        if "autoencoder: step 5/150" in line:
+        if "autoencoder: step 5/100" in line:
             job.send_signal(signal.SIGTERM)
     code = job.wait(timeout=120)
     out = "".join(lines)
@@ -242,14 +220,14 @@ def test_sigterm_saves_and_the_same_command_continues(tmp_path: Path, monkeypatc
     layout = RunLayout.of(config)
     (tag,) = ckpt.committed(layout.autoencoder_checkpoints)
     stopped_at = ckpt.TrainState.load(Path(tag) / ckpt.TRAIN_STATE).step
-    assert 5 <= stopped_at < 150 and not layout.autoencoder_dir.exists()
+    assert 5 <= stopped_at < 100 and not layout.autoencoder_dir.exists()
 
     resumed = train_autoencoder(config, progress=False)
     assert resumed["resumed_at_step"] == stopped_at
     reference = full_recipe(
         tmp_path,
         tmp_path / "shards",
-        "autoencoder.num_steps=150",
+        "autoencoder.num_steps=100",
         "autoencoder.checkpoint_every=1000",
         f"run.root={tmp_path}/reference",
     )

@@ -2,9 +2,10 @@
 
 Every run here is a real `ldm train` on the latent cache the session's `pipeline` fixture
 built: one rank in the command's own process, or 2 DeepSpeed ZeRO-2 ranks as Ray Train
-workers. Preemption and a killed worker run `ldm train` as a process of its own, as a
-scheduler sees it; the job that loses a worker ends with the weights of an uninterrupted
-2-rank run, which is exact resume on 2 ranks from a committed tag.
+workers of the module's one embedded Ray. Preemption sends SIGTERM to `ldm train` running
+as a process of its own, as a scheduler does; the job that loses a SIGKILLed worker ends
+with the weights of an uninterrupted 2-rank run, which is exact resume on 2 ranks from a
+committed tag.
 """
 
 import json
@@ -20,7 +21,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
-from tests.conftest import ROOT, ldm, ok, one_line_error
+from tests.conftest import ROOT, kill_a_train_worker, ldm, ok, one_line_error, when_file_appears
 from tests.mlflow_server import MlflowServer
 
 pytestmark = pytest.mark.slow
@@ -181,34 +182,42 @@ def test_sigterm_saves_then_the_same_command_continues(pipeline):
     assert steps == list(range(1, step + 3))  # one MLflow run, nothing repeated or skipped
 
 
-def test_killed_worker_and_mlflow_outage_recover_into_one_run(pipeline, reference, tmp_path):
+def test_killed_worker_and_mlflow_outage_recover_into_one_run(
+    pipeline, reference, embedded_ray, tmp_path
+):
     """A 2-worker job logging to a real `mlflow server`: the server is killed mid-run and a
-    worker too; the job recovers, the server comes back, and MLflow holds one run with
-    everything: a continuous step axis, sample grids at several steps, the cache as its
+    worker too (SIGKILL); the job recovers, the server comes back, and MLflow holds one run
+    with everything: a continuous step axis, sample grids at several steps, the cache as its
     dataset input, lineage tags, system metrics, and the model artifact diffusers loads."""
     work, _, _ = pipeline
     server = MlflowServer(tmp_path / "mlflow").start()
     exp = [*_experiment(work), f"tracking.uri={server.uri}", "tracking.system_metrics_every_s=1"]
-    try:
-        job = _Job(
-            *exp,
-            "run.name=recover",
-            "train.max_failures=1",
-            f"train.num_steps={STEPS}",
-            f"train.checkpoint_every={EVERY}",
-            "train.log_every=1",
-            "train.sample_every=10",
-        )
-        marker = work / "runs" / "recover" / "checkpoints" / "step_00000005" / "COMMITTED.json"
-        job.wait_for(marker.is_file)
+    killed: list[int | None] = []
+
+    def outage() -> None:
         server.kill()
         time.sleep(1)  # training logs on while the server is down
-        pids = [int(ln.split(" pid ")[1]) for ln in job.lines if "worker rank 1 on node" in ln]
-        os.kill(pids[0], signal.SIGKILL)
-        time.sleep(3)
+        killed.append(kill_a_train_worker())
+        time.sleep(2)
         server.start()
-        code, out = job.finish()
-        assert code == 0, out[-3000:]
+
+    marker = work / "runs" / "recover" / "checkpoints" / "step_00000005" / "COMMITTED.json"
+    watcher = when_file_appears(marker, outage)
+    try:
+        out = ok(
+            ldm(
+                "train",
+                *exp,
+                "run.name=recover",
+                "train.max_failures=1",
+                f"train.num_steps={STEPS}",
+                f"train.checkpoint_every={EVERY}",
+                "train.log_every=1",
+                "train.sample_every=10",
+            )
+        ).stdout
+        watcher.join(timeout=60)
+        assert killed and killed[0], "no Ray Train worker was found to kill"
         after_kill = out.split("resuming from", 1)
         assert len(after_kill) == 2, out[-3000:]
         assert "is unreachable" in out, out[-3000:]
@@ -247,8 +256,8 @@ def test_killed_worker_and_mlflow_outage_recover_into_one_run(pipeline, referenc
         )
         pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
         assert pipe.unet.config.sample_size == 8
-
     finally:
+        watcher.join(timeout=60)
         server.kill()
 
 

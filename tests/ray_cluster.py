@@ -62,6 +62,11 @@ class LocalRayCluster:
     tag: str = ""
     startup_s: float = 0.0
 
+    @property
+    def sessions(self) -> set[int]:
+        """The sessions its `ray start` processes lead: every process of a node is in one."""
+        return {proc.pid for proc in self.processes}
+
     def logs(self) -> str:
         """The `ray start` output of both nodes (for failure messages)."""
         return "\n".join(
@@ -69,10 +74,10 @@ class LocalRayCluster:
         )
 
     def leftover_processes(self) -> list[psutil.Process]:
-        """Live processes that belong to this cluster (carry its tag)."""
-        return _tagged(self.tag)
+        """Live processes that belong to this cluster (its tag, or its nodes' sessions)."""
+        return _tagged(self.tag, self.sessions)
 
-    def stop(self, timeout_s: float = 5.0) -> None:
+    def stop(self, timeout_s: float = 20.0) -> None:
         """Stop both nodes and everything they started; raise if something survives."""
         # Worker node first, so it does not spend the teardown retrying a dead GCS.
         for proc in reversed(self.processes):
@@ -87,7 +92,7 @@ class LocalRayCluster:
         # Job drivers and their watchers die about 1 s after their supervisor; give them
         # that, then kill whatever is left.
         grace = time.monotonic() + 3.0
-        while (left := _tagged(self.tag)) and time.monotonic() < grace:
+        while (left := _tagged(self.tag, self.sessions)) and time.monotonic() < grace:
             time.sleep(0.25)
         for proc in left:
             try:
@@ -99,22 +104,28 @@ class LocalRayCluster:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait(5)
-        survivors = _tagged(self.tag)
+        survivors = _tagged(self.tag, self.sessions)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
         if survivors:
             raise RuntimeError(f"test Ray cluster left processes running: {survivors}")
 
 
-def _tagged(tag: str) -> list[psutil.Process]:
+def _tagged(tag: str, sessions: set[int] = frozenset()) -> list[psutil.Process]:
+    """Processes of a test cluster: those whose environment carries its tag, and those in
+    the sessions of its nodes (`ray start` leads one each). Ray's agents rename themselves
+    (setproctitle), which wipes their environment block, so the tag alone misses them."""
     found = []
     me = os.getpid()
+    marker = f"{_TAG}={tag}".encode()
     for proc in psutil.process_iter():
         if proc.pid == me:
             continue
         try:
-            if proc.environ().get(_TAG) == tag:
+            if os.getsid(proc.pid) in sessions:
                 found.append(proc)
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess, OSError):
+            elif marker in Path(f"/proc/{proc.pid}/environ").read_bytes():
+                found.append(proc)
+        except OSError:  # gone, or not ours to read
             continue
     return found
 

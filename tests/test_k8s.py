@@ -45,7 +45,9 @@ def _strict(schema: dict) -> dict:
 
 @cache
 def crd_validator(kind: str) -> jsonschema.Draft7Validator:
-    crd = yaml.safe_load((K8S / "crds" / CRDS[kind]).read_text())
+    # libyaml when present: the CRDs are 2 MB of YAML, seconds for the pure-Python parser.
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    crd = yaml.load((K8S / "crds" / CRDS[kind]).read_text(), Loader=loader)
     (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
     schema = _strict(version["schema"]["openAPIV3Schema"])
     schema["properties"]["metadata"] = {"type": "object"}  # ObjectMeta is checked below

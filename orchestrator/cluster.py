@@ -211,6 +211,12 @@ def _check_gcs(address: str) -> None:
     hint = "start one with `ray start --head` or fix cluster.address"
     if reason := tcp_unreachable(host, port):
         raise LdmError(f"no Ray cluster at {address} ({reason}): {hint}")
+    not_gcs = (
+        f"{address} accepts connections but is not a Ray GCS (is it the dashboard or "
+        f"Ray Client port?): {hint}"
+    )
+    if _answers_http1(host, port):  # the dashboard: gRPC's probe would take ~10 s to say so
+        raise LdmError(not_gcs)
     from ray._raylet import InnerGcsClient
     from ray.exceptions import AuthenticationError, RpcError
 
@@ -219,10 +225,18 @@ def _check_gcs(address: str) -> None:
     except AuthenticationError:
         raise LdmError(f"Ray cluster at {address} refused the connection: {auth_hint()}") from None
     except RpcError:
-        raise LdmError(
-            f"{address} accepts connections but is not a Ray GCS (is it the dashboard or "
-            f"Ray Client port?): {hint}"
-        ) from None
+        raise LdmError(not_gcs) from None
+
+
+def _answers_http1(host: str, port: int) -> bool:
+    """Whether host:port answers a plain HTTP/1.0 request (a GCS speaks only gRPC over
+    HTTP/2, and answers it with a binary frame or by closing the connection)."""
+    try:
+        with socket.create_connection((host, port), timeout=_PROBE_TIMEOUT_S) as conn:
+            conn.sendall(b"HEAD / HTTP/1.0\r\nHost: ray\r\n\r\n")
+            return conn.recv(5) == b"HTTP/"
+    except OSError:
+        return False
 
 
 def _resolve_auto() -> str:

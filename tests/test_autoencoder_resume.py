@@ -142,14 +142,14 @@ def test_two_ranks_survive_a_killed_worker_into_the_uninterrupted_weights(
     two_ranks = (
         "autoencoder.num_workers=2",
         "autoencoder.zero_stage=2",
-        "autoencoder.num_steps=24",
+        "autoencoder.num_steps=16",
         "autoencoder.checkpoint_every=8",
     )
     config = full_recipe(tmp_path, shards, *two_ranks)
     first = train_autoencoder(config, progress=False)
     assert first["world_size"] == 2
     layout = RunLayout.of(config)
-    tag = layout.autoencoder_checkpoints.local / "step_00000024"
+    tag = layout.autoencoder_checkpoints.local / "step_00000016"
     state = json.loads((tag / "train_state.json").read_text())
     assert state["world_size"] == 2
     # Each rank drew its own crops: two different generator states.
@@ -164,9 +164,9 @@ def test_two_ranks_survive_a_killed_worker_into_the_uninterrupted_weights(
     client = MlflowClient(tracking_uri=layout.tracking_uri)
     (run,) = client.search_runs([client.get_experiment_by_name("ae-test").experiment_id])
     assert run.data.tags["ldm.world_size"] == "2" and run.data.tags["ldm.zero_stage"] == "2"
-    assert len(client.get_metric_history(run.info.run_id, "loss")) == 24
+    assert len(client.get_metric_history(run.info.run_id, "loss")) == 16
     d_steps = sorted({m.step for m in client.get_metric_history(run.info.run_id, "d_loss")})
-    assert d_steps == list(range(3, 25))
+    assert d_steps == list(range(3, 17))
 
     # The same run in another folder, with one worker SIGKILLed after the step-8 checkpoint.
     again = full_recipe(
@@ -185,7 +185,7 @@ def test_two_ranks_survive_a_killed_worker_into_the_uninterrupted_weights(
     assert "restarted from step_000000" in out, out[-3000:]
     assert second["world_size"] == 2
     _assert_equal(_weights(RunLayout.of(again).autoencoder_dir), uninterrupted)
-    _assert_equal(_engine_module(place.local / "step_00000024", "discriminator"), final_disc)
+    _assert_equal(_engine_module(place.local / "step_00000016", "discriminator"), final_disc)
 
 
 def test_sigterm_saves_and_the_same_command_continues(tmp_path: Path, monkeypatch) -> None:
@@ -196,7 +196,7 @@ def test_sigterm_saves_and_the_same_command_continues(tmp_path: Path, monkeypatc
     config = full_recipe(
         tmp_path,
         write_shard(tmp_path / "shards"),
-        "autoencoder.num_steps=100",
+        "autoencoder.num_steps=40",
         "autoencoder.checkpoint_every=1000",
     )
     path = tmp_path / "exp.yaml"
@@ -211,7 +211,7 @@ def test_sigterm_saves_and_the_same_command_continues(tmp_path: Path, monkeypatc
     lines: list[str] = []
     for line in job.stdout:
         lines.append(line)
-        if "autoencoder: step 5/100" in line:
+        if "autoencoder: step 5/40" in line:
             job.send_signal(signal.SIGTERM)
     code = job.wait(timeout=120)
     out = "".join(lines)
@@ -220,14 +220,14 @@ def test_sigterm_saves_and_the_same_command_continues(tmp_path: Path, monkeypatc
     layout = RunLayout.of(config)
     (tag,) = ckpt.committed(layout.autoencoder_checkpoints)
     stopped_at = ckpt.TrainState.load(Path(tag) / ckpt.TRAIN_STATE).step
-    assert 5 <= stopped_at < 100 and not layout.autoencoder_dir.exists()
+    assert 5 <= stopped_at < 40 and not layout.autoencoder_dir.exists()
 
     resumed = train_autoencoder(config, progress=False)
     assert resumed["resumed_at_step"] == stopped_at
     reference = full_recipe(
         tmp_path,
         tmp_path / "shards",
-        "autoencoder.num_steps=100",
+        "autoencoder.num_steps=40",
         "autoencoder.checkpoint_every=1000",
         f"run.root={tmp_path}/reference",
     )

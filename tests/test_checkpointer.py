@@ -6,6 +6,7 @@ server, and an elastic load of a tag two ranks wrote."""
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
@@ -122,6 +123,77 @@ def test_a_damaged_tag_is_refused_before_anything_is_unpickled(one_rank, tmp_pat
     ) as err:
         Checkpointer(place, keep_last=1).open(tag)
     assert "\n" not in str(err.value)
+
+
+class _RunsCode:
+    """What an attacker pickles: unpickling it runs a shell command."""
+
+    def __init__(self, target: Path):
+        self.target = target
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.target}",))
+
+
+@pytest.mark.parametrize("victim", ["mp_rank_00_model_states.pt", "optim_states.pt"])
+def test_a_sealed_tag_holding_code_is_refused_and_the_code_never_runs(one_rank, tmp_path, victim):
+    """Someone who can write the checkpoint storage replaces a DeepSpeed file with a pickle
+    that runs code and reseals the tag (the marker proves completeness, not authorship): the
+    load is refused with one line, on the same world size and through the elastic path."""
+    engine, _ = _engine()
+    place = CheckpointPlace(tmp_path / "checkpoints", None)
+    tag = Path(
+        Checkpointer(place, keep_last=1).save(
+            1, {AT_ROOT: engine}, TrainState(), _write_marker_file
+        )
+    )
+    (path,) = [p for p in tag.glob("*.pt") if p.name.endswith(victim)]
+    pwned = tmp_path / "pwned"
+    torch.save({"module": _RunsCode(pwned)}, path)
+    (tag / ckpt.MARKER).unlink()
+    ckpt.commit(tag)  # a marker that matches the planted file
+    checkpointer = Checkpointer(place, keep_last=1)
+    tag_dir, _ = checkpointer.open(str(tag))  # the hashes match: only the loader can refuse
+    for elastic in (False, True):
+        fresh, _ = _engine(seed=1)
+        with pytest.raises(LdmError, match="refused to load it: a file in it holds") as err:
+            checkpointer.load_engines(tag_dir, {AT_ROOT: fresh}, elastic=elastic)
+        assert "\n" not in str(err.value) and "system" in str(err.value)
+        assert not pwned.exists(), "the planted pickle ran"
+
+
+@pytest.mark.parametrize("name", ["../outside.pt", "/etc/passwd", "a/b/c.pt", ".."])
+def test_a_marker_naming_files_outside_its_tag_is_refused(one_rank, tmp_path, monkeypatch, name):
+    engine, _ = _engine()
+    place = CheckpointPlace(tmp_path / "checkpoints", None)
+    tag = Path(
+        Checkpointer(place, keep_last=1).save(
+            1, {AT_ROOT: engine}, TrainState(), _write_marker_file
+        )
+    )
+    marker = json.loads((tag / ckpt.MARKER).read_text())
+    marker["files"][name] = "0" * 64
+    (tag / ckpt.MARKER).write_text(json.dumps(marker))
+    with pytest.raises(LdmError, match="is not one ldm wrote") as err:
+        Checkpointer(place, keep_last=1).open(str(tag))
+    assert "\n" not in str(err.value)
+    # A pull from an object store reads the same names and writes nothing outside staging.
+    with pytest.raises(LdmError, match="is not one ldm wrote"):
+        ckpt.pull(str(tag), tmp_path / "staging")  # storage reads local paths the same way
+    assert not (tmp_path / "outside.pt").exists()
+
+
+def test_a_file_added_to_a_sealed_tag_is_refused(one_rank, tmp_path):
+    engine, _ = _engine()
+    place = CheckpointPlace(tmp_path / "checkpoints", None)
+    tag = Path(
+        Checkpointer(place, keep_last=1).save(
+            1, {AT_ROOT: engine}, TrainState(), _write_marker_file
+        )
+    )
+    (tag / "zero_pp_rank_1_mp_rank_00_optim_states.pt").write_bytes(b"planted")
+    with pytest.raises(LdmError, match="zero_pp_rank_1_mp_rank_00_optim_states.pt is not listed"):
+        Checkpointer(place, keep_last=1).open(str(tag))
 
 
 def test_the_protocol_on_an_object_store(one_rank, tmp_path, monkeypatch):

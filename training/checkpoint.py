@@ -44,6 +44,9 @@ EMA_FILE, RAW_FILE, CONFIG_FILE = "ema_{}.safetensors", "{}.safetensors", "{}_co
 # The engine a stage with one engine keeps at the tag's root (several engines: a subfolder each).
 AT_ROOT = ""
 _TAG = re.compile(r"^step_(\d{8})$")
+# A file a marker may list: a name in the tag, or in one engine's subfolder of it. Markers
+# are read from storage that others may write: no absolute paths, no `..`, no deeper paths.
+_LISTED_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*(/[A-Za-z0-9_][A-Za-z0-9_.-]*)?$")
 _RANK_FILE = re.compile(r"^zero_pp_rank_(\d+)_")
 
 
@@ -135,11 +138,41 @@ def committed_tags(checkpoint_dir: Path) -> list[Path]:
     return sorted(tags, key=lambda p: p.name)
 
 
+def listed_files(tag: str | Path, marker: bytes) -> dict[str, str]:
+    """The files a commit marker lists, by name and sha256, once every name is one we write."""
+    try:
+        files = json.loads(marker)["files"]
+        names_ok = isinstance(files, dict) and all(
+            isinstance(n, str) and isinstance(d, str) and _LISTED_NAME.match(n)
+            for n, d in files.items()
+        )
+    except (ValueError, KeyError, TypeError):
+        names_ok = False
+    if not names_ok:
+        raise LdmError(
+            f"checkpoint {tag}: its {MARKER} is not one ldm wrote (unreadable, or it lists a "
+            "name outside the tag such as an absolute path or `..`); delete the tag or resume "
+            "from another"
+        )
+    return files
+
+
 def verify(tag_dir: Path) -> None:
-    """Check every file against the marker's sha256 before anything is loaded."""
+    """Check every file against the marker's sha256, and that the tag holds nothing the
+    marker does not list, before anything is loaded."""
     if not is_committed(tag_dir):
         raise LdmError(f"checkpoint {tag_dir} is incomplete (no {MARKER}); pick a committed tag")
-    files = json.loads((tag_dir / MARKER).read_text())["files"]
+    files = listed_files(tag_dir, (tag_dir / MARKER).read_bytes())
+    unlisted = [
+        p.relative_to(tag_dir).as_posix()
+        for p in sorted(tag_dir.rglob("*"))
+        if p.is_file() and p.name != MARKER and p.relative_to(tag_dir).as_posix() not in files
+    ]
+    if unlisted:
+        raise LdmError(
+            f"checkpoint {tag_dir}: {unlisted[0]} is not listed in its {MARKER} (a file added "
+            "after the tag was sealed); delete the tag or resume from another"
+        )
     for name, digest in files.items():
         path = tag_dir / name
         if not path.is_file() or storage.sha256(path) != digest:
@@ -216,7 +249,7 @@ def pull(remote_tag: str, local_dir: Path) -> Path:
             pass
     shutil.rmtree(local_tag, ignore_errors=True)
     local_tag.mkdir(parents=True)
-    for name in json.loads(marker)["files"]:
+    for name in listed_files(remote_tag, marker):
         target = local_tag / name
         target.parent.mkdir(parents=True, exist_ok=True)
         storage.get_file(storage.join(remote_tag, name), target)

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import pickle
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +23,23 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() e
 import deepspeed  # noqa: E402
 import deepspeed.ops  # noqa: E402
 from deepspeed.checkpoint import ds_to_universal  # noqa: E402
+from deepspeed.runtime.fp16.loss_scaler import LossScaler  # noqa: E402
+from deepspeed.runtime.zero.config import ZeroStageEnum  # noqa: E402
 from deepspeed.utils import groups  # noqa: E402
+from deepspeed.utils.tensor_fragment import fragment_address  # noqa: E402
 
 # DeepSpeed's shared-memory op serves only its inference all-reduce, never training, yet it is
 # compiled (60-110 s of C++ on a fresh CPU machine) when the comm backend starts: skip it.
 deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 from core.config import ExperimentConfig  # noqa: E402
+from core.errors import LdmError  # noqa: E402
+
+# What DeepSpeed's ZeRO optimizer states hold besides tensors and plain data (listed by
+# torch.serialization.get_unsafe_globals_in_checkpoint on every stage and precision we
+# write): torch's weights-only unpickler rebuilds these classes and refuses anything else.
+_CHECKPOINT_CLASSES = [LossScaler, ZeroStageEnum, fragment_address]
+_FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
 
 
 def deepspeed_config(config: ExperimentConfig, world_size: int) -> dict[str, Any]:
@@ -138,9 +152,38 @@ def save_engine(engine, folder: Path) -> None:
     engine.save_checkpoint(str(folder.parent), tag=folder.name, save_latest=False)
 
 
+@contextmanager
+def weights_only_loads(folder: Path) -> Iterator[None]:
+    """Every `torch.load` inside goes through torch's weights-only unpickler, DeepSpeed's own
+    calls included (they ask for a full unpickle). A checkpoint is data on storage that others
+    may write: a full unpickle would run whatever code a file names, on every rank."""
+    previous = os.environ.get(_FORCE_WEIGHTS_ONLY)
+    os.environ[_FORCE_WEIGHTS_ONLY] = "1"
+    try:
+        with torch.serialization.safe_globals(_CHECKPOINT_CLASSES):
+            yield
+    except pickle.UnpicklingError as err:
+        named = re.search(r"GLOBAL ([\w.]+)", str(err))
+        what = named.group(1) if named else "objects other than tensors and plain data"
+        raise LdmError(
+            f"checkpoint {folder}: refused to load it: a file in it holds {what}, which ldm "
+            "never writes (someone else wrote that file); delete the tag or resume from another"
+        ) from None
+    finally:
+        if previous is None:
+            os.environ.pop(_FORCE_WEIGHTS_ONLY, None)
+        else:
+            os.environ[_FORCE_WEIGHTS_ONLY] = previous
+
+
 def to_universal(tag_dir: Path, out_dir: Path) -> None:
     """Convert a ZeRO checkpoint into DeepSpeed's universal format (one file per parameter and
     state, unpartitioned), which an engine of any world size can load: elastic restarts."""
+    with weights_only_loads(tag_dir):
+        _to_universal(tag_dir, out_dir)
+
+
+def _to_universal(tag_dir: Path, out_dir: Path) -> None:
     ds_to_universal.main(
         argparse.Namespace(
             input_folder=str(tag_dir),
@@ -156,7 +199,8 @@ def to_universal(tag_dir: Path, out_dir: Path) -> None:
 
 def load_engine(engine, folder: Path) -> None:
     """Load the DeepSpeed checkpoint in `folder` (ours, verified against its commit marker)."""
-    path, _ = engine.load_checkpoint(str(folder.parent), tag=folder.name)
+    with weights_only_loads(folder):
+        path, _ = engine.load_checkpoint(str(folder.parent), tag=folder.name)
     if path is None:
         raise RuntimeError(f"DeepSpeed found no checkpoint in {folder}")
 

@@ -14,10 +14,10 @@ import hashlib
 import json
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 MINILM = "minilm"  # name of the pretrained MiniLM text encoder shipped by a PyPI package
 LDMBERT = "ldmbert"  # the paper's text transformer, trained from scratch (diffusers)
@@ -27,9 +27,23 @@ LDMBERT = "ldmbert"  # the paper's text transformer, trained from scratch (diffu
 STAGES = ("autoencoder", "precompute", "train")
 
 
+def _not_a_bool(value: Any) -> Any:
+    if isinstance(value, bool):  # True == 1 would pass a Literal[0, 1, ...] check
+        raise ValueError(f"Input should be a number, not {value}")
+    return value
+
+
+NotBool = BeforeValidator(_not_a_bool)
+
+
 class Section(BaseModel):
+    # strict: `num_steps: true` or `num_steps: 2.5` is refused, never read as 1 or 2.
     model_config = ConfigDict(
-        extra="forbid", use_attribute_docstrings=True, validate_assignment=True
+        extra="forbid",
+        use_attribute_docstrings=True,
+        validate_assignment=True,
+        strict=True,
+        allow_inf_nan=False,
     )
 
 
@@ -73,11 +87,11 @@ class AutoencoderConfig(Section):
     latents only: with a VQ autoencoder `precompute.latents` is taken as `mean` (the cache
     spec says so). diffusers' StableDiffusionPipeline cannot hold a VQModel, so `vq` needs
     `tracking.log_model=false` and `ldm export` refuses such runs."""
-    downsample_factor: Literal[4, 8, 16] = 4
+    downsample_factor: Annotated[Literal[4, 8, 16], NotBool] = 4
     """Spatial downsampling factor f of the latent space."""
     latent_channels: int = Field(4, ge=1)
     """Channels of the latent space."""
-    block_out_channels: list[int] = [32, 64, 64]
+    block_out_channels: list[Annotated[int, Field(ge=1)]] = Field([32, 64, 64], min_length=1)
     """Encoder/decoder widths, one per resolution level: log2(f) + 1 entries."""
     layers_per_block: int = Field(1, ge=1)
     """ResNet layers per level."""
@@ -186,11 +200,11 @@ class PrecomputeConfig(Section):
 
 
 class UNetConfig(Section):
-    block_out_channels: list[int] = [64, 128, 128]
+    block_out_channels: list[Annotated[int, Field(ge=1)]] = Field([64, 128, 128], min_length=1)
     """Widths per resolution level (the first levels use cross-attention blocks)."""
     layers_per_block: int = Field(1, ge=1)
     """ResNet (+ transformer) layers per level."""
-    num_attention_heads: int | list[int] = 4
+    num_attention_heads: Annotated[int, Field(ge=1)] | list[Annotated[int, Field(ge=1)]] = 4
     """Heads per attention layer, one number or one per level (what diffusers' legacy
     `attention_head_dim` means: SD 1 uses 8, SD 2 [5, 10, 20, 20])."""
     use_linear_projection: bool = False
@@ -236,7 +250,7 @@ class TrainConfig(Section):
     """Linear learning-rate warmup steps."""
     grad_clip: float = Field(1.0, ge=0)
     """Gradient norm clipping (0: off)."""
-    zero_stage: Literal[0, 1, 2, 3] = 2
+    zero_stage: Annotated[Literal[0, 1, 2, 3], NotBool] = 2
     """DeepSpeed ZeRO stage."""
     reduce_bucket_size: int = Field(50_000_000, ge=1_000_000)
     """Elements per ZeRO gradient-reduce and all-gather bucket. DeepSpeed's own default
@@ -289,7 +303,9 @@ class TrainConfig(Section):
 
 
 class SampleConfig(Section):
-    prompts: list[str] = ["an emoji of red heart", "an emoji of blue heart"]
+    prompts: list[Annotated[str, Field(min_length=1)]] = Field(
+        ["an emoji of red heart", "an emoji of blue heart"], min_length=1
+    )
     """Fixed prompts of the sample grid logged during training and of `ldm demo`."""
     seed: int = 1234
     """Seed of the sampling noise."""
@@ -357,6 +373,12 @@ class ExperimentConfig(Section):
     @model_validator(mode="after")
     def _check_consistency(self) -> ExperimentConfig:
         ae = self.autoencoder
+        d = self.diffusion
+        if d.beta_start >= d.beta_end:
+            raise ValueError(
+                f"diffusion.beta_start: {d.beta_start} must be below diffusion.beta_end="
+                f"{d.beta_end} (the noise grows over the timesteps)"
+            )
         levels = int(math.log2(ae.downsample_factor)) + 1
         if ae.pretrained is None and len(ae.block_out_channels) != levels:
             raise ValueError(

@@ -7,12 +7,14 @@ Local paths are made absolute on load, so every process of a job agrees on them.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import ValidationError
 
+from core import storage
 from core.config import ExperimentConfig
 from core.errors import LdmError
 from core.presets import get_preset
@@ -42,6 +44,21 @@ def _format_error(err: ValidationError) -> str:
     return where + msg + (f" [and {more} more problem(s)]" if more > 0 else "")
 
 
+class _YamlLoader(yaml.SafeLoader):
+    """YAML as users write configs: `1e-4` is a number (YAML 1.1 wants `1.0e-4`)."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+    list("-+0123456789."),
+)
+
+
+def read_yaml(text: str | bytes) -> Any:
+    return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """`train.lr=1e-4` -> (['train', 'lr'], 0.0001); values are YAML scalars or lists."""
     if "=" not in text:
@@ -51,7 +68,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if len(parts) != 2 or not all(parts):
         raise LdmError(f"override {text!r}: the key must be section.key, e.g. train.num_steps")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = read_yaml(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
     return parts, value
@@ -68,8 +85,9 @@ def _migrate_retired_keys(tree: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_saved_config(tag_dir: str | Path, overrides: list[str] = ()) -> ExperimentConfig:
-    """The config a checkpoint tag was trained with, as written into it (paths as saved)."""
-    raw = yaml.safe_load((Path(tag_dir) / "config.yaml").read_text())
+    """The config a checkpoint tag (a folder or an object-store URI) was trained with, as
+    written into it (paths as saved)."""
+    raw = read_yaml(storage.read_bytes(storage.join(tag_dir, "config.yaml")))
     return build_config(_migrate_retired_keys(raw), overrides, absolute_paths=False)
 
 
@@ -114,7 +132,11 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> ExperimentConfig
             f"config file {path} does not exist; pass an experiment YAML such as configs/demo.yaml"
         )
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = read_yaml(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as err:
+        raise LdmError(
+            f"config file {path}: not UTF-8 text (byte {err.start}); save it as UTF-8"
+        ) from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""

@@ -76,6 +76,47 @@ def size(url: str | Path) -> int:
     return int(fs.size(path))
 
 
+def fingerprints(urls: list[str]) -> dict[str, dict[str, Any]]:
+    """A quick identity of each file that exists: its size and version, the modification
+    time (ns) of a local file or the ETag of an object. One listing per folder or prefix, so
+    thousands of shards cost a few requests. A file rewritten in place gets a new version."""
+    found: dict[str, dict[str, Any]] = {}
+    folders: dict[str, list[str]] = {}
+    for url in urls:
+        if not is_remote(url):
+            try:
+                stat = os.stat(url)
+            except OSError:
+                continue
+            found[url] = {"size": stat.st_size, "version": f"mtime:{stat.st_mtime_ns}"}
+        else:
+            folders.setdefault(dirname(url), []).append(url)
+    for folder, members in folders.items():
+        fs, path = _fs(folder)
+        protocol = folder.split("://", 1)[0]
+        try:
+            listing = {
+                f"{protocol}://{info['name']}": info
+                for info in fs.ls(path.rstrip("/"), detail=True, refresh=True)
+            }
+        except FileNotFoundError:
+            continue
+        for url in members:
+            if (info := listing.get(url)) is not None:
+                found[url] = {"size": int(info["size"]), "version": _object_version(info)}
+    return found
+
+
+def _object_version(info: dict[str, Any]) -> str:
+    for key in ("ETag", "etag", "md5Hash", "generation"):  # S3, then GCS/Azure-style keys
+        if info.get(key):
+            return f"etag:{str(info[key]).strip(chr(34))}"
+    for key in ("LastModified", "last_modified", "mtime", "updated"):
+        if info.get(key):
+            return f"mtime:{info[key]}"
+    return ""
+
+
 def makedirs(url: str | Path) -> None:
     if not is_remote(url):
         Path(url).mkdir(parents=True, exist_ok=True)

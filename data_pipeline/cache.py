@@ -72,21 +72,58 @@ def read_empty_prompt(cache_dir: str | Path) -> np.ndarray:
     return npy_load(storage.read_bytes(storage.join(cache_dir, EMPTY_PROMPT)))
 
 
-def check_spec(cache_dir: str | Path, manifest: dict[str, Any], expected: dict[str, Any]) -> None:
+def check_spec(
+    cache_dir: str | Path,
+    manifest: dict[str, Any],
+    expected: dict[str, Any],
+    fix: str = "re-run `ldm precompute CONFIG` or configure what the cache was built with",
+) -> None:
     """Refuse a cache built from another spec, naming the first field that differs."""
     built = manifest["spec"]
     for key in sorted(set(built) | set(expected)):
         if built.get(key) != expected.get(key):
             raise LdmError(
                 f"latent cache {cache_dir} was built with {key}={_short(built.get(key))} but the "
-                f"config gives {key}={_short(expected.get(key))}: re-run `ldm precompute CONFIG` "
-                "or configure what the cache was built with"
+                f"config gives {key}={_short(expected.get(key))}: {fix}"
             )
 
 
 def _short(value: Any) -> str:
     text = json.dumps(value)
-    return text if len(text) <= 24 else text[:20] + "…"
+    return text if len(text) <= 32 else text[:12] + "…" + text[-16:]
+
+
+def source_change(entry: dict, source: str, fingerprint: dict[str, Any] | None) -> str | None:
+    """Why the raw shard `source` no longer holds what `entry` was encoded from, or None.
+
+    Size and version (mtime or ETag) decide at once when they match; when they differ the
+    shard is hashed, so a file copied or touched with the same bytes is not encoded again."""
+    identity = entry.get("source_identity")
+    if not identity or not identity.get("sha256"):
+        return "cached without a record of its source"
+    if fingerprint is None:
+        return f"{source} is gone"
+    if all(identity.get(k) == fingerprint[k] for k in ("size", "version")):
+        return None
+    if identity["size"] == fingerprint["size"] and storage.sha256(source) == identity["sha256"]:
+        return None
+    return f"{source} changed since it was encoded (size, modification time or ETag differ)"
+
+
+def check_sources(cache_dir: str | Path, manifest: dict[str, Any]) -> None:
+    """Refuse a cache whose raw shards changed since they were encoded (a re-shard after
+    fixing captions, a dataset rewritten in place). Shards that are gone are not checked:
+    a cache is complete without its sources."""
+    entries = [e for e in manifest["shards"] if e.get("source")]
+    found = storage.fingerprints([e["source"] for e in entries])
+    for entry in entries:
+        if entry["source"] not in found:
+            continue
+        if why := source_change(entry, entry["source"], found[entry["source"]]):
+            raise LdmError(
+                f"latent cache {cache_dir}: {entry['name']}: {why}; re-run "
+                "`ldm precompute CONFIG` to encode it again"
+            )
 
 
 @dataclass

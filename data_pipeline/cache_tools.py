@@ -16,7 +16,7 @@ import torch
 
 from core import storage
 from core.errors import LdmError
-from data_pipeline.cache import npy_load, read_manifest
+from data_pipeline.cache import npy_load, read_manifest, source_change
 from data_pipeline.images import image_bytes, read_shard, resize_crop, to_uint8, try_decode
 from models.autoencoder import load_autoencoder
 from models.digests import weights_digest
@@ -48,7 +48,13 @@ def cache_info(cache_dir: str) -> list[str]:
 
 def _check_shards(cache_dir: str, manifest: dict[str, Any]) -> list[str]:
     problems = []
+    sources = storage.fingerprints([e["source"] for e in manifest["shards"] if e.get("source")])
     for entry in manifest["shards"]:
+        if entry.get("source") in sources:
+            why = source_change(entry, entry["source"], sources[entry["source"]])
+            if why:
+                problems.append(f"{entry['name']}: {why}")
+                continue
         path = storage.join(cache_dir, entry["name"])
         if not storage.exists(path):
             problems.append(f"{entry['name']} is missing")
@@ -70,9 +76,13 @@ def verify_cache(
     if problems:
         raise LdmError(
             f"latent cache {cache_dir}: {len(problems)} bad shard(s), first: {problems[0]}; "
-            "delete those shards and their .done.json files, then re-run ldm precompute"
+            "re-run `ldm precompute CONFIG` (it encodes changed sources again; delete a "
+            "damaged shard's .done.json first)"
         )
     result: dict[str, Any] = {"shards": len(manifest["shards"]), "samples": manifest["num_samples"]}
+    result["sources_checked"] = len(
+        storage.fingerprints([e["source"] for e in manifest["shards"] if e.get("source")])
+    )
     spec = manifest["spec"]
     ae_dir = autoencoder or (
         Path(manifest["autoencoder_dir"]) if "autoencoder_dir" in manifest else None

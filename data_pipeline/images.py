@@ -8,6 +8,7 @@ is reported, never raised. The resize/crop here is the one transform every stage
 
 from __future__ import annotations
 
+import hashlib
 import io
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -26,9 +27,26 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
 @dataclass
 class ShardReadReport:
-    """What went wrong while reading one shard (nothing raises; the caller decides)."""
+    """What went wrong while reading one shard (nothing raises; the caller decides), and
+    the sha256 of the bytes read once the whole shard was read."""
 
     errors: list[str] = field(default_factory=list)
+    sha256: str = ""
+
+
+class _HashingReader:
+    """A stream that hashes what is read through it."""
+
+    def __init__(self, stream):
+        self.stream, self.digest = stream, hashlib.sha256()
+
+    def __repr__(self) -> str:  # tar errors name the stream they were reading
+        return repr(self.stream)
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.stream.read(size)
+        self.digest.update(data)
+        return data
 
 
 def list_shards(location: str | Path) -> list[str]:
@@ -52,10 +70,17 @@ def read_shard(path: str, report: ShardReadReport | None = None) -> Iterator[dic
 
     try:
         with storage.open_read(path) as stream:
-            files = tar_file_iterator(stream, handler=handler)
-            files = ({**f, "__url__": path} for f in files)
-            yield from group_by_keys(files, handler=handler)
-    except Exception as exn:  # tarfile raises on the header of a truncated or non-tar file
+            reader = _HashingReader(stream)
+            try:
+                files = tar_file_iterator(reader, handler=handler)
+                files = ({**f, "__url__": path} for f in files)
+                yield from group_by_keys(files, handler=handler)
+            except Exception as exn:  # tarfile raises on a truncated or non-tar file's header
+                handler(exn)
+            while reader.read(1 << 20):  # the rest (tar padding, a broken tail) for the hash
+                pass
+            report.sha256 = reader.digest.hexdigest()
+    except Exception as exn:  # the file could not be opened or read
         handler(exn)
 
 

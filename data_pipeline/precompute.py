@@ -84,6 +84,9 @@ def cache_spec(config: ExperimentConfig, autoencoder_dir: Path) -> dict[str, Any
         "text_encoder_sha256": digest,
         "text_max_length": te.max_length,
         "text": text,
+        # Where the raw shards are: two datasets never share a cache folder. What each shard
+        # held when it was encoded is in its entry (`source_identity`), checked on every use.
+        "dataset": str(config.data.shards).rstrip("/"),
         "holdout_shards": config.data.holdout_shards,
         "resolution": config.data.resolution,
         "center_crop": config.data.center_crop,
@@ -153,9 +156,11 @@ class ShardDecoder:
                 yield self._batch_row(name, chunk, batch, None)
                 chunk, batch = chunk + 1, []
         bad += [f"tar: {e}" for e in report.errors]
-        yield self._batch_row(name, chunk, batch, bad)
+        yield self._batch_row(name, chunk, batch, bad, report.sha256)
 
-    def _batch_row(self, shard: str, chunk: int, batch: list, bad: list[str] | None) -> dict:
+    def _batch_row(
+        self, shard: str, chunk: int, batch: list, bad: list[str] | None, sha256: str = ""
+    ) -> dict:
         captions = [caption for _, caption, _ in batch]
         tokens = self.tokenizer(
             captions or [""],
@@ -172,6 +177,7 @@ class ShardDecoder:
             "last": bad is not None,  # the last batch carries the shard's bad-sample report
             "num_bad": len(bad or []),
             "bad_examples": json.dumps((bad or [])[:MAX_BAD_EXAMPLES]),
+            "source_sha256": sha256,  # of the whole raw shard, known once it was all read
             "keys": json.dumps([key for key, _, _ in batch]),
             "captions": json.dumps(captions),
             "pixels": npy_bytes(pixels),
@@ -248,7 +254,8 @@ class Encoder:
                 "text_npy": b"",
             }
         ]  # an empty last batch still reports the shard's counts
-        shared = {k: row[k] for k in ("shard", "chunk", "last", "num_bad", "bad_examples")}
+        passed_on = ("shard", "chunk", "last", "num_bad", "bad_examples", "source_sha256")
+        shared = {k: row[k] for k in passed_on}
         columns = {k: [r[k] for r in rows] for k in rows[0]}
         columns.update({k: [v] * len(rows) for k, v in shared.items()})
         columns["batch_rows"] = [len(rows)] * len(rows)
@@ -262,8 +269,18 @@ class Encoder:
 class ShardWriter:
     """Writes one cache shard as its batches arrive, in batch order, then publishes it."""
 
-    def __init__(self, cache_dir: str, name: str, source: str, staging: Path):
+    def __init__(
+        self,
+        cache_dir: str,
+        name: str,
+        source: str,
+        source_fingerprint: dict[str, Any],
+        spec_digest: str,
+        staging: Path,
+    ):
         self.cache_dir, self.name, self.source = cache_dir, name, source
+        self.source_fingerprint, self.spec_digest = source_fingerprint, spec_digest
+        self.source_sha256 = ""
         self.partial = staging / f".{name}.partial"
         # A fixed mtime makes the tar bytes (and so its sha256) reproducible.
         self.sink = wds.TarWriter(str(self.partial), mtime=0.0)
@@ -276,6 +293,7 @@ class ShardWriter:
         if row["last"]:
             self.num_chunks = int(row["chunk"]) + 1
             self.num_bad, self.bad_examples = int(row["num_bad"]), json.loads(row["bad_examples"])
+            self.source_sha256 = str(row["source_sha256"])
         while len(self.rows.get(self.next_chunk, ())) == self._rows_in(self.next_chunk):
             for r in sorted(self.rows.pop(self.next_chunk), key=lambda r: r["index"]):
                 if r["index"] >= 0:
@@ -313,6 +331,10 @@ class ShardWriter:
             "num_bad": self.num_bad,
             "bad_examples": self.bad_examples,
             "sha256": storage.sha256(self.partial),
+            # What was encoded: the raw shard's size and version when the job was planned,
+            # and the sha256 of the bytes the decoder read.
+            "source_identity": {**self.source_fingerprint, "sha256": self.source_sha256},
+            "spec_digest": self.spec_digest,
         }
         storage.put_file(self.partial, storage.join(self.cache_dir, self.name))
         storage.write_bytes(done_marker(self.cache_dir, self.name), json.dumps(entry).encode())

@@ -19,7 +19,7 @@ from core.config import ExperimentConfig
 from core.errors import LdmError
 from core.layout import RunLayout
 from data_pipeline.image_set import load_images, train_crop
-from orchestrator.launcher import Stage, launch
+from orchestrator.launcher import Stage, check_local_gpu, launch
 from training import checkpoint as ckpt
 from training.autoencoder_loop import resume_settings, train_rank
 from training.autoencoder_losses import perceptual_off
@@ -76,6 +76,7 @@ def train_autoencoder(config: ExperimentConfig, progress: bool = True) -> dict[s
             flush=True,
         )
         return {}
+    check_local_gpu(config, ae.num_workers, ae.max_failures)
     layout = RunLayout.of(config)
     started_at = time.time()
     crop = train_crop(config)

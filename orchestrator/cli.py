@@ -116,6 +116,7 @@ def cmd_cache(args: argparse.Namespace) -> None:
     )
     print(
         f"cache OK: {result['shards']} shards, {result['samples']} samples as the manifest says; "
+        f"{result['sources_checked']} of {result['shards']} source shards found and unchanged; "
         + psnr
     )
 

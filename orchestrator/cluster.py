@@ -344,6 +344,34 @@ def ray_session(
         _restore_env(saved_auth)
 
 
+def check_resources(cluster: ClusterConfig, num_workers: int, workers_key: str) -> None:
+    """Refuse, with the numbers, workers the connected cluster cannot place now: Ray Train
+    would wait for them forever. (An autoscaling cluster counts only the nodes it has.)"""
+    import ray
+
+    total = ray.cluster_resources()
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    gpus, cpus = int(total.get("GPU", 0)), total.get("CPU", 0.0)
+    if cluster.use_gpu and gpus < num_workers:
+        raise LdmError(
+            f"cluster.use_gpu: {num_workers} workers need {num_workers} GPUs, the Ray cluster "
+            f"has {gpus}; set cluster.use_gpu=false, lower {workers_key}, or add GPU nodes"
+        )
+    need = cluster.num_cpus_per_worker * num_workers
+    largest = max((n["Resources"].get("CPU", 0.0) for n in nodes), default=0.0)
+    if need > cpus or cluster.num_cpus_per_worker > largest:
+        raise LdmError(
+            f"{workers_key}: {num_workers} workers x cluster.num_cpus_per_worker="
+            f"{cluster.num_cpus_per_worker:g} need {need:g} CPUs (at most {largest:g} on one "
+            f"node), the Ray cluster has {cpus:g} on {len(nodes)} node(s); lower them or add nodes"
+        )
+    if cluster.placement_strategy == "STRICT_SPREAD" and len(nodes) < num_workers:
+        raise LdmError(
+            f"cluster.placement_strategy: STRICT_SPREAD puts each of the {num_workers} workers "
+            f"on its own node, the Ray cluster has {len(nodes)}; use SPREAD or add nodes"
+        )
+
+
 def worker_scaling(cluster: ClusterConfig, num_workers: int) -> ScalingConfig:
     """Ray Train's ScalingConfig for `num_workers` workers placed per the cluster settings:
     `cluster.num_cpus_per_worker` CPUs (and a GPU with `cluster.use_gpu`) each."""

@@ -30,7 +30,7 @@ from core import storage
 from core.config import ExperimentConfig
 from core.errors import LdmError, Preempted
 from core.layout import CheckpointPlace, RunLayout
-from orchestrator.cluster import ray_session, usable_cores, worker_scaling
+from orchestrator.cluster import check_resources, ray_session, usable_cores, worker_scaling
 from orchestrator.ray_worker import pack, run_rank
 from training import checkpoint as ckpt
 from training.context import RankContext
@@ -114,15 +114,31 @@ def in_process(config: ExperimentConfig, num_workers: int, max_failures: int) ->
     )
 
 
+def check_local_gpu(config: ExperimentConfig, num_workers: int, max_failures: int) -> None:
+    """A stage that will run in this process with `cluster.use_gpu` needs a GPU here: drivers
+    call this first, before any data is read (a cluster's GPUs are checked on connecting)."""
+    if (
+        config.cluster.use_gpu
+        and in_process(config, num_workers, max_failures)
+        and not torch.cuda.is_available()
+    ):
+        raise LdmError(
+            "cluster.use_gpu: this machine has no GPU torch can use; set cluster.use_gpu=false, "
+            "or run on a cluster with GPUs (cluster.address)"
+        )
+
+
 def launch(config: ExperimentConfig, layout: RunLayout, stage: Stage) -> Launched:
     """Run `stage` to its end (or to a graceful stop: `Preempted`), tracked in one MLflow run."""
+    local = in_process(config, stage.num_workers, stage.max_failures)
+    check_local_gpu(config, stage.num_workers, stage.max_failures)
     run_id, previous_status = _open_run(config, layout, stage)
     status, trained = "FAILED", False
     stop = _GracefulStop(layout.stop_file, stage.preempt_grace_s, stage.name)
     metrics: dict[str, float] = {}
     try:
         context = RankContext(config, layout, run_id, stage.args, stage.data)
-        if in_process(config, stage.num_workers, stage.max_failures):
+        if local:
             with stop:
                 trained = True
                 metrics = _run_in_process(stage.rank_function, context)
@@ -168,7 +184,12 @@ def _open_run(config: ExperimentConfig, layout: RunLayout, stage: Stage) -> tupl
             previous_status = reopen_run(uri, run_id, stage.tags)
         except Exception as err:  # another tracking store: the checkpoint's run is not there
             first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-            print(f"{stage.name}: cannot reopen MLflow run {run_id} ({first}); starting a new one")
+            print(
+                f"{stage.name}: the checkpoint's MLflow run {run_id} is not in the tracking "
+                f"store {uri} (it was tracked in another store, or deleted: {first}); logging "
+                "to a new run",
+                flush=True,
+            )
             run_id = None
     if run_id is None:
         run_id = start_run(
@@ -256,6 +277,7 @@ def _run_on_ray(
     from ray.train import FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
+    check_resources(config.cluster, stage.num_workers, f"{stage.name}.num_workers")
     keys = sorted(stage.data)
     data = [ray.put(stage.data[k]) for k in keys]
     context.data = {}  # travels through the object store, not inside the pickled context

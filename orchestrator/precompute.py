@@ -20,7 +20,7 @@ from core import storage
 from core.config import ExperimentConfig
 from core.errors import LdmError
 from core.layout import RunLayout
-from data_pipeline.cache import spec_digest
+from data_pipeline.cache import MANIFEST, check_spec, read_manifest, source_change, spec_digest
 from data_pipeline.precompute import (
     Encoder,
     ShardDecoder,
@@ -46,6 +46,7 @@ def _encode(
     done: list[dict],
     num_shards: int,
     progress: bool,
+    fingerprints: dict[str, dict[str, Any]],
 ) -> None:
     """The Ray Data job: encode the `todo` shards, publishing each as it completes."""
     import ray
@@ -89,7 +90,14 @@ def _encode(
         for row in ds.iter_rows():
             name = row["shard"]
             if name not in writers:
-                writers[name] = ShardWriter(cache_dir, name, sources[name], staging)
+                writers[name] = ShardWriter(
+                    cache_dir,
+                    name,
+                    sources[name],
+                    fingerprints[sources[name]],
+                    spec_digest(spec),
+                    staging,
+                )
             writer = writers[name]
             writer.add(row)
             if writer.complete:
@@ -132,12 +140,28 @@ def precompute(config: ExperimentConfig, progress: bool = True) -> str:
     spec = cache_spec(config, layout.autoencoder_dir)
     cache_dir = resolve_cache_dir(config, spec)
     storage.makedirs(cache_dir)
+    if storage.exists(storage.join(cache_dir, MANIFEST)):  # an explicit cache_dir, reused
+        check_spec(
+            cache_dir,
+            read_manifest(cache_dir),
+            spec,
+            fix="point precompute.cache_dir at another folder (or unset it), or delete that one",
+        )
     shards = cached_shards(config)
     names = [storage.basename(s) for s in shards]
     if len(set(names)) != len(names):
         raise LdmError(f"data.shards: shard file names repeat in {config.data.shards}")
-    done = [e for e in (done_entry(cache_dir, n) for n in names) if e]
-    todo = [s for s, n in zip(shards, names, strict=True) if n not in {e["name"] for e in done}]
+    fingerprints = storage.fingerprints(shards)
+    done, todo = [], []
+    for shard, name in zip(shards, names, strict=True):
+        entry = done_entry(cache_dir, name)
+        why = None if entry is None else _why_stale(entry, spec, shard, fingerprints)
+        if entry is not None and why is None:
+            done.append(entry)
+            continue
+        if why is not None:
+            print(f"precompute: {name}: {why}; encoding it again", flush=True)
+        todo.append(shard)
     print(f"precompute: {len(done)} of {len(shards)} shards already cached in {cache_dir}")
     started = time.perf_counter()
     previous = storage.join(cache_dir, "manifest.json")
@@ -150,7 +174,7 @@ def precompute(config: ExperimentConfig, progress: bool = True) -> str:
         run_id = _start_run(config, layout, spec, cache_dir)
     status = "FAILED"
     try:
-        _encode(config, layout, spec, cache_dir, todo, done, len(shards), progress)
+        _encode(config, layout, spec, cache_dir, todo, done, len(shards), progress, fingerprints)
         manifest = write_cache_manifest(
             config, spec, cache_dir, names, layout.autoencoder_dir, run_id
         )
@@ -159,6 +183,15 @@ def precompute(config: ExperimentConfig, progress: bool = True) -> str:
         if todo:
             _end_run(layout, run_id, status, manifest if status == "FINISHED" else None, started)
     return cache_dir
+
+
+def _why_stale(
+    entry: dict, spec: dict[str, Any], shard: str, fingerprints: dict[str, dict[str, Any]]
+) -> str | None:
+    """Why a shard's cached entry cannot be reused, or None when it can."""
+    if entry.get("spec_digest") != spec_digest(spec):
+        return "cached under another spec"
+    return source_change(entry, shard, fingerprints.get(shard))
 
 
 def _end_run(

@@ -13,6 +13,9 @@ from core.errors import LdmError
 
 def list_runs(uri: str, experiment: str, max_runs: int = 50) -> list[str]:
     """One line per run, newest first: name, stage, status, step, loss, samples/s, id."""
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        # Opening a SQLite store creates it: a look must not leave a database behind.
+        return [f"no MLflow store at {uri.removeprefix('sqlite:///')} (no run has logged there)"]
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 

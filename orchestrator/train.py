@@ -20,11 +20,13 @@ from core import storage
 from core.config import ExperimentConfig
 from core.errors import LdmError
 from core.layout import RunLayout
-from data_pipeline.cache import check_spec, read_manifest
+from core.loader import load_saved_config
+from core.resume import check_resumable
+from data_pipeline.cache import check_sources, check_spec, read_manifest, spec_digest
 from data_pipeline.precompute import cache_spec, resolve_cache_dir
 from data_pipeline.stream import Layout, check_enough_samples
 from orchestrator.export import export_pipeline
-from orchestrator.launcher import Stage, launch
+from orchestrator.launcher import Stage, check_local_gpu, launch
 from training import checkpoint as ckpt
 from training.evaluation import check_ready
 from training.loop import train_rank
@@ -35,12 +37,14 @@ def train(config: ExperimentConfig) -> dict[str, Any]:
     """Run the training stage to `train.num_steps`; resumes per `train.resume`."""
     layout = RunLayout.of(config)
     t = config.train
+    check_local_gpu(config, t.num_workers, t.max_failures)
     if t.eval_every:
         check_ready(config)
     spec = cache_spec(config, layout.autoencoder_dir)
     cache_dir = resolve_cache_dir(config, spec)
     manifest = read_manifest(cache_dir)
     check_spec(cache_dir, manifest, spec)
+    check_sources(cache_dir, manifest)
     check_enough_samples(
         cache_dir,
         sum(s["num_samples"] for s in manifest["shards"]),
@@ -61,6 +65,16 @@ def train(config: ExperimentConfig) -> dict[str, Any]:
             f"{tag} was saved by {resumed.world_size} ZeRO-3 ranks: resume it with "
             f"train.num_workers={resumed.world_size} (ZeRO-1/2 checkpoints resume on any count)"
         )
+    if tag is not None and storage.exists(storage.join(tag, ckpt.CONFIG_YAML)):
+        changed = check_resumable(
+            tag,
+            load_saved_config(tag),
+            config,
+            resumed.settings.get("cache_spec_digest") if resumed else None,
+            spec_digest(spec),
+        )
+        if changed:
+            print(f"train: continuing {tag} with changed {'; '.join(changed)}", flush=True)
     launched = launch(
         config,
         layout,

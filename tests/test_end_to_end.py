@@ -13,6 +13,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.conftest import FIXTURE_IMAGES, ldm, ok, one_line_error, run_ldm
+from tests.test_precompute import reference_cache
 
 pytestmark = pytest.mark.slow
 
@@ -145,11 +146,28 @@ def test_bad_inputs_get_one_line(tmp_path):
     one_line_error(run_ldm("train", str(cfg)), "train.num_stepz", "unknown key")
     cfg.write_text("preset: tiny\n")
     one_line_error(ldm("train", str(cfg), "train.micro_batch_size=big"), "train.micro_batch_size")
+    for override, named in [
+        ("unet.block_out_channels=[]", "unet.block_out_channels"),
+        ("autoencoder.block_out_channels=[0,0,0]", "autoencoder.block_out_channels"),
+        ("train.num_steps=true", "train.num_steps"),
+        ("train.num_steps=2.0", "train.num_steps"),
+        ("diffusion.beta_start=0.5", "diffusion.beta_start"),
+        ("sample.prompts=[]", "sample.prompts"),
+    ]:
+        one_line_error(ldm("train", str(cfg), override), named)
+    one_line_error(
+        ldm("autoencoder", str(cfg), "cluster.use_gpu=true", f"run.root={tmp_path}/runs"),
+        "cluster.use_gpu",
+        "no GPU",
+    )
+    assert not (tmp_path / "runs").exists()  # refused before an MLflow run was made
+    cfg.write_bytes("preset: tiny\nrun:\n  name: caf\xe9\n".encode("latin-1"))
+    one_line_error(ldm("train", str(cfg)), "not UTF-8")
 
 
 def test_cache_info_and_verify(pipeline, tmp_path):
     work, _, _ = pipeline
-    (cache,) = (work / "runs" / "cache").iterdir()
+    cache, _ = reference_cache(work)
     info = ok(ldm("cache", "info", str(cache))).stdout
     assert "64 in 4 shards" in info and "KiB per sample" in info
     verified = ok(ldm("cache", "verify", str(cache), "--num-decode", "4")).stdout

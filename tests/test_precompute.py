@@ -5,6 +5,7 @@ a process of its own; every other run is the command line in this process, on th
 one embedded Ray.
 """
 
+import hashlib
 import json
 import os
 import shutil
@@ -19,19 +20,27 @@ import webdataset as wds
 
 from core.errors import LdmError
 from core.loader import load_config
+from data_pipeline.cache import check_sources, read_manifest
 from data_pipeline.images import read_shard
+from data_pipeline.precompute import cache_spec, resolve_cache_dir
 from orchestrator.precompute import precompute
-from tests.conftest import ROOT, ldm, ok
+from tests.conftest import ROOT, ldm, ok, one_line_error
 
 pytestmark = pytest.mark.slow
 
 
 def reference_cache(work):
-    """The pipeline's cache (other tests add caches of other specs beside it)."""
+    """The pipeline's cache (other tests add caches of other specs and datasets beside it)."""
+
+    def spec(path):
+        return json.loads((path / "manifest.json").read_text())["spec"]
+
     (cache,) = [
         path
         for path in (work / "runs" / "cache").iterdir()
-        if json.loads((path / "manifest.json").read_text())["spec"]["text"] == "hidden_states"
+        if (path / "manifest.json").is_file()
+        and spec(path)["text"] == "hidden_states"
+        and spec(path)["dataset"] == str(work / "shards")
     ]
     return cache, json.loads((cache / "manifest.json").read_text())
 
@@ -147,3 +156,67 @@ def test_corrupt_samples_and_broken_tars_are_counted_and_skipped(pipeline, embed
     assert "could not be decoded" in message and "precompute.max_bad_fraction=0.01" in message
     assert "\n" not in message  # the command prints it as its one line
     assert not (tmp_path / "strict" / "manifest.json").exists()
+
+
+def _recaption(shard, caption: str) -> None:
+    """Rewrite a raw shard in place with its first sample's caption replaced (a re-shard
+    after fixing captions: same name, same samples, other bytes)."""
+    samples = [_clean(sample) for sample in read_shard(str(shard))]
+    samples[0]["txt"] = caption.encode()
+    with wds.TarWriter(str(shard)) as sink:
+        for sample in samples:
+            sink.write(sample)
+
+
+def test_a_changed_source_shard_is_encoded_again_and_never_reused(pipeline, embedded_ray, tmp_path):
+    work, _, _ = pipeline
+    raw, cache = tmp_path / "raw", tmp_path / "cache"
+    raw.mkdir()
+    for name in ("00000.tar", "00001.tar"):
+        shutil.copy(work / "shards" / name, raw / name)
+    args = ["precompute", str(work / "exp.yaml"), f"data.shards={raw}"]
+    first = ok(ldm(*args, f"precompute.cache_dir={cache}"))
+    assert "0 of 2 shards already cached" in first.stdout
+    check_sources(cache, read_manifest(cache))
+
+    _recaption(raw / "00001.tar", "a fixed caption")
+    later = time.time() + 5
+    os.utime(raw / "00000.tar", (later, later))  # touched: a new mtime, the same bytes
+    with pytest.raises(LdmError, match=r"00001.tar: .*00001.tar changed since it was encoded"):
+        check_sources(cache, read_manifest(cache))  # what `ldm train` checks first
+    one_line_error(ldm("cache", "verify", str(cache)), "00001.tar changed since it was encoded")
+
+    again = ok(ldm(*args, f"precompute.cache_dir={cache}"))
+    assert "1 of 2 shards already cached" in again.stdout
+    assert "00001.tar: " in again.stdout and "encoding it again" in again.stdout
+    assert "00000.tar: " not in again.stdout  # same bytes: not encoded again
+    (first_sample, *_) = read_shard(str(cache / "00001.tar"))
+    assert first_sample["txt"] == b"a fixed caption"
+    manifest = read_manifest(cache)
+    check_sources(cache, manifest)
+    entry = {e["name"]: e for e in manifest["shards"]}["00001.tar"]
+    assert (
+        entry["source_identity"]["sha256"]
+        == hashlib.sha256((raw / "00001.tar").read_bytes()).hexdigest()
+    )
+
+
+def test_two_datasets_never_share_a_cache(pipeline, tmp_path):
+    """The same encoders over another dataset (even one with the same shard names) get
+    their own cache folder; pointing both at one folder is refused before any encoding."""
+    work, _, _ = pipeline
+    reference, _ = reference_cache(work)
+    other = tmp_path / "other"
+    shutil.copytree(work / "shards", other)
+    config = load_config(work / "exp.yaml")
+    moved = load_config(work / "exp.yaml", [f"data.shards={other}"])
+    ae = work / "runs" / "tiny" / "autoencoder"
+    assert resolve_cache_dir(config, cache_spec(config, ae)) == str(reference)
+    assert resolve_cache_dir(moved, cache_spec(moved, ae)) != str(reference)
+    refused = ldm(
+        "precompute",
+        str(work / "exp.yaml"),
+        f"data.shards={other}",
+        f"precompute.cache_dir={reference}",
+    )
+    one_line_error(refused, "was built with dataset=", "point precompute.cache_dir at another")

@@ -94,6 +94,10 @@ def test_s3_input_and_cache_end_to_end(pipeline, s3, tmp_path):
         )
         assert "resuming from" in resumed.stdout and "(step 2)" in resumed.stdout
         assert "converted for a new world size" in resumed.stdout
+        assert "train: continuing s3://ldm/runs/from-s3/checkpoints/step_00000002 with " in (
+            resumed.stdout
+        )
+        assert "train.num_workers: 1 -> 2" in resumed.stdout
         last = "ldm/runs/from-s3/checkpoints/step_00000004"
         state = json.loads(fs.cat(f"{last}/train_state.json"))
         assert state["step"] == 4 and state["world_size"] == 2

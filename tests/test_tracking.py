@@ -137,3 +137,10 @@ def test_runs_lists_and_ui_serves_the_local_store(pipeline):
 
         os.killpg(ui.pid, signal.SIGTERM)
         ui.wait(timeout=30)
+
+
+def test_runs_in_an_empty_folder_creates_nothing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    listed = ok(ldm("runs")).stdout
+    assert "no MLflow store at" in listed and "no run has logged there" in listed
+    assert list(tmp_path.iterdir()) == []

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from core import storage
 from core.config import ExperimentConfig
 from core.layout import RunLayout
-from data_pipeline.cache import read_empty_prompt, read_manifest
+from data_pipeline.cache import read_empty_prompt, read_manifest, spec_digest
 from data_pipeline.stream import DataCursor, LatentCacheStream
 from models.flops import peak_flops, train_flops_per_sample
 from models.schedulers import build_noise_scheduler
@@ -95,6 +95,8 @@ class UNetTraining:
         self.empty = empty_prompt(read_empty_prompt(self.cache_dir), spec["text_max_length"])
         self.latent_norm = (spec.get("shift_factor", 0.0), spec["scaling_factor"])
         self.state = saved or TrainState(config_digest=self.config.digest())
+        # What the driver compares when a later job continues this checkpoint.
+        self.state.settings["cache_spec_digest"] = spec_digest(spec)
         self.state.mlflow_run_id = ctx.run_id or self.state.mlflow_run_id
         self.main = UNetRank0(
             self.rank, self.config, self.layout, self.state.mlflow_run_id, self.engine.device

@@ -154,7 +154,8 @@ def cmd_submit(args: argparse.Namespace) -> None:
 
     config = _load(args)
     config.cluster.address = None  # inside the job, Ray is the cluster the job runs on
-    job_id = submit(args.address, args.stage, config.to_yaml(), Path(__file__).resolve().parents[1])
+    root = Path(__file__).resolve().parents[1]
+    job_id = submit(args.address, args.stage, config.to_yaml(), root, python=args.python)
     print(job_id)
 
 
@@ -310,6 +311,11 @@ def _parser() -> argparse.ArgumentParser:
         "--address", required=True, help="Ray dashboard address, e.g. http://127.0.0.1:8265"
     )
     p.add_argument("--stage", choices=STAGES, default="train")
+    p.add_argument(
+        "--python",
+        default="python",
+        help="the Python the job runs on the head node (default: `python` on its PATH)",
+    )
     p.set_defaults(func=cmd_submit)
 
     p = sub.add_parser("jobs", help="list, inspect and stop Ray jobs")
@@ -369,8 +375,20 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse(argv: list[str]) -> argparse.Namespace:
+    """The command line, with a command's overrides and options in any order: argparse's
+    intermixed parsing, applied to the command's own parser (it does not take subparsers)."""
+    parser = _parser()
+    commands = next(a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    if argv and argv[0] in commands:
+        args = commands[argv[0]].parse_intermixed_args(argv[1:])
+        args.command = argv[0]
+        return args
+    return parser.parse_args(argv)  # --help, or no or an unknown command: argparse says so
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = parse(sys.argv[1:] if argv is None else list(argv))
     set_default_env()
     try:
         if args.command == "config" and not (args.config or args.preset or args.show_defaults):

@@ -19,6 +19,7 @@ import logging
 import os
 import secrets
 import socket
+import stat
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -175,15 +176,45 @@ def _embedded_auth_env() -> dict[str, str]:
         return {}
     env = {AUTH_MODE: "token"}
     if auth_token() is None and not (Path.home() / ".ray" / "auth_token").is_file():
-        folder = ldm_temp_dir()
-        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        folder = private_dir(ldm_temp_dir())
         path = folder / "ray_auth_token"
+        if path.exists() or path.is_symlink():
+            _check_private(path, stat.S_ISREG, "file")
         if not path.is_file() or not path.read_text().strip():
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "w") as f:
                 f.write(secrets.token_hex(32))
         env[AUTH_TOKEN_PATH] = str(path)
     return env
+
+
+def private_dir(folder: Path) -> Path:
+    """`folder`, made 0700 if new; refused (one line) unless it is a directory of this user
+    that nobody else can read or write: in a shared /tmp another user could have made it
+    first, to read the token put in it, or to plant one."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(mode=0o700)
+    except FileExistsError:
+        pass
+    _check_private(folder, stat.S_ISDIR, "folder")
+    return folder
+
+
+def _check_private(path: Path, is_kind, kind: str) -> None:
+    info = path.lstat()  # a symlink is refused, not followed
+    problem = None
+    if not is_kind(info.st_mode):
+        problem = f"is not a {kind} (a symlink or another kind of file)"
+    elif info.st_uid != os.getuid():
+        problem = f"belongs to uid {info.st_uid}, not to you (uid {os.getuid()})"
+    elif info.st_mode & 0o077:
+        problem = f"has permissions {stat.S_IMODE(info.st_mode):04o}; other users can reach it"
+    if problem:
+        raise LdmError(
+            f"{path} {problem}: it would hold the embedded Ray's auth token; delete it (or "
+            f"set {AUTH_TOKEN_PATH} to a token file only you can read) and run again"
+        )
 
 
 def _split_host_port(address: str) -> tuple[str, int]:

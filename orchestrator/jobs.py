@@ -16,9 +16,11 @@ means `$RAY_API_SERVER_ADDRESS` or `http://127.0.0.1:8265`. A GCS address (port 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import os
 import shlex
 import shutil
+import sys
 import tempfile
 import time
 import warnings
@@ -77,6 +79,18 @@ def _translate(err: Exception, url: str, job_id: str | None) -> LdmError:
     return LdmError(f"Ray Jobs API at {url}: {_first_line(err)}")
 
 
+def cleartext_to_network(scheme: str, host: str | None) -> bool:
+    """Whether a request would leave this machine unencrypted (http to a non-loopback host)."""
+    if scheme != "http" or host is None:
+        return False
+    if host == "localhost":
+        return False
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name other than localhost
+        return True
+
+
 @contextmanager
 def _client(address: str, job_id: str | None = None) -> Iterator[Any]:
     """A JobSubmissionClient for address; errors inside the block become LdmErrors."""
@@ -94,6 +108,13 @@ def _client(address: str, job_id: str | None = None) -> Iterator[Any]:
 
     token = auth_token()
     headers = {"Authorization": f"Bearer {token}"} if token else None
+    if token and cleartext_to_network(parts.scheme, parts.hostname):
+        print(
+            f"ldm: warning: sending the Ray auth token to {parts.hostname} over plain http; "
+            "anyone on the network path can read it (use https, an SSH tunnel, or kubectl "
+            "port-forward to 127.0.0.1)",
+            file=sys.stderr,
+        )
     try:
         # The client lets RAY_ADDRESS / RAY_API_SERVER_ADDRESS override its address argument;
         # inside a job RAY_ADDRESS is the GCS, so hide them: the caller's address is meant.
@@ -144,11 +165,19 @@ def build_staging_dir(project_root: Path, config_yaml: str, dest: Path) -> Path:
     return dest
 
 
-def stage_entrypoint(stage: str, extra_args: list[str] = ()) -> str:
-    """The job's shell command for a stage."""
+def stage_entrypoint(stage: str, extra_args: list[str] = (), python: str = "python") -> str:
+    """The job's shell command for a stage: `python -m orchestrator.cli ...`, after a check
+    that this `python` on the head node is one that has Ray (a cluster started from a virtual
+    environment that is not on PATH would otherwise die on `No module named 'ray'`)."""
     if stage not in STAGES:
         raise LdmError(f"stage {stage!r}: jobs run one of {', '.join(STAGES)}")
-    return shlex.join(["python", "-m", "orchestrator.cli", stage, JOB_CONFIG, *extra_args])
+    hint = (
+        f"ldm {stage}: error: `{python}` on the cluster's head node cannot import ray: "
+        "submit with --python PATH, the Python of the environment the cluster's Ray runs in"
+    )
+    check = f"{shlex.join([python, '-c', 'import ray'])} 2>/dev/null"
+    command = shlex.join([python, "-m", "orchestrator.cli", stage, JOB_CONFIG, *extra_args])
+    return f"{check} || {{ echo {shlex.quote(hint)} >&2; exit 2; }}; exec {command}"
 
 
 def submit(
@@ -157,13 +186,14 @@ def submit(
     config_yaml: str,
     project_root: Path,
     extra_args: list[str] = (),
+    python: str = "python",
 ) -> str:
     """Submit a stage as a Ray job and return its submission id (it runs asynchronously).
 
     config_yaml is the resolved experiment config; its paths must be valid on the cluster
     (a shared filesystem), since the driver and workers read and write them there.
     """
-    entrypoint = stage_entrypoint(stage, list(extra_args))
+    entrypoint = stage_entrypoint(stage, list(extra_args), python)
     if not config_yaml.strip():
         raise LdmError("submit: the config text is empty")
     with tempfile.TemporaryDirectory(prefix="ldm-job-") as tmp:

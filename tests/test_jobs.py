@@ -7,6 +7,7 @@ started once for the module.
 import os
 import re
 import shutil
+import subprocess
 import textwrap
 import time
 from pathlib import Path
@@ -127,11 +128,25 @@ def test_staging_dir_holds_code_and_config(tmp_path):
     _one_line(err, "orchestrator/")
 
 
-def test_stage_entrypoints():
-    assert jobs.stage_entrypoint("train") == "python -m orchestrator.cli train job_config.yaml"
-    assert jobs.stage_entrypoint("precompute", ["a b", "x=1"]) == (
+def test_stage_entrypoints(tmp_path):
+    train = jobs.stage_entrypoint("train")
+    assert train.endswith("; exec python -m orchestrator.cli train job_config.yaml")
+    assert jobs.stage_entrypoint("precompute", ["a b", "x=1"]).endswith(
         "python -m orchestrator.cli precompute job_config.yaml 'a b' x=1"
     )
+    # A head node whose `python` has no Ray: one line that says what to do, exit status 2.
+    bare = tmp_path / "bin"
+    bare.mkdir()
+    (bare / "python").symlink_to(shutil.which("python3", path="/usr/bin:/bin"))
+    run = subprocess.run(
+        ["sh", "-c", jobs.stage_entrypoint("train")],
+        env={"PATH": f"{bare}:/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 2 and run.stderr.count("\n") == 1, run.stderr
+    assert "cannot import ray: submit with --python PATH" in run.stderr
     with pytest.raises(LdmError) as err:
         jobs.submit("http://127.0.0.1:9", "sample", "x: 1\n", Path("."))
     _one_line(err, "autoencoder, precompute, train")

@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from core.config import STAGES, ExperimentConfig
+from core.errors import LdmError
 from core.loader import load_config
 
 API = "ray.io/v1"
@@ -30,6 +31,9 @@ SHARED_MOUNT = "/shared"
 RAY_TOKEN_SECRET = "ldm-ray-token"  # key `auth_token`: `ray get-auth-token --generate`
 S3_SECRET = "ldm-s3"  # keys AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY (optional)
 UID = 1000
+TMP_LIMIT = "50Gi"
+# Per container: the /tmp volume's limit plus room for its logs and writable layer.
+EPHEMERAL = {"requests": "10Gi", "limits": "60Gi"}
 
 
 # What pods and containers share: a fixed non-root identity and the default seccomp profile.
@@ -73,7 +77,9 @@ def _volumes(extra: list[dict] = ()) -> list[dict[str, Any]]:
         {"name": "shared", "persistentVolumeClaim": {"claimName": SHARED_PVC}},
         # Ray's object store and DataLoader workers need more than the default 64 MiB /dev/shm.
         {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "8Gi"}},
-        {"name": "tmp", "emptyDir": {}},
+        # Ray's session logs and spilled objects: bounded, so a runaway log cannot fill
+        # the node's disk (the containers request and limit ephemeral storage to match).
+        {"name": "tmp", "emptyDir": {"sizeLimit": TMP_LIMIT}},
         *extra,
     ]
 
@@ -107,7 +113,10 @@ def _ray_container(name: str, resources: dict, mounts: list[dict] = ()) -> dict[
         "image": IMAGE,
         "imagePullPolicy": "IfNotPresent",
         "securityContext": container_security(),
-        "resources": resources,
+        "resources": {
+            side: {**values, "ephemeral-storage": EPHEMERAL[side]}
+            for side, values in resources.items()
+        },
         "env": _env(),
         "volumeMounts": _mounts(mounts),
         "ports": [
@@ -201,6 +210,7 @@ def ray_job(
     if image:
         return _with_image(ray_job(config, stage, name), image)
     config = config.model_copy(deep=True)
+    _refuse_local_paths(config)
     # Paths resolve on the shared volume, whatever they were on the machine that rendered it.
     config.run.root = f"{SHARED_MOUNT}/runs"
     if "://" not in config.data.shards:
@@ -252,6 +262,24 @@ def ray_job(
     return [config_map, job]
 
 
+def _refuse_local_paths(config: ExperimentConfig) -> None:
+    """Pods see the shared volume and object stores, not the disk `ldm k8s` runs on: a
+    path of this machine in the config would be a FileNotFoundError in a pod."""
+    keys = {
+        "autoencoder.pretrained": config.autoencoder.pretrained,
+        "autoencoder.lpips_path": config.autoencoder.lpips_path,
+        "precompute.cache_dir": config.precompute.cache_dir,
+        "run.storage": config.run.storage,
+    }
+    for key, value in keys.items():
+        if value is None or "://" in value or Path(value).is_relative_to(SHARED_MOUNT):
+            continue
+        raise LdmError(
+            f"{key}={value} is a path on this machine, which the pods cannot see: copy it "
+            f"to the shared volume and set {key}={SHARED_MOUNT}/..., or use an s3:// URI"
+        )
+
+
 def _with_image(documents: list[dict], image: str) -> list[dict]:
     def swap(node):
         if isinstance(node, dict):
@@ -261,6 +289,19 @@ def _with_image(documents: list[dict], image: str) -> list[dict]:
         return node
 
     return [swap(d) for d in documents]
+
+
+MLFLOW_HOSTS = tuple(
+    f"{name}{port}"
+    for name in (
+        "ldm-mlflow",
+        "ldm-mlflow.*.svc",
+        "ldm-mlflow.*.svc.cluster.local",
+        "localhost",
+        "127.0.0.1",
+    )
+    for port in ("", ":*")
+)
 
 
 def mlflow_server() -> list[dict]:
@@ -276,6 +317,10 @@ def mlflow_server() -> list[dict]:
             "--backend-store-uri=sqlite:////mlflow/mlflow.db",
             "--artifacts-destination=/mlflow/artifacts",
             "--workers=2",
+            # MLflow refuses requests whose Host header it does not know (DNS rebinding):
+            # the Service's names as pods call it, and localhost for `kubectl port-forward`.
+            f"--allowed-hosts={','.join(MLFLOW_HOSTS)}",
+            "--cors-allowed-origins=http://localhost:*,http://127.0.0.1:*",
         ],
         "env": [
             {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
@@ -283,10 +328,11 @@ def mlflow_server() -> list[dict]:
             {"name": "MLFLOW_DISABLE_TELEMETRY", "value": "true"},
         ],
         "ports": [{"name": "http", "containerPort": 5000}],
-        "securityContext": container_security(),
+        # It writes only to its volume and /tmp.
+        "securityContext": {**container_security(), "readOnlyRootFilesystem": True},
         "resources": {
-            "requests": {"cpu": "500m", "memory": "1Gi"},
-            "limits": {"cpu": "2", "memory": "4Gi"},
+            "requests": {"cpu": "500m", "memory": "1Gi", "ephemeral-storage": "1Gi"},
+            "limits": {"cpu": "2", "memory": "4Gi", "ephemeral-storage": "10Gi"},
         },
         "readinessProbe": {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 10},
         "volumeMounts": [
@@ -323,7 +369,7 @@ def mlflow_server() -> list[dict]:
                                 "name": "mlflow",
                                 "persistentVolumeClaim": {"claimName": "ldm-mlflow"},
                             },
-                            {"name": "tmp", "emptyDir": {}},
+                            {"name": "tmp", "emptyDir": {"sizeLimit": "8Gi"}},
                         ],
                     },
                 },
@@ -357,9 +403,18 @@ def shared_storage(size: str = "1Ti") -> list[dict]:
     ]
 
 
+# How KubeRay's Helm chart labels its operator pod (any namespace): it calls the head's
+# dashboard to submit RayJobs and follow them.
+KUBERAY_OPERATOR = {"app.kubernetes.io/name": "kuberay-operator"}
+
+
 def network_policies() -> list[dict]:
-    """Deny ingress to the project's pods except from each other (dashboard, GCS, MLflow)."""
+    """Ingress to the project's pods only from each other (dashboard, GCS, MLflow) and from
+    the KubeRay operator (the dashboard); egress only to each other, DNS, and HTTPS (object
+    stores). A client pod (`ldm submit`, `ldm runs`) needs the label part-of: ldm."""
     project = {"podSelector": {"matchLabels": dict(PART_OF)}}
+    operator = {"namespaceSelector": {}, "podSelector": {"matchLabels": dict(KUBERAY_OPERATOR)}}
+    dns = [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]
     return [
         {
             "apiVersion": "networking.k8s.io/v1",
@@ -367,8 +422,16 @@ def network_policies() -> list[dict]:
             "metadata": {"name": "ldm-internal-only", "labels": dict(PART_OF)},
             "spec": {
                 "podSelector": {"matchLabels": dict(PART_OF)},
-                "policyTypes": ["Ingress"],
-                "ingress": [{"from": [project]}],
+                "policyTypes": ["Ingress", "Egress"],
+                "ingress": [
+                    {"from": [project]},
+                    {"from": [operator], "ports": [{"protocol": "TCP", "port": 8265}]},
+                ],
+                "egress": [
+                    {"to": [project]},
+                    {"to": [{"namespaceSelector": {}}], "ports": dns},
+                    {"ports": [{"protocol": "TCP", "port": 443}]},
+                ],
             },
         }
     ]

@@ -18,7 +18,11 @@ from tests.ray_cluster import free_ports
 
 
 class MlflowServer:
-    def __init__(self, root: Path, port: int | None = None):
+    def __init__(
+        self, root: Path, port: int | None = None, args: list[str] | None = None, env=None
+    ):
+        """`args`: the server's own arguments instead of the defaults (a manifest's)."""
+        self.args, self.env = args, env or {}
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.port = port or free_ports(1)[0]
@@ -28,13 +32,16 @@ class MlflowServer:
     def start(self, timeout: float = 60) -> MlflowServer:
         exe = shutil.which("mlflow", path=str(Path(sys.executable).parent))
         assert exe, "the mlflow command is not installed"
-        self.proc = subprocess.Popen(
-            [exe, "server", "--host", "127.0.0.1", "--port", str(self.port)]
+        args = self.args or (
+            ["--host", "127.0.0.1", "--port", str(self.port)]
             + ["--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}"]
-            + ["--artifacts-destination", str(self.root / "artifacts"), "--workers", "1"],
+            + ["--artifacts-destination", str(self.root / "artifacts"), "--workers", "1"]
+        )
+        self.proc = subprocess.Popen(
+            [exe, "server", *args],
             stdout=open(self.root / "server.log", "ab"),  # noqa: SIM115
             stderr=subprocess.STDOUT,
-            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **self.env},
             start_new_session=True,
         )
         deadline = time.monotonic() + timeout

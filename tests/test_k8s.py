@@ -21,7 +21,7 @@ import yaml
 
 from core.loader import load_config
 from orchestrator import k8s
-from tests.conftest import ROOT, ldm, ok
+from tests.conftest import ROOT, ldm, ok, one_line_error
 
 K8S = ROOT / "k8s"
 CRDS = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml"}
@@ -254,3 +254,82 @@ def load_config_text(text: str, folder: Path):
     path = folder / "rendered.yaml"
     path.write_text(text)
     return load_config(path)
+
+
+def test_the_rendered_mlflow_server_accepts_calls_addressed_to_its_service(tmp_path):
+    """The MLflow Deployment's own command line and flags (its pod address, paths and port
+    swapped for this machine's): a tracking call sent to `ldm-mlflow:5000`, as pods send it,
+    is served; one with a Host header it does not know is still refused (DNS rebinding)."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    from tests.mlflow_server import MlflowServer
+    from tests.ray_cluster import free_ports
+
+    (deployment,) = [d for d in k8s.mlflow_server() if d["kind"] == "Deployment"]
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert container["command"] == ["mlflow", "server"]
+    (port,) = free_ports(1)
+    store, artifacts = f"sqlite:///{tmp_path}/mlflow.db", tmp_path / "artifacts"
+    local = {
+        "--host=$(POD_IP)": "--host=127.0.0.1",
+        "--port=5000": f"--port={port}",
+        "--backend-store-uri=sqlite:////mlflow/mlflow.db": f"--backend-store-uri={store}",
+        "--artifacts-destination=/mlflow/artifacts": f"--artifacts-destination={artifacts}",
+    }
+    args = [local.get(a, a) for a in container["args"]]
+    assert sum(a != b for a, b in zip(args, container["args"], strict=True)) == len(local)
+    env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+
+    def call(host: str) -> int:
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search",
+            data=json.dumps({"max_results": 1}).encode(),
+            headers={"Host": host, "Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return response.status
+        except urllib.error.HTTPError as err:
+            return err.code
+
+    with MlflowServer(tmp_path, port=port, args=args, env=env):
+        assert call("ldm-mlflow:5000") == 200
+        assert call("ldm-mlflow.team-a.svc.cluster.local:5000") == 200
+        assert call("attacker.example.com") == 403
+
+
+def test_ldm_k8s_refuses_paths_only_this_machine_has(tmp_path):
+    config = tmp_path / "exp.yaml"
+    config.write_text("preset: tiny\n")
+    for key in ("autoencoder.pretrained", "precompute.cache_dir", "run.storage"):
+        refused = ldm("k8s", str(config), f"{key}={tmp_path}/x", "--stage", "train")
+        one_line_error(refused, f"{key}={tmp_path}/x is a path on this machine", "/shared")
+    shared = ok(
+        ldm("k8s", str(config), "autoencoder.pretrained=/shared/ae", "run.storage=s3://b/r")
+    )
+    assert "pretrained: /shared/ae" in shared.stdout
+
+
+def test_pods_bound_their_disk_and_the_policy_admits_the_operator():
+    for _, doc in folder_documents():
+        for _, template in pod_templates(doc):
+            for volume in template["spec"].get("volumes", []):
+                if "emptyDir" in volume:
+                    assert volume["emptyDir"].get("sizeLimit"), (doc["metadata"]["name"], volume)
+            for container in template["spec"]["containers"]:
+                if container["name"] != "submitter":
+                    for side in ("requests", "limits"):
+                        assert "ephemeral-storage" in container["resources"][side], container[
+                            "name"
+                        ]
+    (policy,) = [d for _, d in folder_documents() if d["kind"] == "NetworkPolicy"]
+    spec = policy["spec"]
+    assert spec["policyTypes"] == ["Ingress", "Egress"]
+    operator = [r for r in spec["ingress"] if "ports" in r]
+    assert operator[0]["from"][0]["podSelector"]["matchLabels"] == k8s.KUBERAY_OPERATOR
+    assert operator[0]["ports"] == [{"protocol": "TCP", "port": 8265}]
+    (mlflow,) = [d for _, d in folder_documents() if d["kind"] == "Deployment"]
+    (server,) = mlflow["spec"]["template"]["spec"]["containers"]
+    assert server["securityContext"]["readOnlyRootFilesystem"] is True

@@ -353,6 +353,8 @@ def ray_session(
         kwargs = _init_kwargs(target, num_cpus, object_store_memory, include_dashboard)
         if target is not None:
             runtime_env = _without_job_conflicts(runtime_env)
+        elif not include_dashboard:
+            runtime_env = {**(runtime_env or {}), "worker_process_setup_hook": _QUIET_HOOK}
         try:
             context = ray.init(runtime_env=runtime_env, **kwargs)
         except (ConnectionError, RuntimeError, TimeoutError, ValueError, RayError) as err:
@@ -417,6 +419,19 @@ def worker_scaling(cluster: ClusterConfig, num_workers: int) -> ScalingConfig:
         },
         placement_strategy=cluster.placement_strategy,
     )
+
+
+_PG_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+_QUIET_HOOK = "orchestrator.cluster.quiet_embedded_workers"
+
+
+def quiet_embedded_workers() -> None:
+    """Every worker of an embedded Ray runs this first. Ray Train's placement-group cleaner
+    asks the State API, which the dashboard serves, every second whether the controller
+    lives; an embedded Ray runs no dashboard, so each query fails and logs a warning (545
+    lines in one demo). Its cleanup only matters when the controller dies while the
+    cluster lives on, and an embedded Ray ends with its driver: its warnings go unshown."""
+    logging.getLogger(_PG_CLEANER_LOGGER).setLevel(logging.ERROR)
 
 
 def _init_kwargs(

@@ -109,6 +109,7 @@ def test_precompute_stores_pre_quantisation_latents_only(vq_run) -> None:
         "last": True,
         "num_bad": 0,
         "bad_examples": "[]",
+        "source_sha256": "0" * 64,
         "keys": json.dumps(["a", "b", "c"]),
         "captions": json.dumps(["x", "y", "z"]),
         "pixels": npy_bytes(pixels),

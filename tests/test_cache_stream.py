@@ -108,12 +108,16 @@ def test_elastic_restart_neither_repeats_nor_skips_within_the_epoch(tmp_path, la
             - probe.start.batches_per_rank
         )
         n = min(num_batches, left)
+        remaining = len(probe.plan.remaining(0, probe.start.finished_segments))
+        streams = world * workers
         seen, cursor = epoch_of(cache, [(world, workers, n)], start=cursor)
         consumed += [uid for batches in seen.values() for b in batches for uid in b]
     assert cursor.epoch == 1 and cursor.batches_per_rank == 0  # the epoch was used up
     assert len(consumed) == len(set(consumed))
-    # Only what cannot fill one more batch per stream sits out.
-    assert 40 - len(consumed) < 3 * 3
+    # Exactly what cannot fill one more micro-batch of 3 on each stream of the last layout
+    # sits out: the rest of the epoch, dealt in equal whole micro-batches.
+    dealt = streams * (remaining // streams // 3 * 3)
+    assert 40 - len(consumed) == remaining - dealt < streams * 3
 
 
 def test_too_few_samples_fails_at_start(tmp_path):

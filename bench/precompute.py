@@ -23,6 +23,10 @@ import numpy as np
 from bench.common import WORK, Timer, bench_config, demo_shards, table, write_result
 from core.layout import RunLayout
 
+# The cache the Ray Data job writes: the data-path benchmark reads it (bench/run.py orders).
+RAY_CACHE = WORK / "cache-ray"
+PRODUCES = (RAY_CACHE,)
+
 
 def bare_precompute(config, spec: dict, shards: list[str], out: Path) -> None:
     """The same decode and encode steps in one process: no Ray, no pipelining."""
@@ -101,7 +105,7 @@ def main(num_shards: int = 8, overrides: list[str] = ()) -> dict:
     shards = list_shards(demo_shards(num_shards))
     config = bench_config(overrides)
     spec = cache_spec(config, RunLayout.of(config).autoencoder_dir)
-    bare_dir, ray_dir = WORK / "cache-bare", WORK / "cache-ray"
+    bare_dir, ray_dir = WORK / "cache-bare", RAY_CACHE
     for folder in (bare_dir, ray_dir):
         shutil.rmtree(folder, ignore_errors=True)
 

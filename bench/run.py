@@ -6,16 +6,20 @@ import time
 
 from bench import cache_speedup, data_path, overhead, precompute, startup, zero_memory
 
-# In the issue's order: what the stack costs, what the cache buys, the data path, precompute,
-# ZeRO memory, start-up. (bench/gpu_sd1.py needs a GPU; bench/quality.py is `make
-# bench-quality`: it trains the demo.)
+# What the stack costs, what the cache buys, precompute (whose cache the data-path benchmark
+# then reads), the data path, ZeRO memory, start-up. (bench/gpu_sd1.py needs a GPU;
+# bench/quality.py is `make bench-quality`: it trains the demo.)
 BENCHMARKS = [
-    ("orchestration overhead: ldm train vs a bare PyTorch loop", overhead.main),
-    ("cache speed-up: latent cache vs encoding online", cache_speedup.main),
-    ("data path: cache stream and shard decode", data_path.main),
-    ("precompute: Ray Data vs a bare encode loop", lambda: precompute.main(8, _CPU_ENCODERS)),
-    ("ZeRO memory: measured per rank vs the ZeRO formulas", zero_memory.main),
-    ("start-up: ldm train vs bare DeepSpeed, to the first step", startup.main),
+    ("orchestration overhead: ldm train vs a bare PyTorch loop", overhead, overhead.main),
+    ("cache speed-up: latent cache vs encoding online", cache_speedup, cache_speedup.main),
+    (
+        "precompute: Ray Data vs a bare encode loop",
+        precompute,
+        lambda: precompute.main(8, _CPU_ENCODERS),
+    ),
+    ("data path: cache stream and shard decode", data_path, data_path.main),
+    ("ZeRO memory: measured per rank vs the ZeRO formulas", zero_memory, zero_memory.main),
+    ("start-up: ldm train vs bare DeepSpeed, to the first step", startup, startup.main),
 ]
 # This machine has no GPU: give the cores to encoders, as the demo does (see README).
 _CPU_ENCODERS = [
@@ -25,9 +29,21 @@ _CPU_ENCODERS = [
 ]
 
 
+def check_order(benchmarks=BENCHMARKS) -> None:
+    """Each benchmark's inputs (`NEEDS`) come from one that runs before it (`PRODUCES`): a
+    fresh checkout has nothing left over from an earlier run."""
+    produced: set = set()
+    for title, module, _ in benchmarks:
+        missing = [p for p in getattr(module, "NEEDS", ()) if p not in produced]
+        if missing:
+            raise SystemExit(f"bench: {title!r} needs {missing}, which no earlier benchmark makes")
+        produced |= set(getattr(module, "PRODUCES", ()))
+
+
 def main() -> None:
+    check_order()
     started = time.perf_counter()
-    for title, run in BENCHMARKS:
+    for title, _, run in BENCHMARKS:
         print(f"\n=== {title} ===", flush=True)
         run()
     print(f"\nbench: done in {time.perf_counter() - started:.0f} s; JSON in bench/results/")

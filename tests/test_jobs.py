@@ -17,9 +17,10 @@ import pytest
 
 import core
 import orchestrator
+from core.config import ClusterConfig
 from core.errors import LdmError
 from orchestrator import jobs
-from orchestrator.cluster import ray_session
+from orchestrator.cluster import check_resources, ray_session
 from tests.conftest import ldm, ok
 from tests.ray_cluster import free_ports, local_ray_cluster
 
@@ -76,7 +77,8 @@ def _fake_project(root: Path) -> Path:
             """\
             import os, sys
             import ray  # the driver's python has the project's dependencies
-            from orchestrator.cluster import ray_session
+            from core.config import ClusterConfig
+from orchestrator.cluster import check_resources, ray_session
             print("entries:", ",".join(sorted(os.listdir("."))))
             print("argv:", ",".join(sys.argv[1:]))
             print("config:", open(sys.argv[2]).read().strip())
@@ -310,6 +312,19 @@ def test_session_sees_both_nodes_and_spreads(authed):
         )
         assert len({node for node, _ in spots}) == 2
         assert {probe for _, probe in spots} == {"1"}
+        # Workers this cluster cannot place are refused with the numbers, not awaited.
+        cpus = ray.cluster_resources()["CPU"]
+        fits = ClusterConfig(num_cpus_per_worker=1.0, placement_strategy="STRICT_SPREAD")
+        check_resources(fits, 2, "train.num_workers")
+        for cluster, workers, expected in [
+            (ClusterConfig(use_gpu=True), 2, "need 2 GPUs, the Ray cluster has 0"),
+            (ClusterConfig(num_cpus_per_worker=1.0), 99, "need 99 CPUs (at most"),
+            (ClusterConfig(num_cpus_per_worker=cpus + 1), 1, "on 2 node(s)"),
+            (fits, 3, "STRICT_SPREAD puts each of the 3 workers on its own node"),
+        ]:
+            with pytest.raises(LdmError, match=re.escape(expected)) as err:
+                check_resources(cluster, workers, "train.num_workers")
+            _one_line(err, expected)
     assert not ray.is_initialized()
 
 

@@ -30,6 +30,8 @@ PRODUCES = (RAY_CACHE,)
 
 def bare_precompute(config, spec: dict, shards: list[str], out: Path) -> None:
     """The same decode and encode steps in one process: no Ray, no pipelining."""
+    from core import storage
+    from data_pipeline.cache import spec_digest
     from data_pipeline.precompute import Encoder, ShardDecoder, ShardWriter
 
     out.mkdir(parents=True)
@@ -49,8 +51,11 @@ def bare_precompute(config, spec: dict, shards: list[str], out: Path) -> None:
         spec,
         os.cpu_count() or 1,
     )
+    fingerprints = storage.fingerprints(shards)
     for shard in shards:
-        writer = ShardWriter(str(out), Path(shard).name, shard, out)
+        writer = ShardWriter(
+            str(out), Path(shard).name, shard, fingerprints[shard], spec_digest(spec), out
+        )
         for batch in decoder({"shard": shard}):
             rows = encoder({k: [v] for k, v in batch.items()})
             for i in range(len(rows["index"])):

@@ -77,8 +77,7 @@ def _fake_project(root: Path) -> Path:
             """\
             import os, sys
             import ray  # the driver's python has the project's dependencies
-            from core.config import ClusterConfig
-from orchestrator.cluster import check_resources, ray_session
+            from orchestrator.cluster import ray_session
             print("entries:", ",".join(sorted(os.listdir("."))))
             print("argv:", ",".join(sys.argv[1:]))
             print("config:", open(sys.argv[2]).read().strip())

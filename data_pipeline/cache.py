@@ -110,20 +110,30 @@ def source_change(entry: dict, source: str, fingerprint: dict[str, Any] | None) 
     return f"{source} changed since it was encoded (size, modification time or ETag differ)"
 
 
+def source_problems(manifest: dict[str, Any]) -> tuple[int, dict[str, str]]:
+    """How many of a cache's raw shards are still there, and why each of those that changed
+    since it was encoded no longer matches (by cache shard name). One listing per folder."""
+    entries = [e for e in manifest["shards"] if e.get("source")]
+    found = storage.fingerprints([e["source"] for e in entries])
+    changed = {
+        e["name"]: why
+        for e in entries
+        if e["source"] in found and (why := source_change(e, e["source"], found[e["source"]]))
+    }
+    return len(found), changed
+
+
 def check_sources(cache_dir: str | Path, manifest: dict[str, Any]) -> None:
     """Refuse a cache whose raw shards changed since they were encoded (a re-shard after
     fixing captions, a dataset rewritten in place). Shards that are gone are not checked:
     a cache is complete without its sources."""
-    entries = [e for e in manifest["shards"] if e.get("source")]
-    found = storage.fingerprints([e["source"] for e in entries])
-    for entry in entries:
-        if entry["source"] not in found:
-            continue
-        if why := source_change(entry, entry["source"], found[entry["source"]]):
-            raise LdmError(
-                f"latent cache {cache_dir}: {entry['name']}: {why}; re-run "
-                "`ldm precompute CONFIG` to encode it again"
-            )
+    _, changed = source_problems(manifest)
+    if changed:
+        name, why = next(iter(changed.items()))
+        raise LdmError(
+            f"latent cache {cache_dir}: {name}: {why}; re-run `ldm precompute CONFIG` to "
+            "encode it again"
+        )
 
 
 @dataclass

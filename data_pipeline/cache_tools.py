@@ -16,7 +16,7 @@ import torch
 
 from core import storage
 from core.errors import LdmError
-from data_pipeline.cache import npy_load, read_manifest, source_change
+from data_pipeline.cache import npy_load, read_manifest, source_problems
 from data_pipeline.images import image_bytes, read_shard, resize_crop, to_uint8, try_decode
 from models.autoencoder import load_autoencoder
 from models.digests import weights_digest
@@ -46,15 +46,12 @@ def cache_info(cache_dir: str) -> list[str]:
     ]
 
 
-def _check_shards(cache_dir: str, manifest: dict[str, Any]) -> list[str]:
+def _check_shards(cache_dir: str, manifest: dict[str, Any], changed: dict[str, str]) -> list[str]:
     problems = []
-    sources = storage.fingerprints([e["source"] for e in manifest["shards"] if e.get("source")])
     for entry in manifest["shards"]:
-        if entry.get("source") in sources:
-            why = source_change(entry, entry["source"], sources[entry["source"]])
-            if why:
-                problems.append(f"{entry['name']}: {why}")
-                continue
+        if entry["name"] in changed:
+            problems.append(f"{entry['name']}: {changed[entry['name']]}")
+            continue
         path = storage.join(cache_dir, entry["name"])
         if not storage.exists(path):
             problems.append(f"{entry['name']} is missing")
@@ -72,7 +69,8 @@ def verify_cache(
 ) -> dict[str, Any]:
     """Raise LdmError naming the first problem; else return counts and the decode PSNR."""
     manifest = read_manifest(cache_dir)
-    problems = _check_shards(cache_dir, manifest)
+    sources_found, changed = source_problems(manifest)
+    problems = _check_shards(cache_dir, manifest, changed)
     if problems:
         raise LdmError(
             f"latent cache {cache_dir}: {len(problems)} bad shard(s), first: {problems[0]}; "
@@ -80,9 +78,7 @@ def verify_cache(
             "damaged shard's .done.json first)"
         )
     result: dict[str, Any] = {"shards": len(manifest["shards"]), "samples": manifest["num_samples"]}
-    result["sources_checked"] = len(
-        storage.fingerprints([e["source"] for e in manifest["shards"] if e.get("source")])
-    )
+    result["sources_checked"] = sources_found
     spec = manifest["spec"]
     ae_dir = autoencoder or (
         Path(manifest["autoencoder_dir"]) if "autoencoder_dir" in manifest else None

@@ -86,6 +86,7 @@ def _encode(
             num_gpus=1 if use_gpu else 0,
         )
         sources = {storage.basename(s): s for s in todo}
+        digest = spec_digest(spec)
         writers: dict[str, ShardWriter] = {}
         for row in ds.iter_rows():
             name = row["shard"]
@@ -95,7 +96,7 @@ def _encode(
                     name,
                     sources[name],
                     fingerprints[sources[name]],
-                    spec_digest(spec),
+                    digest,
                     staging,
                 )
             writer = writers[name]
@@ -151,11 +152,11 @@ def precompute(config: ExperimentConfig, progress: bool = True) -> str:
     names = [storage.basename(s) for s in shards]
     if len(set(names)) != len(names):
         raise LdmError(f"data.shards: shard file names repeat in {config.data.shards}")
-    fingerprints = storage.fingerprints(shards)
+    fingerprints, digest = storage.fingerprints(shards), spec_digest(spec)
     done, todo = [], []
     for shard, name in zip(shards, names, strict=True):
         entry = done_entry(cache_dir, name)
-        why = None if entry is None else _why_stale(entry, spec, shard, fingerprints)
+        why = None if entry is None else _why_stale(entry, digest, shard, fingerprints)
         if entry is not None and why is None:
             done.append(entry)
             continue
@@ -186,10 +187,10 @@ def precompute(config: ExperimentConfig, progress: bool = True) -> str:
 
 
 def _why_stale(
-    entry: dict, spec: dict[str, Any], shard: str, fingerprints: dict[str, dict[str, Any]]
+    entry: dict, digest: str, shard: str, fingerprints: dict[str, dict[str, Any]]
 ) -> str | None:
     """Why a shard's cached entry cannot be reused, or None when it can."""
-    if entry.get("spec_digest") != spec_digest(spec):
+    if entry.get("spec_digest") != digest:
         return "cached under another spec"
     return source_change(entry, shard, fingerprints.get(shard))
 

@@ -49,6 +49,8 @@ def run_rank(loop_config: dict[str, Any]) -> None:
     import ray.train
     import torch  # noqa: PLC0415 - kept out of Ray Train's controller, which imports this module
 
+    # The launcher's own bytes, handed over by Ray in this job's memory (as Ray hands every
+    # task its pickled arguments), never read from storage.
     rank_function, context = cloudpickle.loads(loop_config["payload"])
     train_context = ray.train.get_context()
     rank = train_context.get_world_rank()

@@ -163,11 +163,8 @@ def verify(tag_dir: Path) -> None:
     if not is_committed(tag_dir):
         raise LdmError(f"checkpoint {tag_dir} is incomplete (no {MARKER}); pick a committed tag")
     files = listed_files(tag_dir, (tag_dir / MARKER).read_bytes())
-    unlisted = [
-        p.relative_to(tag_dir).as_posix()
-        for p in sorted(tag_dir.rglob("*"))
-        if p.is_file() and p.name != MARKER and p.relative_to(tag_dir).as_posix() not in files
-    ]
+    stored = (p.relative_to(tag_dir).as_posix() for p in sorted(tag_dir.rglob("*")) if p.is_file())
+    unlisted = [name for name in stored if name != MARKER and name not in files]
     if unlisted:
         raise LdmError(
             f"checkpoint {tag_dir}: {unlisted[0]} is not listed in its {MARKER} (a file added "

@@ -155,7 +155,18 @@ def cmd_submit(args: argparse.Namespace) -> None:
     config = _load(args)
     config.cluster.address = None  # inside the job, Ray is the cluster the job runs on
     root = Path(__file__).resolve().parents[1]
-    job_id = submit(args.address, args.stage, config.to_yaml(), root, python=args.python)
+    grace = {
+        "autoencoder": config.autoencoder.preempt_grace_s,
+        "train": config.train.preempt_grace_s,
+    }
+    job_id = submit(
+        args.address,
+        args.stage,
+        config.to_yaml(),
+        root,
+        python=args.python,
+        grace_s=grace.get(args.stage, 60.0),
+    )
     print(job_id)
 
 

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import secrets
+import signal
 import socket
 import stat
 import tempfile
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from core import signals
 from core.errors import LdmError
 
 if TYPE_CHECKING:
@@ -351,10 +353,11 @@ def ray_session(
     saved_auth = {k: os.environ.get(k) for k in (AUTH_MODE, AUTH_TOKEN_PATH)}
     try:
         kwargs = _init_kwargs(target, num_cpus, object_store_memory, include_dashboard)
+        runtime_env = {**(runtime_env or {}), "worker_process_setup_hook": _WORKER_HOOK}
         if target is not None:
             runtime_env = _without_job_conflicts(runtime_env)
         elif not include_dashboard:
-            runtime_env = {**(runtime_env or {}), "worker_process_setup_hook": _QUIET_HOOK}
+            runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), _QUIET_ENV: "1"}
         try:
             context = ray.init(runtime_env=runtime_env, **kwargs)
         except (ConnectionError, RuntimeError, TimeoutError, ValueError, RayError) as err:
@@ -422,16 +425,41 @@ def worker_scaling(cluster: ClusterConfig, num_workers: int) -> ScalingConfig:
 
 
 _PG_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
-_QUIET_HOOK = "orchestrator.cluster.quiet_embedded_workers"
+_WORKER_HOOK = "orchestrator.cluster.on_worker_start"
+_QUIET_ENV = "LDM_EMBEDDED_WITHOUT_DASHBOARD"
 
 
-def quiet_embedded_workers() -> None:
-    """Every worker of an embedded Ray runs this first. Ray Train's placement-group cleaner
-    asks the State API, which the dashboard serves, every second whether the controller
-    lives; an embedded Ray runs no dashboard, so each query fails and logs a warning (545
-    lines in one demo). Its cleanup only matters when the controller dies while the
-    cluster lives on, and an embedded Ray ends with its driver: its warnings go unshown."""
-    logging.getLogger(_PG_CLEANER_LOGGER).setLevel(logging.ERROR)
+def on_worker_start() -> None:
+    """Every Ray worker process of an ldm session runs this first (Ray's
+    `worker_process_setup_hook`): SIGTERM handed to a running rank, and, in an embedded Ray
+    without a dashboard, Ray Train's placement-group cleaner quiet. That cleaner asks the
+    State API, which the dashboard serves, every second whether the controller lives; without
+    a dashboard each query fails and logs a warning (545 lines in one demo). Its cleanup only
+    matters when the controller dies while the cluster lives on, and an embedded Ray ends
+    with its driver: its warnings go unshown."""
+    if os.environ.get(_QUIET_ENV) == "1":
+        logging.getLogger(_PG_CLEANER_LOGGER).setLevel(logging.ERROR)
+    _defer_sigterm_to_rank()
+
+
+def _defer_sigterm_to_rank() -> None:
+    """Ray's worker loop installs, after this hook runs, a SIGTERM handler that exits the
+    process at once (through `ray._private.utils.set_sigterm_handler`): a preempted node's
+    rank would die mid-step and save nothing. Wrap it: while a rank runs in the process, the
+    first SIGTERM asks it to checkpoint and stop (`core.signals`); otherwise, and on a second
+    SIGTERM or once the grace period is over, Ray's handler acts as before."""
+    import ray._private.utils as ray_utils
+
+    install = ray_utils.set_sigterm_handler
+
+    def install_wrapped(ray_handler: Any) -> None:
+        def handler(signum: int, frame: Any) -> None:
+            if not signals.on_signal(signal.Signals(signum).name):
+                ray_handler(signum, frame)
+
+        install(handler)
+
+    ray_utils.set_sigterm_handler = install_wrapped
 
 
 def _init_kwargs(

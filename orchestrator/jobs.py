@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import math
 import os
 import shlex
 import shutil
@@ -144,6 +145,14 @@ def job_env() -> dict[str, str]:
     return {**cache_env(), "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
 
 
+def stop_wait_env(grace_s: float) -> dict[str, str]:
+    """How long Ray's job supervisor waits after `ldm jobs stop` (SIGTERM to the driver)
+    before it SIGKILLs the job: Ray's default is 3 s, too short for every rank to save a
+    checkpoint. The stage's grace period, plus 30 s for the driver to close its MLflow run.
+    The supervisor runs in the job's runtime_env, so the job's env_vars set it."""
+    return {"RAY_JOB_STOP_WAIT_TIME_S": str(math.ceil(grace_s) + 30)}
+
+
 def _ignore(folder: str, names: list[str]) -> set[str]:
     return {n for n in names if n.startswith(".") or n == "__pycache__" or n.endswith(".pyc")}
 
@@ -187,11 +196,13 @@ def submit(
     project_root: Path,
     extra_args: list[str] = (),
     python: str = "python",
+    grace_s: float = 60.0,
 ) -> str:
     """Submit a stage as a Ray job and return its submission id (it runs asynchronously).
 
     config_yaml is the resolved experiment config; its paths must be valid on the cluster
     (a shared filesystem), since the driver and workers read and write them there.
+    `grace_s`: the stage's preempt_grace_s, which `ldm jobs stop` leaves the job to save in.
     """
     entrypoint = stage_entrypoint(stage, list(extra_args), python)
     if not config_yaml.strip():
@@ -200,7 +211,11 @@ def submit(
         staging = build_staging_dir(project_root, config_yaml, Path(tmp) / "src")
         # The client zips and uploads working_dir during submit, so tmp can go afterwards.
         return submit_entrypoint(
-            address, entrypoint, staging, metadata={"job_name": f"ldm {stage}"}
+            address,
+            entrypoint,
+            staging,
+            env=stop_wait_env(grace_s),
+            metadata={"job_name": f"ldm {stage}"},
         )
 
 

@@ -3,11 +3,11 @@
 `launch` owns what a stage's driver does around its ranks: the job's one MLflow run (started,
 or reopened when the job resumes, and ended with the job's status), the Ray session, a
 `TorchTrainer` whose workers each run the stage's rank function (restarted up to
-`max_failures` times, each time from the newest committed checkpoint), SIGTERM/SIGINT turned
-into "checkpoint and stop" within a grace period, and a one-line error for a user's mistake
-found inside a worker. One worker on this machine (no cluster address, not inside a Ray job,
-no restarts asked for) is that same rank run in this process: a file rendezvous, nothing
-listening on a port, no Ray start-up.
+`max_failures` times, each time from the newest committed checkpoint), SIGTERM/SIGINT to this
+process or SIGTERM to any worker's turned into "checkpoint and stop" within a grace period,
+and a one-line error for a user's mistake found inside a worker. One worker on this machine
+(no cluster address, not inside a Ray job, no restarts asked for) is that same rank run in
+this process: a file rendezvous, nothing listening on a port, no Ray start-up.
 """
 
 from __future__ import annotations
@@ -147,6 +147,9 @@ def launch(config: ExperimentConfig, layout: RunLayout, stage: Stage) -> Launche
                 with stop:  # installed after ray.init, which sets a SIGTERM handler of its own
                     trained = True
                     metrics = _run_on_ray(config, layout, stage, context)
+        # A worker's own SIGTERM stopped the ranks: rank 0 wrote which, in the stop file.
+        if stop.signal_name is None and storage.exists(layout.stop_file):
+            stop.signal_name = storage.read_bytes(layout.stop_file).decode(errors="replace")[:80]
         status = "KILLED" if stop.signal_name else "FINISHED"
     except _GraceExpired:
         status = "KILLED"
@@ -288,6 +291,7 @@ def _run_on_ray(
         train_loop_config={
             "payload": pack(stage.rank_function, context),
             "stage": stage.name,
+            "grace_s": stage.preempt_grace_s,
             "data_keys": keys,
             "data": data,
         },

@@ -17,7 +17,7 @@ from typing import Any
 
 import cloudpickle
 
-from core import storage
+from core import signals, storage
 from orchestrator.cluster import usable_cores
 
 
@@ -77,4 +77,8 @@ def run_rank(loop_config: dict[str, Any]) -> None:
             )
 
     context.report = report
-    rank_function(context)
+    signals.arm(loop_config["grace_s"])  # a SIGTERM to this process now saves and stops
+    try:
+        rank_function(context)
+    finally:
+        signals.disarm()

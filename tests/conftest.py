@@ -4,6 +4,7 @@ to run the real `ldm` command line: in this process (`ldm`, seconds) or as a sub
 
 import io
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -60,15 +61,16 @@ def embedded_ray():
         yield session
 
 
-def kill_a_train_worker() -> int | None:
-    """SIGKILL one Ray Train worker of this process's embedded Ray (as a lost node or an OOM
-    kill would); its pid, or None when there is none."""
+def kill_a_train_worker(sig: int = signal.SIGKILL) -> int | None:
+    """Send `sig` to one Ray Train worker of this process's embedded Ray (SIGKILL: as a lost
+    node or an OOM kill would; SIGTERM: as a preempted node's pod gets); its pid, or None
+    when there is none."""
     import psutil
 
     for proc in psutil.Process().children(recursive=True):
         try:
             if "RayTrainWorker" in " ".join(proc.cmdline()):
-                proc.kill()
+                proc.send_signal(sig)
                 return proc.pid
         except psutil.Error:
             pass

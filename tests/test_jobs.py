@@ -70,7 +70,7 @@ def _fake_project(root: Path) -> Path:
     for name in ("__init__.py", "cluster.py"):
         shutil.copy(Path(orchestrator.__file__).parent / name, root / "orchestrator" / name)
     (root / "core").mkdir()
-    for name in ("__init__.py", "errors.py"):
+    for name in ("__init__.py", "errors.py", "signals.py"):  # what cluster.py imports
         shutil.copy(Path(core.__file__).parent / name, root / "core" / name)
     (root / "orchestrator" / "cli.py").write_text(
         textwrap.dedent(
@@ -336,24 +336,23 @@ def test_dashboard_port_is_not_a_gcs_address(authed):
     assert time.monotonic() - start < 20
 
 
-@pytest.mark.slow
-def test_submitted_training_job_runs_one_worker_per_node(pipeline, authed, record_property):
-    """`ldm submit` a training job: the same `ldm train` a user runs locally, as a Ray job;
-    with STRICT_SPREAD placement its two DeepSpeed ranks land one on each node. Status and
-    logs come back through `ldm jobs`."""
-    work, _, _ = pipeline
-    address = authed.dashboard_url
-    submitted_at = time.time()
+# The submitted training jobs' schedule: long enough for `ldm jobs stop` to land mid-run.
+STEPS, EVERY = 40, 5
+
+
+def _submit_train(work: Path, address: str, name: str) -> str:
+    """`ldm submit` of a 2-worker training job, one rank per node; its job id."""
     submitted = ok(
         ldm(
             "submit",
             str(work / "exp.yaml"),
-            "run.name=on-cluster",
+            f"run.name={name}",
             f"autoencoder.pretrained={work}/runs/tiny/autoencoder",
-            "train.num_steps=2",
-            "train.checkpoint_every=2",
-            "train.sample_every=2",
+            f"train.num_steps={STEPS}",
+            f"train.checkpoint_every={EVERY}",
+            "train.sample_every=20",
             "train.log_every=1",
+            "tracking.log_model=false",
             "cluster.placement_strategy=STRICT_SPREAD",
             "--address",
             address,
@@ -361,17 +360,52 @@ def test_submitted_training_job_runs_one_worker_per_node(pipeline, authed, recor
             "train",
         )
     )
-    job_id = submitted.stdout.strip().splitlines()[-1]
-    final = jobs.wait(address, job_id, timeout_s=420)
-    logs = ok(ldm("jobs", "logs", job_id, "--address", address)).stdout
+    return submitted.stdout.strip().splitlines()[-1]
+
+
+def _unet(work: Path, name: str, step: int):
+    from safetensors.torch import load_file
+
+    return load_file(work / "runs" / name / "checkpoints" / f"step_{step:08d}" / "unet.safetensors")
+
+
+@pytest.fixture(scope="module")
+def on_cluster(pipeline, cluster, tmp_path_factory):
+    """One uninterrupted training job submitted to the cluster: (job id, status, logs, the
+    time it was submitted)."""
+    work, _, _ = pipeline
+    with pytest.MonkeyPatch.context() as env:
+        for key in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS"):
+            env.delenv(key, raising=False)
+        env.setenv("HOME", str(tmp_path_factory.mktemp("home")))
+        for key, value in cluster.client_env.items():
+            env.setenv(key, value)
+        submitted_at = time.time()
+        job_id = _submit_train(work, cluster.dashboard_url, "on-cluster")
+        final = jobs.wait(cluster.dashboard_url, job_id, timeout_s=420)
+        logs = "".join(jobs.logs(cluster.dashboard_url, job_id))
+    return job_id, final, logs, submitted_at
+
+
+@pytest.mark.slow
+def test_submitted_training_job_runs_one_worker_per_node(
+    pipeline, on_cluster, authed, record_property
+):
+    """`ldm submit` a training job: the same `ldm train` a user runs locally, as a Ray job;
+    with STRICT_SPREAD placement its two DeepSpeed ranks land one on each node. Status and
+    logs come back through `ldm jobs`."""
+    work, _, _ = pipeline
+    address = authed.dashboard_url
+    job_id, final, logs, submitted_at = on_cluster
     assert final == "SUCCEEDED", logs[-4000:]
+    assert "train: done" in ok(ldm("jobs", "logs", job_id, "--address", address)).stdout
     assert ok(ldm("jobs", "status", job_id, "--address", address)).stdout.strip() == "SUCCEEDED"
     listed = ok(ldm("jobs", "list", "--address", address)).stdout
     assert job_id in listed
     placements = dict(re.findall(r"worker rank (\d) on node (\w+)", logs))
     assert set(placements) == {"0", "1"} and placements["0"] != placements["1"], logs[-3000:]
     assert "train: done" in logs
-    tag = work / "runs" / "on-cluster" / "checkpoints" / "step_00000002"
+    tag = work / "runs" / "on-cluster" / "checkpoints" / f"step_{STEPS:08d}"
     assert (tag / "COMMITTED.json").is_file()
 
     # Reported, not asserted: seconds from `ldm submit` to the first step's logged loss.
@@ -384,3 +418,43 @@ def test_submitted_training_job_runs_one_worker_per_node(pipeline, authed, recor
     seconds = first_step / 1000 - submitted_at
     record_property("submit_to_first_step_s", round(seconds, 1))
     print(f"\nldm submit -> first training step: {seconds:.1f} s")
+
+
+@pytest.mark.slow
+def test_jobs_stop_saves_then_the_same_submission_continues(pipeline, on_cluster, authed):
+    """`ldm jobs stop` on a training job: Ray's supervisor SIGTERMs the driver and, told by
+    the job's environment to wait out the grace period (not Ray's 3 s), lets every rank save a
+    committed checkpoint before the job ends STOPPED; submitting the same command again
+    continues into the uninterrupted job's weights, bit for bit."""
+    work, _, _ = pipeline
+    address = authed.dashboard_url
+    folder = work / "runs" / "stopped-on-cluster" / "checkpoints"
+    job_id = _submit_train(work, address, "stopped-on-cluster")
+    deadline = time.monotonic() + 300
+    while not (folder / "step_00000005" / "COMMITTED.json").is_file():
+        assert jobs.status(address, job_id) in ("PENDING", "RUNNING"), "".join(
+            jobs.logs(address, job_id)
+        )[-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    # Ray's supervisor SIGKILLs 3 s after the SIGTERM unless the job's env says otherwise.
+    with jobs._client(address, job_id) as client:
+        env_vars = client.get_job_info(job_id).runtime_env["env_vars"]
+    assert env_vars["RAY_JOB_STOP_WAIT_TIME_S"] == "90"  # train.preempt_grace_s 60 + 30
+    ok(ldm("jobs", "stop", job_id, "--address", address))
+    assert jobs.wait(address, job_id, timeout_s=120) == "STOPPED"
+    logs = "".join(jobs.logs(address, job_id))
+    assert "stopped by SIGTERM: the checkpoint was saved" in logs, logs[-3000:]
+    saved = re.findall(r"stop requested; saved (step_(\d+))", logs)
+    assert len(saved) == 1, logs[-3000:]
+    tag, step = saved[0][0], int(saved[0][1])
+    assert 5 < step < STEPS and (folder / tag / "COMMITTED.json").is_file()
+
+    again = _submit_train(work, address, "stopped-on-cluster")
+    assert jobs.wait(address, again, timeout_s=420) == "SUCCEEDED"
+    logs = "".join(jobs.logs(address, again))
+    assert f"{tag} (step {step})" in logs, logs[-3000:]
+    final = _unet(work, "stopped-on-cluster", STEPS)
+    reference = _unet(work, "on-cluster", STEPS)
+    assert final.keys() == reference.keys()
+    assert all(bool((final[k] == reference[k]).all()) for k in final)

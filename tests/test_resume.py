@@ -11,6 +11,7 @@ committed tag.
 import collections
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -181,6 +182,43 @@ def test_sigterm_saves_then_the_same_command_continues(pipeline):
     assert f"{tag} (step {step})" in resumed.stdout
     steps = [s for s, _ in _losses(uri, "preempt")]
     assert steps == list(range(1, step + 3))  # one MLflow run, nothing repeated or skipped
+
+
+def test_sigterm_to_a_worker_saves_then_the_same_command_continues(pipeline, reference):
+    """SIGTERM to one Ray Train worker of a 2-worker job, as a preempted node's pod gets it:
+    every rank saves a committed checkpoint and the job exits 143 naming that rank; the same
+    command then continues into the uninterrupted run's losses and weights, bit for bit."""
+    work, uri, _ = pipeline
+    args = [
+        *_experiment(work),
+        "run.name=worker-term",
+        f"train.num_steps={STEPS}",
+        f"train.checkpoint_every={EVERY}",
+        *QUIET,
+    ]
+    signalled: list[int | None] = []
+    marker = work / "runs" / "worker-term" / "checkpoints" / "step_00000005" / "COMMITTED.json"
+    watcher = when_file_appears(
+        marker, lambda: signalled.append(kill_a_train_worker(signal.SIGTERM))
+    )
+    stopped = ldm("train", *args)
+    watcher.join(timeout=60)
+    out = stopped.stdout + stopped.stderr
+    assert stopped.returncode == 143, out[-3000:]
+    assert signalled and signalled[0], "no Ray Train worker was found to signal"
+    # The message names the rank whose process got the signal.
+    (rank,) = re.findall(r"stopped by SIGTERM to worker rank (\d): the checkpoint was saved", out)
+    pids = dict(re.findall(r"train: worker rank (\d) on node \w+ pid (\d+)", out))
+    assert pids[rank] == str(signalled[0]), out[-3000:]
+    saved = [t for t in _tags(work, "worker-term") if t != "step_00000005"]
+    assert len(saved) == 1 and 5 < int(saved[0].split("_")[1]) < STEPS, _tags(work, "worker-term")
+    assert not (work / "runs" / "worker-term" / "STOP_REQUESTED").exists()
+
+    resumed = ok(ldm("train", *args)).stdout
+    assert f"{saved[0]} (step {int(saved[0].split('_')[1])})" in resumed, resumed[-3000:]
+    assert _losses(uri, "worker-term") == reference[0]  # each step once, the same losses
+    final = _weights(work, "worker-term", f"step_{STEPS:08d}")
+    assert _same_weights(reference[1], final) == 0.0
 
 
 def test_killed_worker_and_mlflow_outage_recover_into_one_run(

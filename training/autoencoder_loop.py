@@ -44,9 +44,10 @@ from training.autoencoder_losses import (
     perceptual_off,
 )
 from training.checkpoint import Checkpointer, TrainState
-from training.collectives import any_rank, mean_over_ranks
+from training.collectives import mean_over_ranks
 from training.context import RankContext
 from training.engine import autoencoder_deepspeed_config, build_module_engine
+from training.preemption import agree_to_stop
 from training.rank0 import Rank0, rank0_only
 from training.sampling import grid
 
@@ -86,13 +87,14 @@ def rank_generator(seed: int, rank: int) -> torch.Generator:
 def train_rank(ctx: RankContext) -> dict[str, float]:
     """One rank's whole stage 1: build both engines, resume from the tag in `ctx.args`
     (or a newer one this job wrote), train to `autoencoder.num_steps`, checkpoint; rank 0
-    then evaluates and publishes. Stops early, after a checkpoint, once the launcher asks.
+    then evaluates and publishes. Stops early, after a checkpoint, on a SIGTERM to the
+    launcher or to any rank's process.
     Returns the published metrics on rank 0, {} elsewhere and when stopped early."""
     run = AutoencoderTraining(ctx)
     run.resume()
     while run.step < run.config.autoencoder.num_steps:
         run.train_step()
-        stopping = any_rank(bool(run.main.stop_requested()))
+        stopping = agree_to_stop(run.main)
         run.maybe_log()
         run.maybe_checkpoint(force=stopping)
         if stopping:

@@ -35,11 +35,12 @@ from training.checkpoint import (
     Checkpointer,
     TrainState,
 )
-from training.collectives import any_rank, comm_device
+from training.collectives import comm_device
 from training.context import RankContext
 from training.engine import build_engine, full_state_dict
 from training.evaluation import Evaluator
 from training.objective import diffusion_loss, empty_prompt
+from training.preemption import agree_to_stop
 from training.rank0 import Rank0, rank0_only
 from training.sampling import Sampler, prompt_grid
 from training.tracking import SystemMetrics
@@ -47,13 +48,14 @@ from training.tracking import SystemMetrics
 
 def train_rank(ctx: RankContext) -> dict[str, float]:
     """One rank's whole UNet stage, from a committed tag or from scratch, to
-    `train.num_steps`. Stops early, after a checkpoint, once the launcher asks (SIGTERM).
+    `train.num_steps`. Stops early, after a checkpoint, on a SIGTERM to the launcher or to any
+    rank's process (see `training.preemption`).
     Returns the last logged metrics."""
     run = UNetTraining(ctx)
     run.resume()
     while run.state.step < run.config.train.num_steps:
         run.step()
-        stopping = any_rank(bool(run.main.stop_requested()))
+        stopping = agree_to_stop(run.main)
         run.maybe_log()
         run.maybe_checkpoint(force=stopping)
         if stopping:

@@ -50,7 +50,7 @@ def _check_guarded(cls: type) -> None:
 
 class Rank0:
     """What only the first rank does: MLflow (through an outage-proof tracker), progress
-    lines, and polling the stop request SIGTERM leaves on the run's storage."""
+    lines, and the stop request on the run's storage (polled, or recorded for the launcher)."""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -83,6 +83,13 @@ class Rank0:
             return False
         self._stop_polled = now
         return storage.exists(self.layout.stop_file)
+
+    @rank0_only
+    def record_stop(self, reason: str) -> None:
+        """Why the ranks stopped, when a worker's own SIGTERM (not the launcher) asked: the
+        launcher reads it from the stop file to say so."""
+        storage.makedirs(storage.dirname(self.layout.stop_file))
+        storage.write_bytes(self.layout.stop_file, reason.encode())
 
     @rank0_only
     def close(self) -> None:

@@ -189,6 +189,13 @@ def cmd_jobs(args: argparse.Namespace) -> None:
         print("stopping" if stopped else "not running")
 
 
+def cmd_drain(args: argparse.Namespace) -> None:
+    from orchestrator.drain import drain
+
+    signalled, alive = drain(args.grace, args.under)
+    print(f"drain: sent SIGTERM to {signalled} ldm process(es); {alive} still running")
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from orchestrator.demo import run_demo
 
@@ -337,6 +344,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--follow", action="store_true", help="with logs: stream until the job ends")
     p.set_defaults(func=cmd_jobs)
+
+    p = sub.add_parser(
+        "drain",
+        help="SIGTERM the ldm drivers and Ray Train workers on this machine (they save a "
+        "checkpoint and stop) and wait for them: a node's preStop hook",
+    )
+    p.add_argument("--grace", type=float, default=60.0, help="seconds to wait, at most")
+    p.add_argument("--under", type=int, help="only descendants of this process id")
+    p.set_defaults(func=cmd_drain)
 
     p = sub.add_parser("k8s", help="print a KubeRay RayJob (and its config) for an experiment")
     p.add_argument("config")

@@ -13,6 +13,7 @@ project's pods. Ray token auth is on; the token, like S3 credentials, comes from
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +22,13 @@ import yaml
 from core.config import STAGES, ExperimentConfig
 from core.errors import LdmError
 from core.loader import load_config
+from orchestrator.jobs import stop_wait_env
 
 API = "ray.io/v1"
 IMAGE = "ldm:0.1.0"  # built from the repository's Dockerfile; push it where the cluster pulls
 RAY_VERSION = "2.60.0"
+RANK_RESTARTS = 3  # `max_failures` of a rendered stage, at least
+JOB_RETRIES = 3  # RayJob backoffLimit: reruns of a job that a preemption stopped
 PART_OF = {"app.kubernetes.io/part-of": "ldm"}
 SHARED_PVC = "ldm-shared"
 SHARED_MOUNT = "/shared"
@@ -107,7 +111,9 @@ def _pod(container: dict[str, Any], grace_s: int, extra_volumes: list[dict] = ()
     }
 
 
-def _ray_container(name: str, resources: dict, mounts: list[dict] = ()) -> dict[str, Any]:
+def _ray_container(
+    name: str, resources: dict, preempt_grace_s: int, mounts: list[dict] = ()
+) -> dict[str, Any]:
     return {
         "name": name,
         "image": IMAGE,
@@ -119,6 +125,11 @@ def _ray_container(name: str, resources: dict, mounts: list[dict] = ()) -> dict[
         },
         "env": _env(),
         "volumeMounts": _mounts(mounts),
+        # The pod's SIGTERM reaches only the shell running `ray start`: hand it to the ldm
+        # drivers and Ray Train workers here, which save a checkpoint and stop.
+        "lifecycle": {
+            "preStop": {"exec": {"command": ["ldm", "drain", "--grace", str(preempt_grace_s)]}}
+        },
         "ports": [
             {"name": "gcs", "containerPort": 6379},
             {"name": "dashboard", "containerPort": 8265},
@@ -128,12 +139,17 @@ def _ray_container(name: str, resources: dict, mounts: list[dict] = ()) -> dict[
     }
 
 
-def _grace(config: ExperimentConfig | None) -> int:
-    """The pods' grace period: a minute past the longest checkpoint-on-SIGTERM of a stage."""
+def _preempt_grace(config: ExperimentConfig | None) -> int:
+    """The longest checkpoint-on-SIGTERM of a stage, in whole seconds."""
     preempt = (
         max(config.train.preempt_grace_s, config.autoencoder.preempt_grace_s) if config else 60.0
     )
-    return int(preempt) + 60
+    return math.ceil(preempt)
+
+
+def _grace(config: ExperimentConfig | None) -> int:
+    """The pods' grace period: a minute past the longest checkpoint-on-SIGTERM of a stage."""
+    return _preempt_grace(config) + 60
 
 
 def ray_cluster_spec(
@@ -150,6 +166,7 @@ def ray_cluster_spec(
             "requests": {"cpu": "4", "memory": "16Gi"},
             "limits": {"cpu": "8", "memory": "32Gi"},
         },
+        _preempt_grace(config),
         extra_mounts,
     )
     worker = _ray_container(
@@ -158,6 +175,7 @@ def ray_cluster_spec(
             "requests": {"cpu": "8", "memory": "64Gi", "nvidia.com/gpu": "1"},
             "limits": {"cpu": "16", "memory": "96Gi", "nvidia.com/gpu": "1"},
         },
+        _preempt_grace(config),
         extra_mounts,
     )
     workers = config.train.num_workers if config else 2
@@ -217,6 +235,10 @@ def ray_job(
         config.data.shards = f"{SHARED_MOUNT}/data/{Path(config.data.shards).name}"
     config.cluster.use_gpu = True
     config.cluster.address = None
+    # A worker lost without warning (node failure, OOM kill): Ray Train restarts the ranks
+    # from the newest committed tag within the job.
+    config.train.max_failures = max(config.train.max_failures, RANK_RESTARTS)
+    config.autoencoder.max_failures = max(config.autoencoder.max_failures, RANK_RESTARTS)
     mounts = [{"name": "experiment", "mountPath": "/etc/ldm", "readOnly": True}]
     volumes = [{"name": "experiment", "configMap": {"name": f"{name}-config"}}]
     config_map = {
@@ -233,7 +255,14 @@ def ray_job(
             "entrypoint": f"ldm {stage} /etc/ldm/experiment.yaml",
             "shutdownAfterJobFinishes": True,
             "ttlSecondsAfterFinished": 3600,
-            "backoffLimit": 0,  # retries are Ray Train's (max_failures), from checkpoints
+            # A job stopped by a preemption (exit 143, every rank's checkpoint saved) runs
+            # again on a new cluster, and the same command continues from that checkpoint.
+            "backoffLimit": JOB_RETRIES,
+            # `kubectl delete`/suspend stops the job through Ray's supervisor: wait out the
+            # checkpoint instead of its 3 s before SIGKILL.
+            "runtimeEnvYAML": yaml.safe_dump(
+                {"env_vars": stop_wait_env(_preempt_grace(config))}, sort_keys=True
+            ),
             "submitterPodTemplate": _pod(
                 {
                     "name": "submitter",

@@ -21,6 +21,7 @@ import yaml
 
 from core.loader import load_config
 from orchestrator import k8s
+from orchestrator.cli import parse
 from tests.conftest import ROOT, ldm, ok, one_line_error
 
 K8S = ROOT / "k8s"
@@ -248,6 +249,23 @@ def test_ldm_k8s_renders_a_valid_rayjob_for_an_experiment(tmp_path):
         assert security_problems(doc, grace_needed=300.0) == []
     workers = job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
     assert workers["replicas"] == 4
+
+    # Preemption: every Ray pod hands its SIGTERM to the ranks (`ldm drain`, a real command,
+    # within the pod's grace period); a lost worker restarts the ranks (max_failures); a job
+    # a preemption stopped runs again (backoffLimit); a stop waits out the checkpoint.
+    for _, template in pod_templates(job):
+        pod = template["spec"]
+        for container in pod["containers"]:
+            if container["name"].startswith("ray-"):
+                command = container["lifecycle"]["preStop"]["exec"]["command"]
+                assert command == ["ldm", "drain", "--grace", "300"]
+                assert parse(command[1:]).func.__name__ == "cmd_drain"
+                assert pod["terminationGracePeriodSeconds"] > 300
+    assert experiment["train"]["max_failures"] >= 1
+    assert experiment["autoencoder"]["max_failures"] >= 1
+    assert job["spec"]["backoffLimit"] >= 1
+    wait = yaml.safe_load(job["spec"]["runtimeEnvYAML"])["env_vars"]["RAY_JOB_STOP_WAIT_TIME_S"]
+    assert int(wait) > 300
 
 
 def load_config_text(text: str, folder: Path):

@@ -356,8 +356,10 @@ def ray_session(
         runtime_env = {**(runtime_env or {}), "worker_process_setup_hook": _WORKER_HOOK}
         if target is not None:
             runtime_env = _without_job_conflicts(runtime_env)
-        elif not include_dashboard:
-            runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), _QUIET_ENV: "1"}
+        else:
+            runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), **_EMBEDDED_ENV}
+            if not include_dashboard:
+                runtime_env["env_vars"][_QUIET_ENV] = "1"
         try:
             context = ray.init(runtime_env=runtime_env, **kwargs)
         except (ConnectionError, RuntimeError, TimeoutError, ValueError, RayError) as err:
@@ -427,6 +429,12 @@ def worker_scaling(cluster: ClusterConfig, num_workers: int) -> ScalingConfig:
 _PG_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
 _WORKER_HOOK = "orchestrator.cluster.on_worker_start"
 _QUIET_ENV = "LDM_EMBEDDED_WITHOUT_DASHBOARD"
+# Ray Train's PreemptionWatcher actor tells workers that a cloud is about to reclaim their
+# node (a Ray node drain); an embedded Ray is this one machine, never drained that way, and
+# ldm's ranks stop on SIGTERM instead. Its only visible effect here was an ERROR line from
+# the controller for every job ("PreemptionWatcher ... has constructor arguments in the
+# object store and max_restarts > 0"): Ray's own warning about Ray's own actor.
+_EMBEDDED_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 
 def on_worker_start() -> None:

@@ -280,6 +280,8 @@ def _run_on_ray(
     from ray.train import FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
+    from orchestrator.rendezvous import NodeBoundTorchConfig  # noqa: PLC0415 - imports ray
+
     check_resources(config.cluster, stage.num_workers, f"{stage.name}.num_workers")
     keys = sorted(stage.data)
     data = [ray.put(stage.data[k]) for k in keys]
@@ -288,6 +290,7 @@ def _run_on_ray(
     name = f"ray_{stage.name}"
     trainer = TorchTrainer(
         run_rank,
+        torch_config=NodeBoundTorchConfig(),
         train_loop_config={
             "payload": pack(stage.rank_function, context),
             "stage": stage.name,

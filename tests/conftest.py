@@ -77,6 +77,24 @@ def kill_a_train_worker(sig: int = signal.SIGKILL) -> int | None:
     return None
 
 
+def train_worker_listeners() -> list[tuple[int, str, int]]:
+    """(pid, address, port) of every listening socket of this process's Ray Train workers."""
+    import psutil
+
+    found = []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if "RayTrainWorker" in " ".join(proc.cmdline()):
+                found += [
+                    (proc.pid, c.laddr.ip, c.laddr.port)
+                    for c in proc.net_connections("inet")
+                    if c.status == psutil.CONN_LISTEN
+                ]
+        except psutil.Error:
+            pass
+    return found
+
+
 def when_file_appears(path: Path, action, timeout_s: float = 300) -> threading.Thread:
     """In the background: run `action()` once `path` exists."""
 

@@ -355,6 +355,10 @@ class ClusterConfig(Section):
     """Give each training worker a GPU."""
     placement_strategy: Literal["SPREAD", "PACK", "STRICT_SPREAD"] = "SPREAD"
     """How training workers are placed over nodes."""
+    resource_wait_s: float = Field(0.0, ge=0, allow_inf_nan=False)
+    """On a cluster (not an embedded Ray), how long a stage waits for the CPUs, GPUs and nodes
+    its workers need (an autoscaler adding nodes) before it is refused with the numbers; 0
+    refuses at once (and `ldm submit` before submitting)."""
 
 
 class ExperimentConfig(Section):

@@ -150,7 +150,8 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_submit(args: argparse.Namespace) -> None:
-    from orchestrator.jobs import submit
+    from orchestrator.cluster import check_resources
+    from orchestrator.jobs import cluster_nodes, submit
 
     config = _load(args)
     config.cluster.address = None  # inside the job, Ray is the cluster the job runs on
@@ -159,6 +160,15 @@ def cmd_submit(args: argparse.Namespace) -> None:
         "autoencoder": config.autoencoder.preempt_grace_s,
         "train": config.train.preempt_grace_s,
     }
+    workers = {"autoencoder": config.autoencoder.num_workers, "train": config.train.num_workers}
+    if args.stage in workers and not config.cluster.resource_wait_s:
+        # Refused before submitting: the job would otherwise start only to fail the same way.
+        check_resources(
+            config.cluster,
+            workers[args.stage],
+            f"{args.stage}.num_workers",
+            nodes=lambda: cluster_nodes(args.address),
+        )
     job_id = submit(
         args.address,
         args.stage,

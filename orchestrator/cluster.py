@@ -22,7 +22,8 @@ import signal
 import socket
 import stat
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -382,32 +383,55 @@ def ray_session(
         _restore_env(saved_auth)
 
 
-def check_resources(cluster: ClusterConfig, num_workers: int, workers_key: str) -> None:
-    """Refuse, with the numbers, workers the connected cluster cannot place now: Ray Train
-    would wait for them forever. (An autoscaling cluster counts only the nodes it has.)"""
+def alive_nodes() -> list[dict[str, float]]:
+    """The resources of each alive node of the connected Ray cluster."""
     import ray
 
-    total = ray.cluster_resources()
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    gpus, cpus = int(total.get("GPU", 0)), total.get("CPU", 0.0)
+    return [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
+
+
+def resource_problem(
+    cluster: ClusterConfig, num_workers: int, workers_key: str, nodes: list[dict[str, float]]
+) -> str | None:
+    """Why `nodes` (each node's resources) cannot place the workers now, or None."""
+    gpus = int(sum(n.get("GPU", 0.0) for n in nodes))
+    cpus = sum(n.get("CPU", 0.0) for n in nodes)
     if cluster.use_gpu and gpus < num_workers:
-        raise LdmError(
+        return (
             f"cluster.use_gpu: {num_workers} workers need {num_workers} GPUs, the Ray cluster "
             f"has {gpus}; set cluster.use_gpu=false, lower {workers_key}, or add GPU nodes"
         )
     need = cluster.num_cpus_per_worker * num_workers
-    largest = max((n["Resources"].get("CPU", 0.0) for n in nodes), default=0.0)
+    largest = max((n.get("CPU", 0.0) for n in nodes), default=0.0)
     if need > cpus or cluster.num_cpus_per_worker > largest:
-        raise LdmError(
+        return (
             f"{workers_key}: {num_workers} workers x cluster.num_cpus_per_worker="
             f"{cluster.num_cpus_per_worker:g} need {need:g} CPUs (at most {largest:g} on one "
             f"node), the Ray cluster has {cpus:g} on {len(nodes)} node(s); lower them or add nodes"
         )
     if cluster.placement_strategy == "STRICT_SPREAD" and len(nodes) < num_workers:
-        raise LdmError(
+        return (
             f"cluster.placement_strategy: STRICT_SPREAD puts each of the {num_workers} workers "
             f"on its own node, the Ray cluster has {len(nodes)}; use SPREAD or add nodes"
         )
+    return None
+
+
+def check_resources(
+    cluster: ClusterConfig,
+    num_workers: int,
+    workers_key: str,
+    wait_s: float = 0.0,
+    nodes: Callable[[], list[dict[str, float]]] = alive_nodes,
+) -> None:
+    """Refuse, with the numbers, workers the cluster cannot place: Ray Train would wait for
+    them forever. Up to `wait_s` seconds are given to an autoscaler adding nodes."""
+    deadline = time.monotonic() + wait_s
+    while (problem := resource_problem(cluster, num_workers, workers_key, nodes())) is not None:
+        if time.monotonic() >= deadline:
+            waited = f" (waited {wait_s:g} s for it to grow: cluster.resource_wait_s)"
+            raise LdmError(problem + (waited if wait_s else ""))
+        time.sleep(min(2.0, max(0.0, deadline - time.monotonic())))
 
 
 def worker_scaling(cluster: ClusterConfig, num_workers: int) -> ScalingConfig:

@@ -241,6 +241,20 @@ def submit_entrypoint(
         )
 
 
+def cluster_nodes(address: str) -> list[dict[str, float]]:
+    """The resources of each alive node of the cluster behind a Jobs API address, from its
+    dashboard's State API."""
+    with _client(address) as client:
+        response = client._do_request("GET", "/api/v0/nodes?limit=10000&detail=true")
+        if response.status_code != 200:
+            raise LdmError(
+                f"the Ray dashboard at {dashboard_url(address)} did not list its nodes "
+                f"(HTTP {response.status_code})"
+            )
+        nodes = response.json()["data"]["result"]["result"]
+    return [dict(n.get("resources_total") or {}) for n in nodes if n.get("state") == "ALIVE"]
+
+
 def _seconds(ms: int | None) -> float | None:
     return ms / 1000 if ms else None
 

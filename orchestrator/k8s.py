@@ -28,6 +28,7 @@ API = "ray.io/v1"
 IMAGE = "ldm:0.1.0"  # built from the repository's Dockerfile; push it where the cluster pulls
 RAY_VERSION = "2.60.0"
 RANK_RESTARTS = 3  # `max_failures` of a rendered stage, at least
+RESOURCE_WAIT_S = 900.0  # how long a RayJob's stage waits for its GPU nodes
 JOB_RETRIES = 3  # RayJob backoffLimit: reruns of a job that a preemption stopped
 PART_OF = {"app.kubernetes.io/part-of": "ldm"}
 SHARED_PVC = "ldm-shared"
@@ -239,6 +240,8 @@ def ray_job(
     # from the newest committed tag within the job.
     config.train.max_failures = max(config.train.max_failures, RANK_RESTARTS)
     config.autoencoder.max_failures = max(config.autoencoder.max_failures, RANK_RESTARTS)
+    # GPU nodes take minutes to be provisioned (the worker group autoscales from zero).
+    config.cluster.resource_wait_s = max(config.cluster.resource_wait_s, RESOURCE_WAIT_S)
     mounts = [{"name": "experiment", "mountPath": "/etc/ldm", "readOnly": True}]
     volumes = [{"name": "experiment", "configMap": {"name": f"{name}-config"}}]
     config_map = {

@@ -143,7 +143,13 @@ def launch(config: ExperimentConfig, layout: RunLayout, stage: Stage) -> Launche
                 trained = True
                 metrics = _run_in_process(stage.rank_function, context)
         else:
-            with ray_session(config.cluster.address, runtime_env={"env_vars": worker_env()}):
+            env = {"env_vars": worker_env()}
+            with ray_session(config.cluster.address, runtime_env=env) as session:
+                # An embedded Ray never grows: no point waiting for more of it.
+                wait_s = 0.0 if session.embedded else config.cluster.resource_wait_s
+                check_resources(
+                    config.cluster, stage.num_workers, f"{stage.name}.num_workers", wait_s
+                )
                 with stop:  # installed after ray.init, which sets a SIGTERM handler of its own
                     trained = True
                     metrics = _run_on_ray(config, layout, stage, context)
@@ -282,7 +288,6 @@ def _run_on_ray(
 
     from orchestrator.rendezvous import NodeBoundTorchConfig  # noqa: PLC0415 - imports ray
 
-    check_resources(config.cluster, stage.num_workers, f"{stage.name}.num_workers")
     keys = sorted(stage.data)
     data = [ray.put(stage.data[k]) for k in keys]
     context.data = {}  # travels through the object store, not inside the pickled context

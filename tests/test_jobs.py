@@ -21,7 +21,7 @@ from core.config import ClusterConfig
 from core.errors import LdmError
 from orchestrator import jobs
 from orchestrator.cluster import check_resources, ray_session
-from tests.conftest import ldm, ok
+from tests.conftest import ldm, ok, one_line_error
 from tests.ray_cluster import free_ports, local_ray_cluster
 
 HELLO = "python -c \"print('hello from job')\""
@@ -256,6 +256,24 @@ def test_submit_stage_ships_code_and_config(authed, tmp_path):
 
 
 @pytest.mark.slow
+def test_submit_refuses_workers_the_cluster_cannot_place(authed, tmp_path):
+    """Checked before submission, from the dashboard's view of the nodes: no job starts."""
+    url = authed.dashboard_url
+    nodes = jobs.cluster_nodes(url)
+    assert len(nodes) == 2 and all(n["CPU"] > 0 for n in nodes)
+    before = {job["id"] for job in jobs.list_jobs(url)}
+    config = tmp_path / "exp.yaml"
+    config.write_text("preset: tiny\n")
+    for overrides, expected in [
+        (["train.num_workers=3", "cluster.placement_strategy=STRICT_SPREAD"], "STRICT_SPREAD"),
+        (["cluster.use_gpu=true"], "need 2 GPUs, the Ray cluster has 0"),
+    ]:
+        refused = ldm("submit", str(config), *overrides, "--address", url, "--stage", "train")
+        one_line_error(refused, expected)
+    assert {job["id"] for job in jobs.list_jobs(url)} == before
+
+
+@pytest.mark.slow
 def test_unknown_job_id(authed):
     with pytest.raises(LdmError) as err:
         jobs.status(authed.dashboard_url, "raysubmit_doesnotexist")
@@ -324,6 +342,12 @@ def test_session_sees_both_nodes_and_spreads(authed):
             with pytest.raises(LdmError, match=re.escape(expected)) as err:
                 check_resources(cluster, workers, "train.num_workers")
             _one_line(err, expected)
+        # On a cluster that may grow (an autoscaler), a bounded wait first.
+        started = time.monotonic()
+        with pytest.raises(LdmError) as err:
+            check_resources(fits, 3, "train.num_workers", wait_s=1.0)
+        _one_line(err, "STRICT_SPREAD", "(waited 1 s for it to grow: cluster.resource_wait_s)")
+        assert 1.0 <= time.monotonic() - started < 10
     assert not ray.is_initialized()
 
 

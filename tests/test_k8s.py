@@ -262,6 +262,7 @@ def test_ldm_k8s_renders_a_valid_rayjob_for_an_experiment(tmp_path):
                 assert parse(command[1:]).func.__name__ == "cmd_drain"
                 assert pod["terminationGracePeriodSeconds"] > 300
     assert experiment["train"]["max_failures"] >= 1
+    assert experiment["cluster"]["resource_wait_s"] >= 600  # GPU nodes being provisioned
     assert experiment["autoencoder"]["max_failures"] >= 1
     assert job["spec"]["backoffLimit"] >= 1
     wait = yaml.safe_load(job["spec"]["runtimeEnvYAML"])["env_vars"]["RAY_JOB_STOP_WAIT_TIME_S"]

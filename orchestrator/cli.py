@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from core.config import STAGES, ExperimentConfig
@@ -40,6 +42,22 @@ def _has_cuda() -> bool:
         return torch.cuda.is_available()
     except ImportError:
         return False
+
+
+# Set by `main` for a command line run as its own process (not `main([...])` in a test):
+# stages then show ldm's lines on the console and write everything to the run's log.
+_filter_console = False
+
+
+@contextmanager
+def _stage_output(config: ExperimentConfig, stage: str) -> Iterator[None]:
+    if not _filter_console:
+        yield
+        return
+    from orchestrator.console import log_path, stage_console
+
+    with stage_console(log_path(RunLayout.of(config).run_dir, stage), stage):
+        yield
 
 
 def _split_overrides(items: list[str]) -> list[str]:
@@ -81,22 +99,27 @@ def cmd_autoencoder(args: argparse.Namespace) -> None:
     config = _load(args)  # a bad config fails in a fraction of a second, before the imports
     from orchestrator.autoencoder import train_autoencoder
 
-    train_autoencoder(config)
+    with _stage_output(config, "autoencoder"):
+        train_autoencoder(config)
 
 
 def cmd_precompute(args: argparse.Namespace) -> None:
     config = _load(args)
     from orchestrator.precompute import precompute
 
-    precompute(config)
+    with _stage_output(config, "precompute"):
+        precompute(config)
 
 
 def cmd_train(args: argparse.Namespace) -> None:
     config = _load(args)
     from orchestrator.train import train
 
-    result = train(config)
-    print(f"train: done; checkpoints in {result['checkpoint_dir']}; MLflow run {result['run_id']}")
+    with _stage_output(config, "train"):
+        result = train(config)
+        print(
+            f"train: done; checkpoints in {result['checkpoint_dir']}; MLflow run {result['run_id']}"
+        )
 
 
 def cmd_cache(args: argparse.Namespace) -> None:
@@ -209,7 +232,9 @@ def cmd_drain(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from orchestrator.demo import run_demo
 
-    run_demo(Path(args.config), _split_overrides(args.overrides))
+    overrides = _split_overrides(args.overrides)
+    with _stage_output(load_config(args.config, overrides), "demo"):
+        run_demo(Path(args.config), overrides)
 
 
 def _tracking_target(args: argparse.Namespace):
@@ -425,6 +450,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global _filter_console
+    # LDM_CONSOLE=full: everything on the console, as it comes (and no run log).
+    _filter_console = argv is None and os.environ.get("LDM_CONSOLE", "") != "full"
     args = parse(sys.argv[1:] if argv is None else list(argv))
     set_default_env()
     try:

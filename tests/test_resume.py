@@ -175,12 +175,18 @@ def test_sigterm_saves_then_the_same_command_continues(pipeline):
         "train.checkpoint_every=100000",
         *QUIET,
     )
-    job.wait_for(lambda: any("step 3: loss" in line for line in job.lines))
+    job.wait_for(lambda: any("train: step 3/" in line for line in job.lines))
     job.proc.send_signal(signal.SIGTERM)
     code, out = job.finish(timeout=120)
     assert code == 143, out[-3000:]
     assert "stopped by SIGTERM: the checkpoint was saved" in out
     assert "worker rank" not in out  # one worker ran in the command's process, not on Ray
+    # The console holds ldm's lines only; everything is in the run's log, named first.
+    assert all(line.startswith(("train: ", "ldm train: ")) for line in out.splitlines()), out
+    log = Path(out.splitlines()[0].split(" in ", 1)[1])
+    assert log.parent == work / "runs" / "preempt" / "logs"
+    logged = log.read_text()
+    assert "train: step 3/" in logged and len(logged.splitlines()) > len(out.splitlines())
     (tag,) = _tags(work, "preempt")
     step = int(tag.split("_")[1])
     assert step >= 3

@@ -48,7 +48,7 @@ from training.collectives import mean_over_ranks
 from training.context import RankContext
 from training.engine import autoencoder_deepspeed_config, build_module_engine
 from training.preemption import agree_to_stop
-from training.rank0 import Rank0, rank0_only
+from training.rank0 import Rank0, eta, rank0_only
 from training.sampling import grid
 
 KEEP_CHECKPOINTS = 2  # the newest, and one to fall back on should the newest be damaged
@@ -271,9 +271,10 @@ class AutoencoderRank0(Rank0):
     def log(self, metrics: dict[str, float], step: int) -> None:
         self.tracker.log_metrics(metrics, step)
         if self.progress:
+            total, rate = self.config.autoencoder.num_steps, metrics["steps_per_second"]
             print(
-                f"autoencoder: step {step}/{self.config.autoencoder.num_steps} "
-                f"loss {metrics['loss']:.4f}, {metrics['steps_per_second']:.2f} steps/s",
+                f"autoencoder: step {step}/{total} loss {metrics['loss']:.4f}, "
+                f"{rate:.2f} steps/s, ETA {eta((total - step) / max(rate, 1e-9))}",
                 flush=True,
             )
 

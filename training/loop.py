@@ -41,7 +41,7 @@ from training.engine import build_engine, full_state_dict
 from training.evaluation import Evaluator
 from training.objective import diffusion_loss, empty_prompt
 from training.preemption import agree_to_stop
-from training.rank0 import Rank0, rank0_only
+from training.rank0 import Rank0, eta, rank0_only
 from training.sampling import Sampler, prompt_grid
 from training.tracking import SystemMetrics
 
@@ -268,8 +268,19 @@ class UNetRank0(Rank0):
                 world = self.config.train.num_workers
                 metrics["mfu"] = achieved / (self.peak_flops * world)
         self.tracker.log_metrics(metrics, step)
-        text = " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
-        print(f"step {step}: {text}", flush=True)
+        # The console gets progress and evaluation; every metric is in MLflow.
+        total = self.config.train.num_steps
+        if "loss" in metrics:
+            left = eta(metrics["step_time_s"] * (total - step))
+            print(
+                f"train: step {step}/{total} loss {metrics['loss']:.4f}, "
+                f"{metrics['samples_per_s']:.1f} samples/s, ETA {left}",
+                flush=True,
+            )
+        scores = {k: v for k, v in metrics.items() if k.startswith("eval/")}
+        if scores:
+            text = " ".join(f"{k}={v:.4g}" for k, v in scores.items())
+            print(f"train: step {step}: {text}", flush=True)
 
     def _ema_model(self, ema: EMAModel, model: torch.nn.Module) -> torch.nn.Module:
         # Building a model draws from torch's RNG; training's noise stream must not notice.

@@ -35,6 +35,12 @@ def rank0_only(method: F) -> F:
     return guarded  # type: ignore[return-value]
 
 
+def eta(seconds: float) -> str:
+    """A remaining time as the progress lines show it: h:mm:ss."""
+    seconds = max(0, round(seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
 def _check_guarded(cls: type) -> None:
     unguarded = [
         name

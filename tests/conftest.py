@@ -150,6 +150,50 @@ def pipeline(tmp_path_factory):
     return work, uri, results
 
 
+# The uninterrupted 2-worker run that preempted, stopped and recovered runs must end in.
+REFERENCE_STEPS, REFERENCE_EVERY = 20, 5
+QUIET = ("train.sample_every=100000", "train.log_every=1", "tracking.log_model=false")
+
+
+def reference_args(work: Path, name: str) -> list[str]:
+    """`ldm train` arguments of a run on the reference schedule, on the pipeline's cache."""
+    return [
+        str(work / "exp.yaml"),
+        f"autoencoder.pretrained={work / 'runs' / 'tiny' / 'autoencoder'}",
+        f"run.name={name}",
+        f"train.num_steps={REFERENCE_STEPS}",
+        f"train.checkpoint_every={REFERENCE_EVERY}",
+        *QUIET,
+    ]
+
+
+def unet_weights(work: Path, name: str, step: int) -> dict:
+    from safetensors.torch import load_file
+
+    tag = work / "runs" / name / "checkpoints" / f"step_{step:08d}"
+    return load_file(tag / "unet.safetensors")
+
+
+@pytest.fixture(scope="session")
+def reference(pipeline):
+    """One uninterrupted run on 2 Ray Train workers (ZeRO-2) on the reference schedule: its
+    logged (step, loss) pairs and final UNet weights."""
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.cluster import ray_session
+    from orchestrator.launcher import worker_env
+
+    work, uri, _ = pipeline
+    with ray_session(runtime_env={"env_vars": worker_env()}):  # reused if one is running
+        ok(ldm("train", *reference_args(work, "reference")))
+    client = MlflowClient(uri)
+    (run,) = client.search_runs(
+        [client.get_experiment_by_name("ldm").experiment_id], "attributes.run_name = 'reference'"
+    )
+    losses = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "loss"))
+    return losses, unet_weights(work, "reference", REFERENCE_STEPS)
+
+
 @pytest.fixture
 def fixture_images() -> Path:
     return FIXTURE_IMAGES

@@ -21,7 +21,7 @@ from core.config import ClusterConfig
 from core.errors import LdmError
 from orchestrator import jobs
 from orchestrator.cluster import check_resources, ray_session
-from tests.conftest import ldm, ok, one_line_error
+from tests.conftest import REFERENCE_STEPS, ldm, ok, one_line_error, reference_args, unet_weights
 from tests.ray_cluster import free_ports, local_ray_cluster
 
 HELLO = "python -c \"print('hello from job')\""
@@ -265,7 +265,14 @@ def test_submit_refuses_workers_the_cluster_cannot_place(authed, tmp_path):
     config = tmp_path / "exp.yaml"
     config.write_text("preset: tiny\n")
     for overrides, expected in [
-        (["train.num_workers=3", "cluster.placement_strategy=STRICT_SPREAD"], "STRICT_SPREAD"),
+        (
+            [
+                "train.num_workers=4",
+                "train.global_batch_size=16",
+                "cluster.placement_strategy=STRICT_SPREAD",
+            ],
+            "STRICT_SPREAD",
+        ),
         (["cluster.use_gpu=true"], "need 2 GPUs, the Ray cluster has 0"),
     ]:
         refused = ldm("submit", str(config), *overrides, "--address", url, "--stage", "train")
@@ -360,100 +367,29 @@ def test_dashboard_port_is_not_a_gcs_address(authed):
     assert time.monotonic() - start < 20
 
 
-# The submitted training jobs' schedule: long enough for `ldm jobs stop` to land mid-run.
-STEPS, EVERY = 40, 5
-
-
 def _submit_train(work: Path, address: str, name: str) -> str:
-    """`ldm submit` of a 2-worker training job, one rank per node; its job id."""
-    submitted = ok(
-        ldm(
-            "submit",
-            str(work / "exp.yaml"),
-            f"run.name={name}",
-            f"autoencoder.pretrained={work}/runs/tiny/autoencoder",
-            f"train.num_steps={STEPS}",
-            f"train.checkpoint_every={EVERY}",
-            "train.sample_every=20",
-            "train.log_every=1",
-            "tracking.log_model=false",
-            "cluster.placement_strategy=STRICT_SPREAD",
-            "--address",
-            address,
-            "--stage",
-            "train",
-        )
-    )
+    """`ldm submit` of a 2-worker training job on the reference schedule, one rank per node;
+    its job id."""
+    args = [*reference_args(work, name), "cluster.placement_strategy=STRICT_SPREAD"]
+    submitted = ok(ldm("submit", *args, "--address", address, "--stage", "train"))
     return submitted.stdout.strip().splitlines()[-1]
 
 
-def _unet(work: Path, name: str, step: int):
-    from safetensors.torch import load_file
-
-    return load_file(work / "runs" / name / "checkpoints" / f"step_{step:08d}" / "unet.safetensors")
-
-
-@pytest.fixture(scope="module")
-def on_cluster(pipeline, cluster, tmp_path_factory):
-    """One uninterrupted training job submitted to the cluster: (job id, status, logs, the
-    time it was submitted)."""
-    work, _, _ = pipeline
-    with pytest.MonkeyPatch.context() as env:
-        for key in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS"):
-            env.delenv(key, raising=False)
-        env.setenv("HOME", str(tmp_path_factory.mktemp("home")))
-        for key, value in cluster.client_env.items():
-            env.setenv(key, value)
-        submitted_at = time.time()
-        job_id = _submit_train(work, cluster.dashboard_url, "on-cluster")
-        final = jobs.wait(cluster.dashboard_url, job_id, timeout_s=420)
-        logs = "".join(jobs.logs(cluster.dashboard_url, job_id))
-    return job_id, final, logs, submitted_at
-
-
 @pytest.mark.slow
-def test_submitted_training_job_runs_one_worker_per_node(
-    pipeline, on_cluster, authed, record_property
+def test_a_training_job_stopped_and_submitted_again_ends_in_the_uninterrupted_weights(
+    pipeline, reference, authed, record_property
 ):
-    """`ldm submit` a training job: the same `ldm train` a user runs locally, as a Ray job;
-    with STRICT_SPREAD placement its two DeepSpeed ranks land one on each node. Status and
-    logs come back through `ldm jobs`."""
+    """`ldm submit` a training job, the same `ldm train` a user runs locally, as a Ray job:
+    with STRICT_SPREAD its two DeepSpeed ranks land one on each node. `ldm jobs stop` then
+    has Ray's supervisor SIGTERM the driver and, told by the job's environment to wait out
+    the grace period (not Ray's 3 s), every rank saves a committed checkpoint before the
+    job ends STOPPED; submitting the same command again continues into the weights of an
+    uninterrupted 2-worker run, bit for bit. Status and logs come back through `ldm jobs`."""
     work, _, _ = pipeline
     address = authed.dashboard_url
-    job_id, final, logs, submitted_at = on_cluster
-    assert final == "SUCCEEDED", logs[-4000:]
-    assert "train: done" in ok(ldm("jobs", "logs", job_id, "--address", address)).stdout
-    assert ok(ldm("jobs", "status", job_id, "--address", address)).stdout.strip() == "SUCCEEDED"
-    listed = ok(ldm("jobs", "list", "--address", address)).stdout
-    assert job_id in listed
-    placements = dict(re.findall(r"worker rank (\d) on node (\w+)", logs))
-    assert set(placements) == {"0", "1"} and placements["0"] != placements["1"], logs[-3000:]
-    assert "train: done" in logs
-    tag = work / "runs" / "on-cluster" / "checkpoints" / f"step_{STEPS:08d}"
-    assert (tag / "COMMITTED.json").is_file()
-
-    # Reported, not asserted: seconds from `ldm submit` to the first step's logged loss.
-    client = mlflow.MlflowClient(f"sqlite:///{work}/mlflow.db")
-    (run,) = client.search_runs(
-        [client.get_experiment_by_name("ldm").experiment_id],
-        "attributes.run_name = 'on-cluster'",
-    )
-    first_step = min(m.timestamp for m in client.get_metric_history(run.info.run_id, "loss"))
-    seconds = first_step / 1000 - submitted_at
-    record_property("submit_to_first_step_s", round(seconds, 1))
-    print(f"\nldm submit -> first training step: {seconds:.1f} s")
-
-
-@pytest.mark.slow
-def test_jobs_stop_saves_then_the_same_submission_continues(pipeline, on_cluster, authed):
-    """`ldm jobs stop` on a training job: Ray's supervisor SIGTERMs the driver and, told by
-    the job's environment to wait out the grace period (not Ray's 3 s), lets every rank save a
-    committed checkpoint before the job ends STOPPED; submitting the same command again
-    continues into the uninterrupted job's weights, bit for bit."""
-    work, _, _ = pipeline
-    address = authed.dashboard_url
-    folder = work / "runs" / "stopped-on-cluster" / "checkpoints"
-    job_id = _submit_train(work, address, "stopped-on-cluster")
+    folder = work / "runs" / "on-cluster" / "checkpoints"
+    submitted_at = time.time()
+    job_id = _submit_train(work, address, "on-cluster")
     deadline = time.monotonic() + 300
     while not (folder / "step_00000005" / "COMMITTED.json").is_file():
         assert jobs.status(address, job_id) in ("PENDING", "RUNNING"), "".join(
@@ -467,18 +403,32 @@ def test_jobs_stop_saves_then_the_same_submission_continues(pipeline, on_cluster
     assert env_vars["RAY_JOB_STOP_WAIT_TIME_S"] == "90"  # train.preempt_grace_s 60 + 30
     ok(ldm("jobs", "stop", job_id, "--address", address))
     assert jobs.wait(address, job_id, timeout_s=120) == "STOPPED"
-    logs = "".join(jobs.logs(address, job_id))
+    assert ok(ldm("jobs", "status", job_id, "--address", address)).stdout.strip() == "STOPPED"
+    assert job_id in ok(ldm("jobs", "list", "--address", address)).stdout
+    logs = ok(ldm("jobs", "logs", job_id, "--address", address)).stdout
+    placements = dict(re.findall(r"worker rank (\d) on node (\w+)", logs))
+    assert set(placements) == {"0", "1"} and placements["0"] != placements["1"], logs[-3000:]
     assert "stopped by SIGTERM: the checkpoint was saved" in logs, logs[-3000:]
     saved = re.findall(r"stop requested; saved (step_(\d+))", logs)
     assert len(saved) == 1, logs[-3000:]
     tag, step = saved[0][0], int(saved[0][1])
-    assert 5 < step < STEPS and (folder / tag / "COMMITTED.json").is_file()
+    assert 5 < step < REFERENCE_STEPS and (folder / tag / "COMMITTED.json").is_file()
 
-    again = _submit_train(work, address, "stopped-on-cluster")
+    again = _submit_train(work, address, "on-cluster")
     assert jobs.wait(address, again, timeout_s=420) == "SUCCEEDED"
     logs = "".join(jobs.logs(address, again))
-    assert f"{tag} (step {step})" in logs, logs[-3000:]
-    final = _unet(work, "stopped-on-cluster", STEPS)
-    reference = _unet(work, "on-cluster", STEPS)
-    assert final.keys() == reference.keys()
-    assert all(bool((final[k] == reference[k]).all()) for k in final)
+    assert f"{tag} (step {step})" in logs and "train: done" in logs, logs[-3000:]
+    final = unet_weights(work, "on-cluster", REFERENCE_STEPS)
+    assert final.keys() == reference[1].keys()
+    assert all(bool((final[k] == reference[1][k]).all()) for k in final)
+
+    # Reported, not asserted: seconds from `ldm submit` to the first step's logged loss.
+    client = mlflow.MlflowClient(f"sqlite:///{work}/mlflow.db")
+    (run,) = client.search_runs(
+        [client.get_experiment_by_name("ldm").experiment_id],
+        "attributes.run_name = 'on-cluster'",
+    )
+    first_step = min(m.timestamp for m in client.get_metric_history(run.info.run_id, "loss"))
+    seconds = first_step / 1000 - submitted_at
+    record_property("submit_to_first_step_s", round(seconds, 1))
+    print(f"\nldm submit -> first training step: {seconds:.1f} s")

@@ -24,6 +24,9 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
 from tests.conftest import (
+    QUIET,
+    REFERENCE_EVERY,
+    REFERENCE_STEPS,
     ROOT,
     kill_a_train_worker,
     ldm,
@@ -35,8 +38,6 @@ from tests.conftest import (
 from tests.mlflow_server import MlflowServer
 
 pytestmark = pytest.mark.slow
-
-QUIET = ("train.sample_every=100000", "train.log_every=1", "tracking.log_model=false")
 
 
 def _experiment(work: Path) -> list[str]:
@@ -77,25 +78,7 @@ def _same_weights(a, b) -> float:
     return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
-# The killed-worker test's schedule, which its uninterrupted reference run follows.
-STEPS, EVERY = 20, 5
-
-
-@pytest.fixture(scope="module")
-def reference(pipeline, embedded_ray):
-    """One uninterrupted run on 2 Ray Train workers (ZeRO-2): its losses and final weights."""
-    work, uri, _ = pipeline
-    ok(
-        ldm(
-            "train",
-            *_experiment(work),
-            "run.name=reference",
-            f"train.num_steps={STEPS}",
-            f"train.checkpoint_every={EVERY}",
-            *QUIET,
-        )
-    )
-    return _losses(uri, "reference"), _weights(work, "reference", f"step_{STEPS:08d}")
+STEPS, EVERY = REFERENCE_STEPS, REFERENCE_EVERY
 
 
 def test_one_rank_in_process_resumes_exactly_past_a_crash_during_save(pipeline):
@@ -207,7 +190,9 @@ def test_sigterm_saves_then_the_same_command_continues(pipeline):
     assert steps == list(range(1, step + 3))  # one MLflow run, nothing repeated or skipped
 
 
-def test_sigterm_to_a_worker_saves_then_the_same_command_continues(pipeline, reference):
+def test_sigterm_to_a_worker_saves_then_the_same_command_continues(
+    pipeline, reference, embedded_ray
+):
     """SIGTERM to one Ray Train worker of a 2-worker job, as a preempted node's pod gets it:
     every rank saves a committed checkpoint and the job exits 143 naming that rank; the same
     command then continues into the uninterrupted run's losses and weights, bit for bit."""

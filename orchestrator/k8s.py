@@ -119,12 +119,15 @@ def _ray_container(
         "name": name,
         "image": IMAGE,
         "imagePullPolicy": "IfNotPresent",
-        "securityContext": container_security(),
+        # Ray, DeepSpeed and every stage write only to /tmp (an emptyDir), /dev/shm and the
+        # shared volume (caches): checked by running every stage, Ray's included, in a mount
+        # namespace whose root is read-only and whose /tmp is a fresh tmpfs, HOME in /tmp.
+        "securityContext": {**container_security(), "readOnlyRootFilesystem": True},
         "resources": {
             side: {**values, "ephemeral-storage": EPHEMERAL[side]}
             for side, values in resources.items()
         },
-        "env": _env(),
+        "env": [*_env(), {"name": "HOME", "value": "/tmp"}],
         "volumeMounts": _mounts(mounts),
         # The pod's SIGTERM reaches only the shell running `ray start`: hand it to the ldm
         # drivers and Ray Train workers here, which save a checkpoint and stop.

@@ -352,3 +352,13 @@ def test_pods_bound_their_disk_and_the_policy_admits_the_operator():
     (mlflow,) = [d for _, d in folder_documents() if d["kind"] == "Deployment"]
     (server,) = mlflow["spec"]["template"]["spec"]["containers"]
     assert server["securityContext"]["readOnlyRootFilesystem"] is True
+    # Ray containers too: they write only to /tmp (an emptyDir, HOME there), /dev/shm and
+    # the shared volume.
+    for _, doc in folder_documents():
+        for _role, template in pod_templates(doc):
+            for container in template["spec"]["containers"]:
+                if container["name"].startswith("ray-"):
+                    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+                    mounts = {m["mountPath"] for m in container["volumeMounts"]}
+                    assert {"/tmp", "/dev/shm", k8s.SHARED_MOUNT} <= mounts
+                    assert {"name": "HOME", "value": "/tmp"} in container["env"]

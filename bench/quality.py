@@ -14,7 +14,10 @@ check does the same for skin tones: samples for "X, light skin tone" against the
 and dark images of X, for ten subjects X. A third check asks whether captions steer the kind
 of image: samples for captions of one kind (flags, yellow faces, clock faces, lettered
 squares, keycaps) must be closer to the mean real image of that kind than to each other
-kind's. `make bench-quality`; about 12 minutes on 2 cores.
+kind's. Last, how stable the score is: the final checkpoint scored under two sampling seeds
+with 32 and with 101 generated images (all that the held-out shard holds; `--spread-only` runs that
+check alone, on the final checkpoint `make demo` left: the same configuration and weights).
+`make bench-quality`; about 15 minutes on 2 cores.
 """
 
 from __future__ import annotations
@@ -126,6 +129,61 @@ def prompt_check(sampler, unet, config, real: dict[str, np.ndarray], groups) -> 
             "mean_margin": float(np.mean(margins))}  # fmt: skip
 
 
+# How many held-out images the stability check scores with (half generated, half real).
+SPREAD_IMAGES = (64, 256)
+SPREAD_SEEDS = (0, 1)
+
+
+def score_spread(config, tag) -> dict:
+    """The FID-style score of one checkpoint's EMA UNet under two sampling seeds, at each
+    held-out image count in SPREAD_IMAGES: how far the score moves with the seed alone."""
+    from core.layout import RunLayout
+    from training.evaluation import Evaluator
+    from training.sampling import Sampler, load_model
+
+    trained = load_model(tag)
+    sampler = Sampler(config, RunLayout.of(config).autoencoder_dir)
+    spread: dict = {}
+    for num_images in SPREAD_IMAGES:
+        sized = config.model_copy(deep=True)
+        sized.train.eval_num_images = num_images
+        evaluator = Evaluator(sized)
+        scores = {}
+        for seed in SPREAD_SEEDS:
+            sized.sample.seed = seed
+            scores[f"seed_{seed}"] = evaluator.score(sampler, trained)["eval/fd_efficientnet_lite0"]
+        values = list(scores.values())
+        spread[str(evaluator.num_images)] = {
+            **scores,
+            "difference": abs(values[0] - values[1]),
+            "real_vs_real": evaluator.reference,
+        }
+        print(
+            f"  {evaluator.num_images} generated vs {evaluator.num_images} real images: "
+            + ", ".join(f"{k} {v:.1f}" for k, v in scores.items())
+            + f" (real vs real {evaluator.reference:.1f})"
+        )
+    return spread
+
+
+def spread_only() -> dict:
+    """`python -m bench.quality --spread-only`: the stability check alone, on the final
+    checkpoint of the demo's run (`make demo`, runs/demo): the same configuration and
+    weights that `make bench-quality` trains."""
+    from core.layout import RunLayout
+    from core.loader import load_config
+    from training import checkpoint as ckpt
+
+    config = load_config(ROOT / "configs" / "demo.yaml", [f"run.root={ROOT / 'runs'}"])
+    layout = RunLayout.of(config)
+    tag = ckpt.local_tag(ckpt.newest(layout.checkpoints), layout.checkpoints)
+    print(f"FID-style score of {tag} under two sampling seeds")
+    result = {"benchmark": "quality_spread", "checkpoint": str(tag)}
+    result["spread"] = score_spread(config, tag)
+    write_result("quality_spread", result)
+    return result
+
+
 def main() -> dict:
     import mlflow
     import torch
@@ -182,8 +240,12 @@ def main() -> dict:
         "images_per_category": {k: len(v) for k, v in by_kind.items()},
     }
 
+    print("\nFID-style score of the final checkpoint under two sampling seeds")
+    spread = score_spread(config, tag)
+
     result = {
         "benchmark": "quality",
+        "spread": spread,
         "fd_by_step": {str(k): v for k, v in sorted(by_step.items())},
         "fd_final_checkpoint": final_fd,
         "fd_untrained": untrained_fd,
@@ -215,4 +277,6 @@ def main() -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    spread_only() if "--spread-only" in sys.argv[1:] else main()

@@ -1,4 +1,4 @@
-"""The small collectives the loops share: agreeing on a flag, averaging logged values."""
+"""The small collectives the loops share: where their tensors live, averaging logged values."""
 
 from __future__ import annotations
 
@@ -11,13 +11,6 @@ def comm_device() -> torch.device:
     if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
-
-
-def any_rank(flag: bool) -> bool:
-    """True on every rank if it is true on any: ranks must agree before a collective save."""
-    value = torch.tensor([1.0 if flag else 0.0], device=comm_device())
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
 
 
 def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:

@@ -112,6 +112,33 @@ def test_one_rank_in_process_resumes_exactly_past_a_crash_during_save(pipeline):
     assert [s for s, _ in _losses(other, "split1")] == [7]
 
 
+def test_a_stopped_job_owes_its_sample_grid_to_the_next(pipeline, monkeypatch):
+    """A stop at a sample step saves at once and skips the grid; the job that continues from
+    that tag draws it first (the tag's EMA weights), so no step's grid is missing."""
+    import training.loop
+
+    work, uri, _ = pipeline
+    args = [*_experiment(work), "run.name=owed", "train.num_workers=1", "train.log_every=1"]
+    args += ["train.sample_every=4", "train.checkpoint_every=100", "tracking.log_model=false"]
+    calls = []
+
+    def stop_at_step_4(main):
+        calls.append(1)
+        return len(calls) == 4
+
+    monkeypatch.setattr(training.loop, "agree_to_stop", stop_at_step_4)
+    ok(ldm("train", *args, "train.num_steps=6"))
+    assert _tags(work, "owed") == ["step_00000004"]
+    state = json.loads((work / "runs/owed/checkpoints/step_00000004/train_state.json").read_text())
+    assert state["owed"] == ["sample"]
+    monkeypatch.undo()
+    ok(ldm("train", *args, "train.num_steps=6"))
+    client, run = _train_run(uri, "owed")
+    grids = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
+    steps = sorted(int(g.split("+step+")[1].split("+")[0]) for g in grids if g.endswith(".png"))
+    assert steps == [4, 6], grids
+
+
 class _Job:
     """A background `ldm train` whose output is collected line by line."""
 

@@ -68,6 +68,9 @@ class TrainState:
     """Settings a run that continues this one must share (stage 1 compares them)."""
     metrics: dict[str, float] = field(default_factory=dict)
     """The metrics last logged before the tag was saved."""
+    owed: list[str] = field(default_factory=list)
+    """What was due at this step and skipped because the job was stopping (`sample`,
+    `eval`): the run that continues from the tag does it first."""
     rng: dict[str, Any] = field(default_factory=dict)  # per rank, see rng_state()
 
     def save(self, path: Path) -> None:

@@ -57,12 +57,14 @@ def train_rank(ctx: RankContext) -> dict[str, float]:
         run.step()
         stopping = agree_to_stop(run.main)
         run.maybe_log()
+        # Before the checkpoint: a tag at a sample step has its grid logged, so a crash right
+        # after the save loses none. A stopping job saves first and owes them to the next.
+        run.maybe_sample(skip=stopping)
+        run.maybe_eval(skip=stopping)
         run.maybe_checkpoint(force=stopping)
         if stopping:
             run.main.note(f"train: stop requested; saved {storage.basename(run.tag)}, stopping")
             break
-        run.maybe_sample()
-        run.maybe_eval()
     return run.finish()
 
 
@@ -144,6 +146,7 @@ class UNetTraining:
         self.batches_taken = 0  # by this rank since the stream's start cursor
         self.accumulation = t.gradient_accumulation_steps(self.world)
         self.main.start_monitoring(self.model, self.spec, lambda: self.state.step)
+        self.pay_owed()
 
     def step(self) -> None:
         """One optimizer step: `accumulation` micro-batches, then the EMA."""
@@ -205,16 +208,31 @@ class UNetTraining:
             self.main.log({"checkpoint_save_s": time.perf_counter() - started}, self.state.step)
             self.report(self.metrics, self.tag)
 
-    def maybe_sample(self) -> None:
+    def maybe_sample(self, skip: bool = False) -> None:
         if self._due(self.config.train.sample_every):
+            if skip:
+                self.state.owed.append("sample")
+                return
             with self.window.phase("sample_eval"):
                 self.main.sample(self.ema, self.model, self.state.step)
 
-    def maybe_eval(self) -> None:
+    def maybe_eval(self, skip: bool = False) -> None:
         every = self.config.train.eval_every
         if every and self._due(every):
+            if skip:
+                self.state.owed.append("eval")
+                return
             with self.window.phase("sample_eval"):
                 self.main.evaluate(self.ema, self.model, self.state.step)
+
+    def pay_owed(self) -> None:
+        """The sample grid and evaluation a stopped job skipped at the tag's step: the EMA
+        weights are the tag's, so they come out as they would have then."""
+        owed, self.state.owed = self.state.owed, []
+        if "sample" in owed:
+            self.main.sample(self.ema, self.model, self.state.step)
+        if "eval" in owed:
+            self.main.evaluate(self.ema, self.model, self.state.step)
 
     def finish(self) -> dict[str, float]:
         self.main.close()

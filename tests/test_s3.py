@@ -19,9 +19,11 @@ from tests.test_precompute import reference_cache
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
-def s3(monkeypatch):
-    with local_s3() as env:
+@pytest.fixture(scope="module")
+def s3():
+    """One S3 server for the module (each test uses buckets of its own): starting moto costs
+    seconds."""
+    with local_s3() as env, pytest.MonkeyPatch.context() as monkeypatch:
         for key, value in env.items():
             monkeypatch.setenv(key, value)
         yield s3_filesystem(env)

@@ -16,8 +16,8 @@ of image: samples for captions of one kind (flags, yellow faces, clock faces, le
 squares, keycaps) must be closer to the mean real image of that kind than to each other
 kind's. The FID-style scores use every image of the held-out shard (101 generated against
 101 real); last, how stable the score is: the final checkpoint scored under two sampling
-seeds with 32 and with 101 generated images. `make bench-quality`; about 20 minutes on 2
-cores.
+seeds with 32 and with 101 generated images. `make bench-quality`; its last run took 32
+minutes on 2 cores that a test suite shared for most of it.
 """
 
 from __future__ import annotations

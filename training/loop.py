@@ -52,20 +52,23 @@ def train_rank(ctx: RankContext) -> dict[str, float]:
     rank's process (see `training.preemption`).
     Returns the last logged metrics."""
     run = UNetTraining(ctx)
-    run.resume()
-    while run.state.step < run.config.train.num_steps:
-        run.step()
-        stopping = agree_to_stop(run.main)
-        run.maybe_log()
-        # Before the checkpoint: a tag at a sample step has its grid logged, so a crash right
-        # after the save loses none. A stopping job saves first and owes them to the next.
-        run.maybe_sample(skip=stopping)
-        run.maybe_eval(skip=stopping)
-        run.maybe_checkpoint(force=stopping)
-        if stopping:
-            run.main.note(f"train: stop requested; saved {storage.basename(run.tag)}, stopping")
-            break
-    return run.finish()
+    try:
+        run.resume()
+        while run.state.step < run.config.train.num_steps:
+            run.step()
+            stopping = agree_to_stop(run.main)
+            run.maybe_log()
+            # Before the checkpoint: a tag at a sample step has its grid logged, so a crash
+            # right after the save loses none. A stopping job saves first and owes them.
+            run.maybe_sample(skip=stopping)
+            run.maybe_eval(skip=stopping)
+            run.maybe_checkpoint(force=stopping)
+            if stopping:
+                run.main.note(f"train: stop requested; saved {storage.basename(run.tag)}")
+                break
+        return run.finish()
+    finally:
+        run.close_loader()
 
 
 class UNetTraining:
@@ -237,6 +240,16 @@ class UNetTraining:
     def finish(self) -> dict[str, float]:
         self.main.close()
         return self.metrics
+
+    def close_loader(self) -> None:
+        """Stop the loader's worker processes now. Left to garbage collection, a finished
+        iterator's workers are joined whenever it is collected (in a later run in the same
+        process: one rank in the launcher's process), and that join waited out its 5 s
+        timeout every time."""
+        # No public close; the iterator exists once `resume` ran.
+        shutdown = getattr(getattr(self, "batches", None), "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
 
 
 class UNetRank0(Rank0):

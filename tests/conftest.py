@@ -9,7 +9,7 @@ import subprocess
 import sys
 import threading
 import time
-from contextlib import redirect_stderr, redirect_stdout
+from contextlib import ExitStack, redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
@@ -50,15 +50,41 @@ def ldm(*args: str) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(["ldm", *args], code, out.getvalue(), err.getvalue())
 
 
-@pytest.fixture(scope="module")
-def embedded_ray():
-    """One embedded Ray for a module's in-process multi-worker runs: every `ray_session`
-    in the module reuses it instead of starting its own (seconds each)."""
+_SHARED_RAY = ExitStack()
+
+
+def start_shared_ray() -> None:
+    """The suite's embedded Ray in this process, started once: every `ray_session` of an
+    in-process run reuses it (each start and stop costs seconds and spawns Ray's own
+    processes). It stays up until a test needs this process without Ray (`no_ray`)."""
+    import ray
+
     from orchestrator.cluster import ray_session
     from orchestrator.launcher import worker_env
 
-    with ray_session(runtime_env={"env_vars": worker_env()}) as session:
-        yield session
+    if not ray.is_initialized():
+        _SHARED_RAY.enter_context(ray_session(runtime_env={"env_vars": worker_env()}))
+
+
+@pytest.fixture
+def embedded_ray() -> None:
+    """In-process multi-worker runs on the suite's one embedded Ray."""
+    start_shared_ray()
+
+
+def stop_shared_ray() -> None:
+    _SHARED_RAY.close()
+
+
+@pytest.fixture
+def no_ray() -> None:
+    """This process without Ray, for tests of `ray_session` itself and of addresses: a
+    running Ray would be reused instead of the one they name."""
+    stop_shared_ray()
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    stop_shared_ray()
 
 
 def kill_a_train_worker(sig: int = signal.SIGKILL) -> int | None:
@@ -126,11 +152,8 @@ def one_line_error(result, *fragments):
 
 @pytest.fixture(scope="session")
 def pipeline(tmp_path_factory):
-    """Run every stage once through the `ldm` command line (in this process, sharing one
+    """Run every stage once through the `ldm` command line (in this process, on the shared
     embedded Ray); tests below inspect what each produced."""
-    from orchestrator.cluster import ray_session
-    from orchestrator.launcher import worker_env
-
     work = tmp_path_factory.mktemp("e2e")
     uri = f"sqlite:///{work}/mlflow.db"
     (work / "exp.yaml").write_text(
@@ -144,14 +167,21 @@ def pipeline(tmp_path_factory):
         ),
         "autoencoder": ok(ldm("autoencoder", exp)),  # one worker: in this process, no Ray
     }
-    with ray_session(runtime_env={"env_vars": worker_env()}):
-        results["precompute"] = ok(ldm("precompute", exp))
-        results["train"] = ok(ldm("train", exp))  # 2 Ray Train workers, ZeRO-2
+    start_shared_ray()
+    results["precompute"] = ok(ldm("precompute", exp))
+    # 2 Ray Train workers, ZeRO-2, on the reference schedule (see `reference`).
+    results["train"] = ok(ldm("train", exp, *REFERENCE_SCHEDULE, "train.sample_every=10"))
     return work, uri, results
 
 
-# The uninterrupted 2-worker run that preempted, stopped and recovered runs must end in.
+# The schedule of the uninterrupted 2-worker run that preempted, stopped and recovered runs
+# must end in: the pipeline's own training run.
 REFERENCE_STEPS, REFERENCE_EVERY = 20, 5
+REFERENCE_SCHEDULE = (
+    f"train.num_steps={REFERENCE_STEPS}",
+    f"train.checkpoint_every={REFERENCE_EVERY}",
+    "train.log_every=1",
+)
 QUIET = ("train.sample_every=100000", "train.log_every=1", "tracking.log_model=false")
 
 
@@ -176,22 +206,19 @@ def unet_weights(work: Path, name: str, step: int) -> dict:
 
 @pytest.fixture(scope="session")
 def reference(pipeline):
-    """One uninterrupted run on 2 Ray Train workers (ZeRO-2) on the reference schedule: its
-    logged (step, loss) pairs and final UNet weights."""
+    """The uninterrupted run on 2 Ray Train workers (ZeRO-2) on the reference schedule (the
+    pipeline's training run; its sample grids draw from a forked RNG): its logged
+    (step, loss) pairs and final UNet weights."""
     from mlflow.tracking import MlflowClient
 
-    from orchestrator.cluster import ray_session
-    from orchestrator.launcher import worker_env
-
     work, uri, _ = pipeline
-    with ray_session(runtime_env={"env_vars": worker_env()}):  # reused if one is running
-        ok(ldm("train", *reference_args(work, "reference")))
     client = MlflowClient(uri)
     (run,) = client.search_runs(
-        [client.get_experiment_by_name("ldm").experiment_id], "attributes.run_name = 'reference'"
+        [client.get_experiment_by_name("ldm").experiment_id],
+        "attributes.run_name = 'tiny' and tags.`ldm.stage` = 'train'",
     )
     losses = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "loss"))
-    return losses, unet_weights(work, "reference", REFERENCE_STEPS)
+    return losses, unet_weights(work, "tiny", REFERENCE_STEPS)
 
 
 @pytest.fixture

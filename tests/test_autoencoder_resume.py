@@ -22,7 +22,6 @@ from core.errors import LdmError
 from core.layout import RunLayout
 from core.loader import build_config
 from orchestrator.autoencoder import read_resume_state, train_autoencoder
-from orchestrator.launcher import worker_env
 from tests.conftest import ROOT, kill_a_train_worker, when_file_appears
 from tests.test_autoencoder import tiny_config, write_shard
 from training import checkpoint as ckpt
@@ -30,12 +29,9 @@ from training import checkpoint as ckpt
 STEPS = 6
 
 
-@pytest.fixture(scope="module", autouse=True)
-def ray():
-    from orchestrator.cluster import ray_session
-
-    with ray_session(runtime_env={"env_vars": worker_env()}):
-        yield
+@pytest.fixture(autouse=True)
+def ray(embedded_ray):
+    """Every run here on the suite's one embedded Ray."""
 
 
 def full_recipe(tmp: Path, shards: Path, *overrides: str):

@@ -40,6 +40,11 @@ def _one_line(err: pytest.ExceptionInfo, *fragments: str) -> str:
     return text
 
 
+@pytest.fixture(autouse=True)
+def no_ray_here(no_ray):
+    """Every test here starts, or connects to, a Ray of its own from this process."""
+
+
 @pytest.fixture
 def no_auth_env(monkeypatch, tmp_path):
     """A client with no token anywhere (HOME hides any ~/.ray/auth_token)."""

@@ -10,9 +10,7 @@ import json
 
 import pytest
 
-from orchestrator.cluster import ray_session
-from orchestrator.launcher import worker_env
-from tests.conftest import ldm, ok
+from tests.conftest import ldm, ok, start_shared_ray, stop_shared_ray
 from tests.s3_server import local_s3, s3_filesystem
 from tests.test_precompute import reference_cache
 
@@ -29,95 +27,100 @@ def s3():
         yield s3_filesystem(env)
 
 
-def test_s3_input_and_cache_end_to_end(pipeline, s3, tmp_path):
+@pytest.fixture
+def ray_on_s3(s3):
+    """The suite's embedded Ray, started anew inside the S3 settings: its processes take the
+    environment they start in, as a cluster's nodes have theirs."""
+    stop_shared_ray()
+    start_shared_ray()
+
+
+def test_s3_input_and_cache_end_to_end(pipeline, s3, ray_on_s3, tmp_path):
     work, _, _ = pipeline
     reference, expected = reference_cache(work)
     fs = s3
-    with ray_session(runtime_env={"env_vars": worker_env()}):  # one Ray for every run
-        fs.mkdir("ldm")
-        for shard in sorted((work / "shards").glob("*.tar")):
-            fs.put_file(str(shard), f"ldm/raw/{shard.name}")
-        exp = str(work / "exp.yaml")
-        on_s3 = ["data.shards=s3://ldm/raw", "precompute.cache_dir=s3://ldm/cache"]
-        first = ok(ldm("precompute", exp, *on_s3))
-        assert "0 of 4 shards already cached in s3://ldm/cache" in first.stdout
-        manifest = json.loads(fs.cat("ldm/cache/manifest.json"))
-        assert manifest["source"] == "s3://ldm/raw"
-        for entry in expected["shards"]:
-            assert fs.cat(f"ldm/cache/{entry['name']}") == (reference / entry["name"]).read_bytes()
-        again = ok(ldm("precompute", exp, *on_s3))
-        assert "4 of 4 shards already cached" in again.stdout
+    fs.mkdir("ldm")
+    for shard in sorted((work / "shards").glob("*.tar")):
+        fs.put_file(str(shard), f"ldm/raw/{shard.name}")
+    exp = str(work / "exp.yaml")
+    on_s3 = ["data.shards=s3://ldm/raw", "precompute.cache_dir=s3://ldm/cache"]
+    first = ok(ldm("precompute", exp, *on_s3))
+    assert "0 of 4 shards already cached in s3://ldm/cache" in first.stdout
+    manifest = json.loads(fs.cat("ldm/cache/manifest.json"))
+    assert manifest["source"] == "s3://ldm/raw"
+    for entry in expected["shards"]:
+        assert fs.cat(f"ldm/cache/{entry['name']}") == (reference / entry["name"]).read_bytes()
+    again = ok(ldm("precompute", exp, *on_s3))
+    assert "4 of 4 shards already cached" in again.stdout
 
-        verified = ok(ldm("cache", "verify", "s3://ldm/cache", "--num-decode", "2"))
-        assert "cache OK: 4 shards, 64 samples" in verified.stdout and "PSNR" in verified.stdout
+    verified = ok(ldm("cache", "verify", "s3://ldm/cache", "--num-decode", "2"))
+    assert "cache OK: 4 shards, 64 samples" in verified.stdout and "PSNR" in verified.stdout
 
-        # Training streams from S3 and keeps its run state there: a second "node" with an
-        # empty local run folder resumes the run from S3 alone, on two workers.
-        train = [
-            "train",
-            exp,
-            *on_s3,
-            "run.name=from-s3",
-            "run.storage=s3://ldm/runs",
-            f"autoencoder.pretrained={work / 'runs' / 'tiny' / 'autoencoder'}",
-            "train.checkpoint_every=2",
-            "train.log_every=1",
-            "train.keep_last=1",
-        ]
-        trained = ok(
-            ldm(
-                *train,
-                "train.num_workers=1",
-                "train.num_loader_workers=1",  # a forked loader process reads S3 too
-                "train.num_steps=2",
-                "tracking.log_model=false",
-            )
+    # Training streams from S3 and keeps its run state there: a second "node" with an
+    # empty local run folder resumes the run from S3 alone, on two workers.
+    train = [
+        "train",
+        exp,
+        *on_s3,
+        "run.name=from-s3",
+        "run.storage=s3://ldm/runs",
+        f"autoencoder.pretrained={work / 'runs' / 'tiny' / 'autoencoder'}",
+        "train.checkpoint_every=2",
+        "train.log_every=1",
+        "train.keep_last=1",
+    ]
+    trained = ok(
+        ldm(
+            *train,
+            "train.num_workers=1",
+            "train.num_loader_workers=1",  # a forked loader process reads S3 too
+            "train.num_steps=2",
+            "tracking.log_model=false",
         )
-        assert "train: done" in trained.stdout
-        first = "ldm/runs/from-s3/checkpoints/step_00000002"
-        marker = json.loads(fs.cat(f"{first}/COMMITTED.json"))["files"]
-        assert {"train_state.json", "ema_unet.safetensors", "mp_rank_00_model_states.pt"} <= set(
-            marker
-        )
-        for name, digest in marker.items():
-            assert hashlib.sha256(fs.cat(f"{first}/{name}")).hexdigest() == digest, name
-        staging = work / "runs" / "from-s3" / "staging" / "checkpoints"
-        assert not list(staging.rglob("*.pt")), "staged files stay behind after the upload"
+    )
+    assert "train: done" in trained.stdout
+    first = "ldm/runs/from-s3/checkpoints/step_00000002"
+    marker = json.loads(fs.cat(f"{first}/COMMITTED.json"))["files"]
+    assert {"train_state.json", "ema_unet.safetensors", "mp_rank_00_model_states.pt"} <= set(marker)
+    for name, digest in marker.items():
+        assert hashlib.sha256(fs.cat(f"{first}/{name}")).hexdigest() == digest, name
+    staging = work / "runs" / "from-s3" / "staging" / "checkpoints"
+    assert not list(staging.rglob("*.pt")), "staged files stay behind after the upload"
 
-        other_node = tmp_path / "other-node"
-        resumed = ok(
-            ldm(
-                *train,
-                f"run.root={other_node}",
-                "train.num_workers=2",
-                "train.num_loader_workers=0",
-                "train.num_steps=4",
-            )
+    other_node = tmp_path / "other-node"
+    resumed = ok(
+        ldm(
+            *train,
+            f"run.root={other_node}",
+            "train.num_workers=2",
+            "train.num_loader_workers=0",
+            "train.num_steps=4",
         )
-        assert "resuming from" in resumed.stdout and "(step 2)" in resumed.stdout
-        assert "converted for a new world size" in resumed.stdout
-        assert "train: continuing s3://ldm/runs/from-s3/checkpoints/step_00000002 with " in (
-            resumed.stdout
-        )
-        assert "train.num_workers: 1 -> 2" in resumed.stdout
-        last = "ldm/runs/from-s3/checkpoints/step_00000004"
-        state = json.loads(fs.cat(f"{last}/train_state.json"))
-        assert state["step"] == 4 and state["world_size"] == 2
-        first_state = json.loads(
-            (
-                other_node
-                / "from-s3"
-                / "staging"
-                / "checkpoints"
-                / ".pulled"
-                / "rank0"
-                / "step_00000002"
-                / "train_state.json"
-            ).read_text()
-        )
-        assert state["mlflow_run_id"] == first_state["mlflow_run_id"]  # one run, two jobs
-        assert not fs.exists(f"{first}/COMMITTED.json")  # keep_last=1 pruned the older tag
-        assert "exported step_00000004" in resumed.stdout
+    )
+    assert "resuming from" in resumed.stdout and "(step 2)" in resumed.stdout
+    assert "converted for a new world size" in resumed.stdout
+    assert "train: continuing s3://ldm/runs/from-s3/checkpoints/step_00000002 with " in (
+        resumed.stdout
+    )
+    assert "train.num_workers: 1 -> 2" in resumed.stdout
+    last = "ldm/runs/from-s3/checkpoints/step_00000004"
+    state = json.loads(fs.cat(f"{last}/train_state.json"))
+    assert state["step"] == 4 and state["world_size"] == 2
+    first_state = json.loads(
+        (
+            other_node
+            / "from-s3"
+            / "staging"
+            / "checkpoints"
+            / ".pulled"
+            / "rank0"
+            / "step_00000002"
+            / "train_state.json"
+        ).read_text()
+    )
+    assert state["mlflow_run_id"] == first_state["mlflow_run_id"]  # one run, two jobs
+    assert not fs.exists(f"{first}/COMMITTED.json")  # keep_last=1 pruned the older tag
+    assert "exported step_00000004" in resumed.stdout
 
 
 def test_no_shards_at_an_s3_prefix_is_one_line(pipeline, s3):

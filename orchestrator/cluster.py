@@ -309,10 +309,12 @@ def _current_session() -> RaySession:
     from ray._private.worker import get_dashboard_url
 
     url = get_dashboard_url()
+    node = ray._private.worker._global_node
     return RaySession(
         address=ray.get_runtime_context().gcs_address,
         dashboard_url=f"http://{url}" if url else None,
-        embedded=False,
+        # This process started the Ray it uses (it ends with it) when its node is the head.
+        embedded=bool(node is not None and node.head),
     )
 
 

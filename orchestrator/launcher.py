@@ -152,7 +152,7 @@ def launch(config: ExperimentConfig, layout: RunLayout, stage: Stage) -> Launche
                 )
                 with stop:  # installed after ray.init, which sets a SIGTERM handler of its own
                     trained = True
-                    metrics = _run_on_ray(config, layout, stage, context)
+                    metrics = _run_on_ray(config, layout, stage, context, session.embedded)
         # A worker's own SIGTERM stopped the ranks: rank 0 wrote which, in the stop file.
         if stop.signal_name is None and storage.exists(layout.stop_file):
             stop.signal_name = storage.read_bytes(layout.stop_file).decode(errors="replace")[:80]
@@ -280,7 +280,7 @@ def _ray_storage(layout: RunLayout) -> tuple[str, Any]:
 
 
 def _run_on_ray(
-    config: ExperimentConfig, layout: RunLayout, stage: Stage, context: RankContext
+    config: ExperimentConfig, layout: RunLayout, stage: Stage, context: RankContext, embedded: bool
 ) -> dict[str, float]:
     import ray
     from ray.train import FailureConfig, RunConfig
@@ -288,12 +288,26 @@ def _run_on_ray(
 
     from orchestrator.rendezvous import NodeBoundTorchConfig  # noqa: PLC0415 - imports ray
 
+    class LeanTrainer(TorchTrainer):
+        """Ray Train's trainer without the helper actors ldm has no use for, each a process
+        started per job: the dataset manager (ldm passes Ray Train no datasets: its ranks
+        stream the latent cache), and in an embedded Ray, which ends with this process, the
+        placement-group cleaner (it outlives a crashed controller on a cluster)."""
+
+        def _create_default_callbacks(self) -> list:
+            unused = {"DatasetsCallback"}
+            if embedded:
+                unused.add("PlacementGroupCleanerCallback")
+            return [
+                c for c in super()._create_default_callbacks() if type(c).__name__ not in unused
+            ]
+
     keys = sorted(stage.data)
     data = [ray.put(stage.data[k]) for k in keys]
     context.data = {}  # travels through the object store, not inside the pickled context
     storage_path, filesystem = _ray_storage(layout)
     name = f"ray_{stage.name}"
-    trainer = TorchTrainer(
+    trainer = LeanTrainer(
         run_rank,
         torch_config=NodeBoundTorchConfig(),
         train_loop_config={

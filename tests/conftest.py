@@ -103,6 +103,21 @@ def kill_a_train_worker(sig: int = signal.SIGKILL) -> int | None:
     return None
 
 
+def train_helper_actors() -> list[str]:
+    """Ray Train helper actors running under this process's embedded Ray that ldm turns off
+    (see `orchestrator.launcher.LeanTrainer`)."""
+    import psutil
+
+    found = []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            command = " ".join(proc.cmdline())
+        except psutil.Error:
+            continue
+        found += [name for name in ("DatasetManager", "PlacementGroupCleaner") if name in command]
+    return found
+
+
 def train_worker_listeners() -> list[tuple[int, str, int]]:
     """(pid, address, port) of every listening socket of this process's Ray Train workers."""
     import psutil

@@ -32,6 +32,7 @@ from tests.conftest import (
     ldm,
     ok,
     one_line_error,
+    train_helper_actors,
     train_worker_listeners,
     when_file_appears,
 )
@@ -233,9 +234,11 @@ def test_sigterm_to_a_worker_saves_then_the_same_command_continues(
     ]
     signalled: list[int | None] = []
     listeners: list[tuple[int, str, int]] = []
+    helpers: list[str] = []
 
     def preempt() -> None:
         listeners.extend(train_worker_listeners())
+        helpers.extend(train_helper_actors())
         signalled.append(kill_a_train_worker(signal.SIGTERM))
 
     marker = work / "runs" / "worker-term" / "checkpoints" / "step_00000005" / "COMMITTED.json"
@@ -245,6 +248,7 @@ def test_sigterm_to_a_worker_saves_then_the_same_command_continues(
     out = stopped.stdout + stopped.stderr
     assert stopped.returncode == 143, out[-3000:]
     assert signalled and signalled[0], "no Ray Train worker was found to signal"
+    assert not helpers, helpers  # no process for Ray Train helpers an embedded job never uses
     # The process group (torch's store on rank 0, gloo's pairs) listens on the node's address
     # only. The one socket on every interface in each process is Ray's own worker server
     # (token-authenticated; every Ray worker has it, idle ones too); Ray Train's default

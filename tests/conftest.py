@@ -87,17 +87,31 @@ def pytest_sessionfinish(session, exitstatus) -> None:
     stop_shared_ray()
 
 
+def _ray_processes(name: str) -> list:
+    """Processes under this one (its embedded Ray's) whose command line names `name` (Ray
+    renames a worker after the actor it runs)."""
+    import psutil
+
+    found = []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if name in " ".join(proc.cmdline()):
+                found.append(proc)
+        except psutil.Error:
+            pass
+    return found
+
+
 def kill_a_train_worker(sig: int = signal.SIGKILL) -> int | None:
     """Send `sig` to one Ray Train worker of this process's embedded Ray (SIGKILL: as a lost
     node or an OOM kill would; SIGTERM: as a preempted node's pod gets); its pid, or None
     when there is none."""
     import psutil
 
-    for proc in psutil.Process().children(recursive=True):
+    for proc in _ray_processes("RayTrainWorker"):
         try:
-            if "RayTrainWorker" in " ".join(proc.cmdline()):
-                proc.send_signal(sig)
-                return proc.pid
+            proc.send_signal(sig)
+            return proc.pid
         except psutil.Error:
             pass
     return None
@@ -106,16 +120,8 @@ def kill_a_train_worker(sig: int = signal.SIGKILL) -> int | None:
 def train_helper_actors() -> list[str]:
     """Ray Train helper actors running under this process's embedded Ray that ldm turns off
     (see `orchestrator.launcher.LeanTrainer`)."""
-    import psutil
-
-    found = []
-    for proc in psutil.Process().children(recursive=True):
-        try:
-            command = " ".join(proc.cmdline())
-        except psutil.Error:
-            continue
-        found += [name for name in ("DatasetManager", "PlacementGroupCleaner") if name in command]
-    return found
+    names = ("DatasetManager", "PlacementGroupCleaner")
+    return [name for name in names for _ in _ray_processes(name)]
 
 
 def train_worker_listeners() -> list[tuple[int, str, int]]:
@@ -123,14 +129,13 @@ def train_worker_listeners() -> list[tuple[int, str, int]]:
     import psutil
 
     found = []
-    for proc in psutil.Process().children(recursive=True):
+    for proc in _ray_processes("RayTrainWorker"):
         try:
-            if "RayTrainWorker" in " ".join(proc.cmdline()):
-                found += [
-                    (proc.pid, c.laddr.ip, c.laddr.port)
-                    for c in proc.net_connections("inet")
-                    if c.status == psutil.CONN_LISTEN
-                ]
+            found += [
+                (proc.pid, c.laddr.ip, c.laddr.port)
+                for c in proc.net_connections("inet")
+                if c.status == psutil.CONN_LISTEN
+            ]
         except psutil.Error:
             pass
     return found

@@ -188,10 +188,11 @@ def test_two_ranks_survive_a_killed_worker_into_the_uninterrupted_weights(
     import ray
 
     logs = Path(ray._private.worker._global_node.get_logs_dir_path())
+    logged = {p.name: p.read_bytes() for p in logs.glob("worker-*")}
     noisy = [
-        p.name
-        for p in logs.glob("worker-*")
-        if b"Failed to query" in p.read_bytes() or b"PreemptionWatcher" in p.read_bytes()
+        n
+        for n, text in logged.items()
+        if b"Failed to query" in text or b"PreemptionWatcher" in text
     ]
     assert not noisy, noisy
 

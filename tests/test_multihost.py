@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -65,7 +66,7 @@ def cluster() -> Iterator[Cluster]:
             "AWS_DEFAULT_REGION": "us-east-1",
             "PATH": f"{BIN}:/usr/sbin:/usr/bin:/sbin:/bin",
         }
-        quiet = {"stdout": open("/dev/null", "wb"), "stderr": open("/dev/null", "wb")}  # noqa: SIM115
+        quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
         c.popen([str(BIN / "moto_server"), "-H", c.address, "-p", str(S3_PORT)], env, **quiet)
         a.popen(
             [str(BIN / "mlflow"), "server", "--host", a.address, "--port", str(MLFLOW_PORT)]

@@ -9,6 +9,7 @@ everything it needs arrives in a `RankContext`.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -113,6 +114,7 @@ class UNetTraining:
         self.metrics: dict[str, float] = {}
         self.losses: list[torch.Tensor] = []
         self.tag: str | None = None
+        self.batches: Iterator | None = None  # the loader's iterator, made in `resume`
 
     def resume(self) -> None:
         """Engine, EMA and RNG states of the tag to resume from; then the data stream at the
@@ -246,8 +248,7 @@ class UNetTraining:
         iterator's workers are joined whenever it is collected (in a later run in the same
         process: one rank in the launcher's process), and that join waited out its 5 s
         timeout every time."""
-        # No public close; the iterator exists once `resume` ran.
-        shutdown = getattr(getattr(self, "batches", None), "_shutdown_workers", None)
+        shutdown = getattr(self.batches, "_shutdown_workers", None)  # no public close
         if shutdown is not None:
             shutdown()
 

@@ -56,8 +56,9 @@ class RunLayout:
     """Stage 1's checkpoint tags."""
     stop_file: str
     """Written by the launcher on SIGTERM; rank 0 polls it (so it lives on the storage)."""
-    autoencoder_dir: Path
-    """The published stage-1 autoencoder (or `autoencoder.pretrained`)."""
+    autoencoder_dir: str
+    """The published stage-1 autoencoder (or `autoencoder.pretrained`): a folder, or a prefix
+    of `run.storage` when that is an object store (every node of a cluster reads it there)."""
     tracking_uri: str
     """MLflow: `tracking.uri`, else `$MLFLOW_TRACKING_URI` on the driver, else SQLite under
     `run.root`."""
@@ -87,13 +88,14 @@ class RunLayout:
             return CheckpointPlace(Path(storage_dir) / folder, None)
 
         pretrained = config.autoencoder.pretrained
+        published = storage.join(storage_dir, "autoencoder") if remote else run_dir / "autoencoder"
         return cls(
             run_dir=run_dir,
             storage_dir=storage_dir,
             checkpoints=place(CHECKPOINTS),
             autoencoder_checkpoints=place(AUTOENCODER_CHECKPOINTS),
             stop_file=storage.join(storage_dir, "STOP_REQUESTED"),
-            autoencoder_dir=Path(pretrained) if pretrained else run_dir / "autoencoder",
+            autoencoder_dir=pretrained or str(published),
             tracking_uri=config.tracking.uri
             or environ.get("MLFLOW_TRACKING_URI")
             or f"sqlite:///{Path(config.run.root).resolve()}/mlflow.db",

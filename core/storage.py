@@ -14,6 +14,7 @@ import hashlib
 import os
 import posixpath
 import shutil
+import tempfile
 from pathlib import Path
 from typing import IO, Any
 
@@ -210,3 +211,64 @@ def remove_tree(url: str | Path) -> None:
         fs.rm(path, recursive=True)
     except FileNotFoundError:
         pass
+
+
+def _local_copies() -> Path:
+    """Where this machine keeps local copies of object-store folders (its own temp dir: each
+    host downloads for itself)."""
+    return Path(tempfile.gettempdir()) / f"ldm-{os.getuid()}" / "remote"
+
+
+def local_folder(location: str | Path) -> Path:
+    """A folder to read with libraries that take only local paths (a diffusers model): a
+    local path as is, or for an object-store prefix a local copy of every file under it.
+    The copy is made once per machine and version (keyed by the prefix and its files' sizes
+    and ETags, so a folder replaced since is fetched again), downloaded beside its final
+    place and renamed into it: readers never see half of one."""
+    if not is_remote(location):
+        return Path(location)
+    fs, path = _fs(location)
+    prefix = path.rstrip("/")
+    fs.invalidate_cache()  # another node may have published since this process last looked
+    try:
+        listing = fs.find(prefix, detail=True)
+    except FileNotFoundError:
+        listing = {}
+    files = {
+        name[len(prefix) + 1 :]: info
+        for name, info in listing.items()
+        if info.get("type") != "directory" and name.startswith(prefix + "/")
+    }
+    if not files:
+        raise LdmError(f"{location}: no such folder (nothing is stored under that prefix)")
+    identity = hashlib.sha256(str(location).rstrip("/").encode())
+    for name in sorted(files):
+        identity.update(f"\0{name}\0{files[name]['size']}\0{_object_version(files[name])}".encode())
+    target = _local_copies() / identity.hexdigest()[:24]
+    if target.is_dir():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.with_name(f".{target.name}.tmp{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    for name in sorted(files):
+        local = staging / name
+        local.parent.mkdir(parents=True, exist_ok=True)
+        fs.get_file(f"{prefix}/{name}", str(local))
+    try:
+        os.replace(staging, target)
+    except OSError:  # another process of this machine finished the same copy first
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def put_folder(local: Path, location: str | Path, last: str | None = None) -> None:
+    """Upload (or copy) a local folder's files under `location`, replacing what was there;
+    the file named `last` goes up after all others, so a reader that finds it finds the rest."""
+    if not is_remote(location):
+        raise ValueError(f"put_folder publishes to object stores, not to {location}")
+    remove_tree(location)
+    files = sorted(p for p in local.rglob("*") if p.is_file())
+    files.sort(key=lambda p: p.name == last)  # stable: `last` moves to the end
+    fs, path = _fs(location)
+    for file in files:
+        fs.put_file(str(file), f"{path.rstrip('/')}/{file.relative_to(local).as_posix()}")

@@ -80,13 +80,15 @@ def verify_cache(
     result: dict[str, Any] = {"shards": len(manifest["shards"]), "samples": manifest["num_samples"]}
     result["sources_checked"] = sources_found
     spec = manifest["spec"]
-    ae_dir = autoencoder or (
-        Path(manifest["autoencoder_dir"]) if "autoencoder_dir" in manifest else None
-    )
+    ae_dir = autoencoder or manifest.get("autoencoder_dir")
     if ae_dir is None or not spec["center_crop"]:
         result["psnr_skipped"] = "random crops" if not spec["center_crop"] else "no autoencoder_dir"
         return result
-    if not Path(ae_dir).is_dir() or weights_digest(Path(ae_dir)) != spec["autoencoder_sha256"]:
+    try:
+        ae_local = storage.local_folder(ae_dir)
+    except LdmError:
+        ae_local = Path(ae_dir)  # not there: refused just below
+    if not ae_local.is_dir() or weights_digest(ae_local) != spec["autoencoder_sha256"]:
         raise LdmError(
             f"autoencoder {ae_dir} is missing or is not the one this cache was built with "
             "(weights sha256 differs); pass the right folder with --autoencoder"
@@ -106,7 +108,7 @@ def verify_cache(
         if sample["__key__"] in wanted:
             image = try_decode(image_bytes(sample))
             sources[sample["__key__"]] = resize_crop(image, spec["resolution"], True)
-    vae = load_autoencoder(Path(ae_dir))
+    vae = load_autoencoder(ae_local)
     means = torch.from_numpy(np.stack([m for _, m in cached]).astype(np.float32))
     with torch.inference_mode():
         mean = means[:, : spec["latent_channels"]]  # moments or means: the mean comes first

@@ -58,11 +58,12 @@ from models.text_encoders import (
 MAX_BAD_EXAMPLES = 5  # per shard, kept in its sidecar to say what went wrong
 
 
-def cache_spec(config: ExperimentConfig, autoencoder_dir: Path) -> dict[str, Any]:
+def cache_spec(config: ExperimentConfig, autoencoder_dir: str | Path) -> dict[str, Any]:
     """Everything that determines the cache content; training rebuilds it to compare."""
-    # Only the config is read: the driver needs the identity, not a loaded model.
-    ae_dir = autoencoder_dir
-    vae = autoencoder_config(ae_dir)
+    # Only the config and the weights' bytes are read: the driver needs the identity, not
+    # a loaded model.
+    vae = autoencoder_config(autoencoder_dir)
+    ae_dir = storage.local_folder(autoencoder_dir)
     p = config.precompute
     te = config.text_encoder
     # A jointly trained encoder reads token ids: then the tokenizer is the cache's identity.
@@ -194,7 +195,7 @@ class Encoder:
     ):
         torch.set_num_threads(num_threads)  # Ray caps an actor at 1 thread unless told
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.vae = load_autoencoder(Path(autoencoder_dir)).to(self.device)
+        self.vae = load_autoencoder(autoencoder_dir).to(self.device)
         self.text_encoder = None
         if spec["text"] == "hidden_states":
             self.text_encoder, _ = load_text_encoder(text_encoder)

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from core import storage
 from core.config import ExperimentConfig
 from core.errors import LdmError
 
@@ -43,19 +44,22 @@ def build_autoencoder(config: ExperimentConfig) -> AutoencoderKL | VQModel:
     return AutoencoderKL(**shape)
 
 
-def autoencoder_config(folder: Path) -> dict:
-    """A diffusers autoencoder folder's config.json, read without loading any weights."""
-    config_file = Path(folder) / "config.json"
-    if not config_file.is_file():
+def autoencoder_config(folder: str | Path) -> dict:
+    """A diffusers autoencoder folder's (or object-store prefix's) config.json, read without
+    loading any weights."""
+    config_file = storage.join(folder, "config.json")
+    if not storage.exists(config_file):
         raise LdmError(
             f"no autoencoder at {folder}: run `ldm autoencoder CONFIG` first, or set "
-            "autoencoder.pretrained to a diffusers AutoencoderKL, VQModel or AutoencoderTiny folder"
+            "autoencoder.pretrained to a diffusers AutoencoderKL, VQModel or AutoencoderTiny "
+            "folder (a path, or an object-store URI)"
         )
-    return json.loads(config_file.read_text())
+    return json.loads(storage.read_bytes(config_file))
 
 
-def load_autoencoder(folder: Path) -> AutoencoderKL | VQModel | AutoencoderTiny:
-    """A trained or pretrained diffusers autoencoder folder, frozen, in eval mode.
+def load_autoencoder(folder: str | Path) -> AutoencoderKL | VQModel | AutoencoderTiny:
+    """A trained or pretrained diffusers autoencoder folder (or object-store prefix, copied to
+    this machine once), frozen, in eval mode.
 
     A VQModel's `decode` quantises its input (the paper's VQ-regularised decoder), so code
     that decodes latents works with either kind; its `encode` gives `.latents`, not a
@@ -65,7 +69,7 @@ def load_autoencoder(folder: Path) -> AutoencoderKL | VQModel | AutoencoderTiny:
 
     class_name = autoencoder_config(folder).get("_class_name", "AutoencoderKL")
     cls = {"AutoencoderTiny": AutoencoderTiny, "VQModel": VQModel}.get(class_name, AutoencoderKL)
-    return cls.from_pretrained(folder).eval().requires_grad_(False)
+    return cls.from_pretrained(storage.local_folder(folder)).eval().requires_grad_(False)
 
 
 def encode_latents(vae: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:

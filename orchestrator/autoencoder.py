@@ -135,7 +135,7 @@ def train_autoencoder(config: ExperimentConfig, progress: bool = True) -> dict[s
             resume_run_id=resume[1].mlflow_run_id if resume else None,
         ),
     )
-    metrics = json.loads((layout.autoencoder_dir / "metrics.json").read_text())
+    metrics = json.loads(storage.read_bytes(storage.join(layout.autoencoder_dir, "metrics.json")))
     f = ae.downsample_factor
     print(
         f"autoencoder: held-out PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.4f}, "

@@ -62,7 +62,7 @@ def run_demo(config_path: Path, overrides: list[str] = ()) -> dict[str, float]:
             summary = write_shards(images, shards, config.data.samples_per_shard)
             print(f"shards: {summary.num_samples} samples in {summary.num_shards} shards")
     with _stage("autoencoder", timings):
-        if (layout.autoencoder_dir / "config.json").is_file():
+        if storage.exists(storage.join(layout.autoencoder_dir, "config.json")):
             print(f"autoencoder: already trained at {layout.autoencoder_dir}")
         else:
             train_autoencoder(config)

@@ -111,7 +111,7 @@ def lineage_tags(
     config: ExperimentConfig, layout: RunLayout, cache_dir: str, manifest: dict
 ) -> dict[str, str]:
     """What produced this run: code, cluster, job, and the cache and autoencoder it used."""
-    ae_lineage = layout.autoencoder_dir / "lineage.json"
+    ae_lineage = storage.join(layout.autoencoder_dir, "lineage.json")
     manifest_bytes = storage.read_bytes(storage.join(cache_dir, "manifest.json"))
     commit = git_commit()
     return {
@@ -124,8 +124,10 @@ def lineage_tags(
         "ldm.cache_spec": manifest["spec_digest"],
         "ldm.cache_manifest_sha256": hashlib.sha256(manifest_bytes).hexdigest(),
         "ldm.precompute_run_id": manifest.get("mlflow_run_id") or "",
-        "ldm.autoencoder_run_id": json.loads(ae_lineage.read_text()).get("mlflow_run_id", "")
-        if ae_lineage.is_file()
+        "ldm.autoencoder_run_id": json.loads(storage.read_bytes(ae_lineage)).get(
+            "mlflow_run_id", ""
+        )
+        if storage.exists(ae_lineage)
         else "",
         "mlflow.source.git.commit": commit,
     }

@@ -70,7 +70,7 @@ def trained(tmp_path_factory):
 
 def test_saves_a_loadable_scaled_autoencoder(trained) -> None:
     config, metrics = trained
-    folder = RunLayout.of(config).autoencoder_dir
+    folder = Path(RunLayout.of(config).autoencoder_dir)
     assert list(folder.glob("*.safetensors")), "weights must be saved as safetensors"
     vae = load_autoencoder(folder)
     scaling = vae.config.scaling_factor
@@ -146,7 +146,7 @@ def test_mlflow_run_has_the_metrics_and_loss_went_down(trained) -> None:
 
 def test_retraining_replaces_the_folder_atomically(tmp_path: Path, monkeypatch) -> None:
     config = tiny_config(tmp_path, tmp_path / "unused")
-    target = RunLayout.of(config).autoencoder_dir
+    target = Path(RunLayout.of(config).autoencoder_dir)
     target.mkdir(parents=True)
     (target / "stale.txt").write_text("old model")
     vae = build_autoencoder(config)

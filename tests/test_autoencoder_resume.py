@@ -78,7 +78,7 @@ def test_resumed_run_equals_an_uninterrupted_one(tmp_path: Path, monkeypatch, ca
     assert "autoencoder.lpips_path is not set" in out
     root = RunLayout.of(config).run_dir / "autoencoder-checkpoints"
     assert sorted(p.name for p in root.iterdir()) == ["step_00000003", "step_00000006"]
-    uninterrupted = _weights(RunLayout.of(config).autoencoder_dir)
+    uninterrupted = _weights(Path(RunLayout.of(config).autoencoder_dir))
     final_disc = _engine_module(root / "step_00000006", "discriminator")
 
     # Resume from step 3, as a run killed between steps 3 and 6 would: here the step-6 tag
@@ -87,13 +87,13 @@ def test_resumed_run_equals_an_uninterrupted_one(tmp_path: Path, monkeypatch, ca
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0xFF
     weights.write_bytes(bytes(data))
-    shutil.rmtree(RunLayout.of(config).autoencoder_dir)
+    shutil.rmtree(Path(RunLayout.of(config).autoencoder_dir))
     second = train_autoencoder(config, progress=False)
     out = capsys.readouterr().out
     assert "not resuming from a damaged checkpoint" in out and "step_00000006" in out
     assert "resuming from" in out and "step_00000003" in out
     assert second["resumed_at_step"] == 3
-    _assert_equal(_weights(RunLayout.of(config).autoencoder_dir), uninterrupted)
+    _assert_equal(_weights(Path(RunLayout.of(config).autoencoder_dir)), uninterrupted)
     # The discriminator too, bit for bit.
     _assert_equal(_engine_module(root / "step_00000006", "discriminator"), final_disc)
     assert second["psnr"] == pytest.approx(first["psnr"])
@@ -155,7 +155,7 @@ def test_two_ranks_survive_a_killed_worker_into_the_uninterrupted_weights(
     for engine in ("autoencoder", "discriminator"):  # ZeRO-2: each rank holds its shard
         shards_of = sorted(p.name for p in (tag / engine).glob("zero_pp_rank_*"))
         assert [s[:14] for s in shards_of] == ["zero_pp_rank_0", "zero_pp_rank_1"], shards_of
-    uninterrupted = _weights(layout.autoencoder_dir)
+    uninterrupted = _weights(Path(layout.autoencoder_dir))
     final_disc = _engine_module(tag, "discriminator")
     client = MlflowClient(tracking_uri=layout.tracking_uri)
     (run,) = client.search_runs([client.get_experiment_by_name("ae-test").experiment_id])
@@ -180,7 +180,7 @@ def test_two_ranks_survive_a_killed_worker_into_the_uninterrupted_weights(
     out = capsys.readouterr().out
     assert "restarted from step_000000" in out, out[-3000:]
     assert second["world_size"] == 2
-    _assert_equal(_weights(RunLayout.of(again).autoencoder_dir), uninterrupted)
+    _assert_equal(_weights(Path(RunLayout.of(again).autoencoder_dir)), uninterrupted)
     _assert_equal(_engine_module(place.local / "step_00000016", "discriminator"), final_disc)
     # The embedded Ray runs no State API: Ray Train's placement-group cleaner would log a
     # warning a second while it waits (see orchestrator.cluster.on_worker_start); nor Ray
@@ -229,7 +229,7 @@ def test_sigterm_saves_and_the_same_command_continues(tmp_path: Path, monkeypatc
     layout = RunLayout.of(config)
     (tag,) = ckpt.committed(layout.autoencoder_checkpoints)
     stopped_at = ckpt.TrainState.load(Path(tag) / ckpt.TRAIN_STATE).step
-    assert 5 <= stopped_at < 40 and not layout.autoencoder_dir.exists()
+    assert 5 <= stopped_at < 40 and not Path(layout.autoencoder_dir).exists()
 
     resumed = train_autoencoder(config, progress=False)
     assert resumed["resumed_at_step"] == stopped_at
@@ -242,5 +242,6 @@ def test_sigterm_saves_and_the_same_command_continues(tmp_path: Path, monkeypatc
     )
     train_autoencoder(reference, progress=False)
     _assert_equal(
-        _weights(layout.autoencoder_dir), _weights(RunLayout.of(reference).autoencoder_dir)
+        _weights(Path(layout.autoencoder_dir)),
+        _weights(Path(RunLayout.of(reference).autoencoder_dir)),
     )

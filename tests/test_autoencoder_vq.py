@@ -53,7 +53,7 @@ def vq_run(tmp_path_factory):
 
 def test_vq_autoencoder_is_published_as_a_plain_vqmodel(vq_run) -> None:
     config, metrics = vq_run
-    saved = json.loads((RunLayout.of(config).autoencoder_dir / "config.json").read_text())
+    saved = json.loads((Path(RunLayout.of(config).autoencoder_dir) / "config.json").read_text())
     assert saved["_class_name"] == "VQModel" and saved["num_vq_embeddings"] == CODEBOOK
     # The latent shift went into the weights: nothing diffusers' VQModel would not know.
     assert "shift_factor" not in saved and saved["scaling_factor"] == pytest.approx(
@@ -100,7 +100,7 @@ def test_precompute_stores_pre_quantisation_latents_only(vq_run) -> None:
 
     # The real encoder stage on one shard batch (token ids: no text encoder to load).
     encoder = Encoder(
-        str(RunLayout.of(config).autoencoder_dir), "minilm", {**spec, "text": "token_ids"}, 1
+        RunLayout.of(config).autoencoder_dir, "minilm", {**spec, "text": "token_ids"}, 1
     )
     pixels = np.random.default_rng(1).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
     row = {
@@ -132,7 +132,7 @@ def test_vq_checkpoint_samples_and_export_refuses(vq_run, tmp_path: Path) -> Non
     config, _ = vq_run
     # A committed training tag as the UNet stage writes one, with a small random UNet.
     raw = config.to_dict()
-    raw["autoencoder"]["pretrained"] = str(RunLayout.of(config).autoencoder_dir)
+    raw["autoencoder"]["pretrained"] = RunLayout.of(config).autoencoder_dir
     raw["unet"] = {"block_out_channels": [32, 64], "cross_attention_levels": 1}
     raw["unet"]["num_attention_heads"] = 2
     run_config = build_config(raw)

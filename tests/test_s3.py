@@ -7,9 +7,13 @@ starts inherits the S3 settings as a cluster's nodes would have them.
 
 import hashlib
 import json
+from pathlib import Path
 
 import pytest
 
+from core import storage
+from core.errors import LdmError
+from models.digests import weights_digest
 from tests.conftest import ldm, ok, start_shared_ray, stop_shared_ray
 from tests.s3_server import local_s3, s3_filesystem
 from tests.test_precompute import reference_cache
@@ -132,8 +136,9 @@ def test_no_shards_at_an_s3_prefix_is_one_line(pipeline, s3):
 
 
 def test_stage_1_checkpoints_on_s3_resume_from_an_empty_run_folder(s3, tmp_path):
-    """Stage 1 keeps its checkpoints on `run.storage` too: a rerun whose local run folder is
-    gone continues from the tag on S3 and publishes the same model."""
+    """Stage 1 keeps its checkpoints on `run.storage` too, and publishes its model there,
+    where every node reads it: a rerun whose local run folder is gone continues from the tag
+    on S3 and publishes the same model."""
     import shutil
 
     from safetensors.torch import load_file
@@ -151,10 +156,21 @@ def test_stage_1_checkpoints_on_s3_resume_from_an_empty_run_folder(s3, tmp_path)
     layout = RunLayout.of(config)
     first = train_autoencoder(config, progress=False)
     assert s3.exists("stage1/runs/tiny/autoencoder-checkpoints/step_00000006/COMMITTED.json")
-    (weights,) = layout.autoencoder_dir.glob("*.safetensors")
+    assert layout.autoencoder_dir == "s3://stage1/runs/tiny/autoencoder"
+    assert {"config.json", "lineage.json", "metrics.json"} <= {
+        p.rsplit("/", 1)[1] for p in s3.ls("stage1/runs/tiny/autoencoder")
+    }
+    copy = storage.local_folder(layout.autoencoder_dir)  # what a node reads: a local copy
+    assert storage.local_folder(layout.autoencoder_dir) == copy  # made once
+    (weights,) = copy.glob("*.safetensors")
     published = load_file(weights)
     shutil.rmtree(layout.run_dir)  # another node: nothing local
     again = train_autoencoder(config, progress=False)
     assert again["resumed_at_step"] == 6 and again["psnr"] == first["psnr"]
-    republished = load_file(next(layout.autoencoder_dir.glob("*.safetensors")))
+    (weights,) = storage.local_folder(layout.autoencoder_dir).glob("*.safetensors")
+    republished = load_file(weights)
     assert all(published[k].equal(republished[k]) for k in published)
+    # Precompute and training identify the model by its bytes, wherever it is read from.
+    assert weights_digest(copy) == weights_digest(Path(layout.run_dir) / "autoencoder")
+    with pytest.raises(LdmError, match="s3://stage1/nothing: no such folder"):
+        storage.local_folder("s3://stage1/nothing")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -304,11 +305,16 @@ class AutoencoderRank0(Rank0):
         started_at = metrics.pop("started_at", None)  # when the driver started the job
         metrics["seconds"] = time.time() - started_at if started_at else facts["train_seconds"]
         vae.cpu()
-        target = self.layout.autoencoder_dir
+        location = self.layout.autoencoder_dir
+        # On an object store (every node reads it there) the model is made on this node first.
+        remote = storage.is_remote(location)
+        target = self.layout.run_dir / "autoencoder" if remote else Path(location)
         # Saved before anything else is logged, so a tracking hiccup cannot cost the training.
         publish(vae, metrics, target)
         # Which MLflow run trained these weights: training runs link back to it.
         (target / "lineage.json").write_text(json.dumps({"mlflow_run_id": self.run_id}))
+        if remote:  # config.json last: a reader that finds it finds a whole model
+            storage.put_folder(target, location, last="config.json")
         self.tracker.log_metrics(metrics, ae.num_steps)
         shown = min(GRID_IMAGES, len(test))
         # Rows: originals, autoencoder reconstructions, bicubic baseline.

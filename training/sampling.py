@@ -62,7 +62,10 @@ class Sampler:
     """Everything needed to turn prompts into images with a given UNet."""
 
     def __init__(
-        self, config: ExperimentConfig, autoencoder_dir: Path, device: torch.device | None = None
+        self,
+        config: ExperimentConfig,
+        autoencoder_dir: str | Path,
+        device: torch.device | None = None,
     ):
         """`device`: where the encoders and the UNet passed in run (default the CPU)."""
         self.config = config

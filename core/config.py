@@ -355,6 +355,17 @@ class ClusterConfig(Section):
     """Give each training worker a GPU."""
     placement_strategy: Literal["SPREAD", "PACK", "STRICT_SPREAD"] = "SPREAD"
     """How training workers are placed over nodes."""
+    shared_filesystem: bool = False
+    """Every node of the cluster mounts the config's local paths at the same place (NFS,
+    Lustre, a shared volume). Without it, a stage on a cluster with nodes on other hosts
+    refuses local paths for what every node reads (shards, cache, `run.storage`, the
+    autoencoder, a local MLflow store): put those on object storage and a tracking server."""
+    collective_timeout_s: int = Field(1800, ge=1)
+    """Seconds a rank waits in one collective (an all-reduce, a barrier, the rendezvous) for
+    the other ranks before it fails, so a lost or partitioned node ends in a restart (with
+    `train.max_failures`) instead of a hang. It must exceed the longest time one rank works
+    alone while the others wait: rank 0 drawing sample grids or evaluating, a checkpoint
+    upload. The default is torch's own."""
     resource_wait_s: float = Field(0.0, ge=0, allow_inf_nan=False)
     """On a cluster (not an embedded Ray), how long a stage waits for the CPUs, GPUs and nodes
     its workers need (an autoscaler adding nodes) before it is refused with the numbers; 0

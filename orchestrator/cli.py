@@ -30,6 +30,9 @@ def set_default_env() -> None:
         "RAY_USAGE_STATS_ENABLED": "0",
         "TOKENIZERS_PARALLELISM": "false",
         "DS_ACCELERATOR": "cuda" if _has_cuda() else "cpu",
+        # Ray folds a worker's line into "[repeated Nx across cluster]" when an earlier one
+        # differed only in its numbers: a job's log then hid that it resumed a second time.
+        "RAY_DEDUP_LOGS": "0",
     }
     for key, value in defaults.items():
         os.environ.setdefault(key, value)
@@ -175,6 +178,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 def cmd_submit(args: argparse.Namespace) -> None:
     from orchestrator.cluster import check_resources
     from orchestrator.jobs import cluster_nodes, submit
+    from orchestrator.shared_paths import unshared_paths_problem
 
     config = _load(args)
     config.cluster.address = None  # inside the job, Ray is the cluster the job runs on
@@ -184,13 +188,17 @@ def cmd_submit(args: argparse.Namespace) -> None:
         "train": config.train.preempt_grace_s,
     }
     workers = {"autoencoder": config.autoencoder.num_workers, "train": config.train.num_workers}
+    nodes = cluster_nodes(args.address)
+    # The job's nodes, not this machine, will read the config's paths.
+    if (problem := unshared_paths_problem(config, args.stage, nodes)) is not None:
+        raise LdmError(problem)
     if args.stage in workers and not config.cluster.resource_wait_s:
         # Refused before submitting: the job would otherwise start only to fail the same way.
         check_resources(
             config.cluster,
             workers[args.stage],
             f"{args.stage}.num_workers",
-            nodes=lambda: cluster_nodes(args.address),
+            nodes=lambda: nodes,
         )
     job_id = submit(
         args.address,

@@ -239,6 +239,7 @@ def ray_job(
         config.data.shards = f"{SHARED_MOUNT}/data/{Path(config.data.shards).name}"
     config.cluster.use_gpu = True
     config.cluster.address = None
+    config.cluster.shared_filesystem = True  # every pod mounts the shared volume
     # A worker lost without warning (node failure, OOM kill): Ray Train restarts the ranks
     # from the newest committed tag within the job.
     config.train.max_failures = max(config.train.max_failures, RANK_RESTARTS)

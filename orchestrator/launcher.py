@@ -30,8 +30,15 @@ from core import storage
 from core.config import ExperimentConfig
 from core.errors import LdmError, Preempted
 from core.layout import CheckpointPlace, RunLayout
-from orchestrator.cluster import check_resources, ray_session, usable_cores, worker_scaling
+from orchestrator.cluster import (
+    alive_nodes,
+    check_resources,
+    ray_session,
+    usable_cores,
+    worker_scaling,
+)
 from orchestrator.ray_worker import pack, run_rank
+from orchestrator.shared_paths import unshared_paths_problem
 from training import checkpoint as ckpt
 from training.context import RankContext
 from training.engine import forget_process_groups
@@ -150,6 +157,10 @@ def launch(config: ExperimentConfig, layout: RunLayout, stage: Stage) -> Launche
                 check_resources(
                     config.cluster, stage.num_workers, f"{stage.name}.num_workers", wait_s
                 )
+                if (
+                    problem := unshared_paths_problem(config, stage.name, alive_nodes())
+                ) is not None:
+                    raise LdmError(problem)
                 with stop:  # installed after ray.init, which sets a SIGTERM handler of its own
                     trained = True
                     metrics = _run_on_ray(config, layout, stage, context, session.embedded)
@@ -309,7 +320,7 @@ def _run_on_ray(
     name = f"ray_{stage.name}"
     trainer = LeanTrainer(
         run_rank,
-        torch_config=NodeBoundTorchConfig(),
+        torch_config=NodeBoundTorchConfig(timeout_s=config.cluster.collective_timeout_s),
         train_loop_config={
             "payload": pack(stage.rank_function, context),
             "stage": stage.name,

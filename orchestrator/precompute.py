@@ -33,7 +33,8 @@ from data_pipeline.precompute import (
     write_cache_manifest,
 )
 from models.text_encoders import tokenizer_path
-from orchestrator.cluster import ray_session
+from orchestrator.cluster import alive_nodes, ray_session
+from orchestrator.shared_paths import unshared_paths_problem
 from training.tracking import MLflowTracker, end_run, start_run
 
 
@@ -55,6 +56,8 @@ def _encode(
         return
     p = config.precompute
     with ray_session(config.cluster.address), tempfile.TemporaryDirectory() as tmp:
+        if (problem := unshared_paths_problem(config, "precompute", alive_nodes())) is not None:
+            raise LdmError(problem)
         # Local caches stage next to their final name (a rename); remote ones upload.
         staging = Path(tmp) if storage.is_remote(cache_dir) else Path(cache_dir)
         use_gpu = bool(ray.cluster_resources().get("GPU", 0))

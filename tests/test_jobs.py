@@ -437,3 +437,46 @@ def test_a_training_job_stopped_and_submitted_again_ends_in_the_uninterrupted_we
     seconds = first_step / 1000 - submitted_at
     record_property("submit_to_first_step_s", round(seconds, 1))
     print(f"\nldm submit -> first training step: {seconds:.1f} s")
+
+
+def test_paths_on_the_submitting_disk_are_refused_for_a_cluster_of_other_hosts(tmp_path):
+    """A node on another host cannot read this machine's disk: the keys each stage's nodes
+    read are named in one line, before anything starts; object storage, an MLflow server,
+    `cluster.shared_filesystem`, or a cluster all on this machine are fine."""
+    from core.loader import build_config
+    from orchestrator.shared_paths import unshared_paths_problem
+
+    here = {"CPU": 2.0, "node:127.0.0.1": 1.0, "node:__internal_head__": 1.0}
+    there = {"CPU": 2.0, "node:169.254.77.2": 1.0}
+    local = build_config({"preset": "tiny", "run": {"root": str(tmp_path / "runs")}}, [])
+    problem = unshared_paths_problem(local, "train", [here, there])
+    assert problem is not None and "\n" not in problem
+    for fragment in (
+        f"run.root={tmp_path / 'runs'}",
+        "tracking.uri=sqlite:///",
+        "node(s) at 169.254.77.2 cannot read",
+        "cluster.shared_filesystem=true",
+    ):
+        assert fragment in problem, problem
+    assert "data.shards" not in problem  # training reads the cache, not the shards
+    assert "data.shards=" in unshared_paths_problem(local, "precompute", [here, there])
+    assert unshared_paths_problem(local, "train", [here]) is None  # all on this machine
+    shared = local.model_copy(deep=True)
+    shared.cluster.shared_filesystem = True
+    assert unshared_paths_problem(shared, "train", [here, there]) is None
+    remote = build_config(
+        {"preset": "tiny", "run": {"root": str(tmp_path / "runs")}},
+        [
+            "run.storage=s3://b/runs",
+            "precompute.cache_dir=s3://b/cache",
+            "data.shards=s3://b/shards",
+            "tracking.uri=http://169.254.77.1:5000",
+        ],
+    )
+    # run.root still holds each node's own staging and logs: not shared, not needed to be.
+    for stage in ("autoencoder", "precompute", "train"):
+        assert unshared_paths_problem(remote, stage, [here, there]) is None, stage
+    pretrained = build_config(remote.to_dict(), ["autoencoder.pretrained=/models/vae"])
+    assert "autoencoder.pretrained=/models/vae" in unshared_paths_problem(
+        pretrained, "train", [here, there]
+    )

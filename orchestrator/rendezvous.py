@@ -21,6 +21,7 @@ from typing import Any
 import psutil
 import ray
 import torch.distributed as dist
+import torch.distributed.distributed_c10d as c10d
 from ray.train.torch import TorchConfig
 from ray.train.torch.config import _set_torch_distributed_env_vars, _TorchBackend
 
@@ -56,6 +57,11 @@ def _join_group(
     if backend == "nccl":  # as Ray Train does: fail a timed-out collective instead of hanging
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
     timeout = timedelta(seconds=timeout_s)
+    # Groups made later without a timeout of their own (DeepSpeed's data-parallel and ZeRO
+    # groups: `new_group(ranks)`) take torch's module default, 30 min, not the world group's:
+    # a partitioned node then hung every rank that long. They get this one too.
+    c10d.default_pg_timeout = timeout
+    c10d.default_pg_nccl_timeout = timeout
     if world_rank == 0:
         global _listener
         fd = _listener.detach()  # the store owns the socket from here on

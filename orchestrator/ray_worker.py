@@ -58,7 +58,8 @@ def run_rank(loop_config: dict[str, Any]) -> None:
     context.data = dict(zip(loop_config["data_keys"], ray.get(loop_config["data"]), strict=True))
     node = ray.get_runtime_context().get_node_id()
     stage = loop_config["stage"]
-    print(f"{stage}: worker rank {rank} on node {node} pid {os.getpid()}", flush=True)
+    address = ray.util.get_node_ip_address()
+    print(f"{stage}: worker rank {rank} on node {node} ({address}) pid {os.getpid()}", flush=True)
     reserved = context.config.cluster.num_cpus_per_worker
     torch.set_num_threads(cpu_share(reserved, train_context.get_local_world_size()))
 

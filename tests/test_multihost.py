@@ -1,12 +1,21 @@
-"""ldm's cluster services on hosts of their own (tests/hosts.py): host A runs the Ray head
-(token auth) and the MLflow server, host B a Ray worker node, host C the S3-compatible
-server. Each host has its own address and /tmp; they reach each other only by address,
-through the switch. What listens where is printed for every host."""
+"""ldm's cluster on hosts of their own (tests/hosts.py): host A runs the Ray head (token auth)
+and the MLflow server, host B a Ray worker node, host C the S3-compatible server, the only
+storage the hosts share. Each host has its own address and /tmp; they reach each other only
+by address, through the switch. What listens where is printed for every host.
+
+On it, from A with `ldm submit`: precompute with encoder actors on both hosts (the same
+cache bytes as the one-machine pipeline's), then a 2-worker training job (one rank per host)
+from the cache on S3, checkpointing to S3 and logging to MLflow on A, that loses host B
+(every process SIGKILLed) and then B's cable (a partition longer than the collective
+timeout), and still ends in the uninterrupted run's weights, bit for bit."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 import secrets
+import shutil
 import subprocess
 import sys
 import time
@@ -15,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file
 
 from orchestrator.cluster import ray_env
 from tests.hosts import Host, hosts, unavailable
@@ -23,7 +33,14 @@ why = unavailable()
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(why is not None, reason=why or "")]
 
 BIN = Path(sys.executable).parent
+ROOT = Path(__file__).resolve().parents[1]
 GCS_PORT, DASHBOARD_PORT, MLFLOW_PORT, S3_PORT = 6379, 8265, 5000, 9000
+
+
+# One CPU per host, so that a training rank there runs one torch thread, as each of the
+# reference run's two ranks does on this 2-core machine: the same floating-point sums.
+NODE = ["--num-cpus=1", "--num-gpus=0", "--disable-usage-stats", "--block"]
+QUIET = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
 
 
 @dataclass
@@ -37,6 +54,39 @@ class Cluster:
     @property
     def gcs(self) -> str:
         return f"{self.a.address}:{GCS_PORT}"
+
+    @property
+    def mlflow(self) -> str:
+        return f"http://{self.a.address}:{MLFLOW_PORT}"
+
+    def start_worker_node(self) -> None:
+        """A Ray worker node on host B (again, after B was lost: a replacement host), as an
+        autoscaler or KubeRay would start one."""
+        self.b.popen(
+            [str(BIN / "ray"), "start", f"--address={self.gcs}"]
+            + [f"--node-ip-address={self.b.address}", "--resources", '{"host_b": 1}', *NODE],
+            self.env,
+            **QUIET,
+        )
+
+    def python(self, host: Host, script: str, timeout: float = 300) -> str:
+        """Run a Python script on `host` (the project importable); its output, or the test
+        fails with its error."""
+        result = host.run(
+            [sys.executable, "-c", script], {**self.env, "PYTHONPATH": str(ROOT)}, timeout
+        )
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        return result.stdout
+
+    def ldm(self, host: Host, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+        """The `ldm` command on `host`."""
+        return host.run([str(BIN / "ldm"), *args], self.env, timeout)
+
+
+def on_host(host: Host, path: str) -> Path:
+    """A path of `host`'s private /tmp, as this process sees it (through its anchor)."""
+    assert host.anchor is not None and path.startswith("/tmp/")
+    return Path(f"/proc/{host.anchor.pid}/root{path}")
 
 
 def _wait(host: Host, script: str, env: dict[str, str], timeout_s: float = 120) -> str:
@@ -66,7 +116,7 @@ def cluster() -> Iterator[Cluster]:
             "AWS_DEFAULT_REGION": "us-east-1",
             "PATH": f"{BIN}:/usr/sbin:/usr/bin:/sbin:/bin",
         }
-        quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+        quiet = QUIET
         c.popen([str(BIN / "moto_server"), "-H", c.address, "-p", str(S3_PORT)], env, **quiet)
         a.popen(
             [str(BIN / "mlflow"), "server", "--host", a.address, "--port", str(MLFLOW_PORT)]
@@ -76,7 +126,7 @@ def cluster() -> Iterator[Cluster]:
             {**env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
             **quiet,
         )
-        node = ["--num-cpus=2", "--num-gpus=0", "--disable-usage-stats", "--block"]
+        node = NODE
         a.popen(
             [str(BIN / "ray"), "start", "--head", f"--node-ip-address={a.address}"]
             + [f"--port={GCS_PORT}", "--include-dashboard=true", "--dashboard-host=127.0.0.1"]
@@ -85,13 +135,8 @@ def cluster() -> Iterator[Cluster]:
             **quiet,
         )
         a.wait_for_port(GCS_PORT)
-        b.popen(
-            [str(BIN / "ray"), "start", f"--address={a.address}:{GCS_PORT}"]
-            + [f"--node-ip-address={b.address}", "--resources", '{"host_b": 1}', *node],
-            env,
-            **quiet,
-        )
         running = Cluster(a, b, c, env)
+        running.start_worker_node()
         _wait(
             a,
             "import ray\n"
@@ -147,3 +192,217 @@ def test_each_host_runs_its_part_and_only_what_others_need_listens_beyond_loopba
     assert f"127.0.0.1:{DASHBOARD_PORT}" in a.listening()
     assert not any(f":{DASHBOARD_PORT} " in line for line in beyond_loopback["a"])
     assert [line.split()[3] for line in beyond_loopback["c"]] == [f"{c.address}:{S3_PORT}"]
+
+
+# --- a training job across hosts ------------------------------------------------------------
+
+BUCKET = "ldm"
+UPLOAD = """
+import pathlib, fsspec
+fs = fsspec.filesystem("s3")
+fs.mkdir("{bucket}")
+for local, prefix in (("/tmp/upload/shards", "shards"), ("/tmp/upload/autoencoder", "autoencoder")):
+    for path in sorted(pathlib.Path(local).rglob("*")):
+        if path.is_file():
+            fs.put_file(str(path), f"{bucket}/{{prefix}}/{{path.relative_to(local).as_posix()}}")
+"""
+WAIT_FOR = """
+import sys, time, fsspec
+fs = fsspec.filesystem("s3")
+deadline = time.monotonic() + {timeout}
+while not fs.exists("{key}"):
+    assert time.monotonic() < deadline, "never appeared: {key}"
+    time.sleep(0.05)
+    fs.invalidate_cache()
+print(time.time())
+"""
+SHA256 = """
+import hashlib, json, fsspec
+fs = fsspec.filesystem("s3")
+print(json.dumps({{p.rsplit("/", 1)[1]: hashlib.sha256(fs.cat_file(p)).hexdigest()
+                  for p in fs.find("{prefix}") if p.endswith(".tar")}}))
+"""
+LOSSES = """
+import json, mlflow
+client = mlflow.MlflowClient("{uri}")
+(run,) = client.search_runs([client.get_experiment_by_name("ldm").experiment_id],
+                            "attributes.run_name = '{name}' and tags.`ldm.stage` = 'train'")
+history = client.get_metric_history(run.info.run_id, "loss")
+artifacts = [a.path for a in client.list_artifacts(run.info.run_id, "model")]
+print(json.dumps({{"loss": [(m.step, m.timestamp / 1000, m.value) for m in history],
+                  "model": artifacts, "status": run.info.status}}))
+"""
+ACTORS = """
+import json, ray
+from ray.util.state import list_actors
+ray.init(address="{gcs}", logging_level="ERROR")
+where = {{n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}}
+print(json.dumps(sorted({{(a["class_name"], where[a["node_id"]])
+                         for a in list_actors(detail=True, limit=10000)
+                         if "MapWorker" in a["class_name"] and a["node_id"] in where}})))
+"""
+JOB_WAIT = """
+from orchestrator import jobs
+print(jobs.wait("http://127.0.0.1:{port}", "{job}", timeout_s={timeout}))
+"""
+
+
+def _sha256(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.glob("*.tar")}
+
+
+def _recovery(history: list, event_s: float, tag_step: int) -> tuple[float, int]:
+    """Seconds from an event (a kill, a cable pulled) to the first step trained after it, and
+    how many steps past the tag it resumed from had been trained before it (redone)."""
+    before = {step for step, at, _ in history if at < event_s and step > tag_step}
+    first_after = min(at for _, at, _ in history if at > event_s)
+    return first_after - event_s, len(before)
+
+
+def test_precompute_and_a_training_job_across_hosts_survive_a_lost_node_and_a_partition(
+    cluster, pipeline, reference, record_property
+):
+    a, b = cluster.a, cluster.b
+    work, _, _ = pipeline
+    (local_cache,) = [p.parent for p in (work / "runs" / "cache").glob("*/manifest.json")]
+    # The pipeline's shards and autoencoder go to S3 on host C, through host A.
+    shutil.copytree(work / "shards", on_host(a, "/tmp/upload/shards"))
+    shutil.copytree(work / "runs" / "tiny" / "autoencoder", on_host(a, "/tmp/upload/autoencoder"))
+    cluster.python(a, UPLOAD.format(bucket=BUCKET))
+    config = "/tmp/exp.yaml"
+    on_host(a, config).write_text(
+        "preset: tiny\n"
+        f"run: {{root: /tmp/runs, storage: 's3://{BUCKET}/runs', name: across}}\n"
+        f"data: {{shards: 's3://{BUCKET}/shards'}}\n"
+        f"autoencoder: {{pretrained: 's3://{BUCKET}/autoencoder'}}\n"
+        # Two encoders and a decoder, half a CPU each: more than one host holds.
+        f"precompute: {{cache_dir: 's3://{BUCKET}/cache', num_encoders: 2, "
+        "num_cpus_per_encoder: 0.5, num_cpus_per_decoder: 0.5}\n"
+        f"tracking: {{uri: '{cluster.mlflow}'}}\n"
+        # One rank per host, each with the one CPU (and torch thread) of the reference run.
+        "cluster: {placement_strategy: STRICT_SPREAD, collective_timeout_s: 8}\n"
+        "train: {max_failures: 4}\n"
+    )
+    dashboard = f"http://127.0.0.1:{DASHBOARD_PORT}"
+
+    def submit(stage: str, *overrides: str) -> str:
+        done = cluster.ldm(
+            a, "submit", config, *overrides, "--address", dashboard, "--stage", stage
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stdout.strip().splitlines()[-1]
+
+    def wait(job: str, timeout: float = 300) -> str:
+        return (
+            cluster.python(
+                a,
+                JOB_WAIT.format(port=DASHBOARD_PORT, job=job, timeout=timeout),
+                timeout=timeout + 30,
+            )
+            .strip()
+            .splitlines()[-1]
+        )
+
+    def logs(job: str) -> str:
+        return cluster.ldm(a, "jobs", "logs", job, "--address", dashboard).stdout
+
+    # A path of host A's disk is refused before submission: host B could not read it.
+    refused = cluster.ldm(
+        a,
+        "submit",
+        config,
+        "precompute.cache_dir=/tmp/cache",
+        "--address",
+        dashboard,
+        "--stage",
+        "precompute",
+    )
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert (
+        "precompute.cache_dir=/tmp/cache: on this machine's disk, which the Ray cluster's "
+        f"node(s) at {b.address} cannot read" in refused.stderr
+    )
+
+    # Precompute, its actors on both hosts: the same cache bytes as on one machine.
+    started = time.monotonic()
+    job = submit("precompute")
+    assert wait(job) == "SUCCEEDED", logs(job)[-3000:]
+    ran_on = json.loads(cluster.python(a, ACTORS.format(gcs=cluster.gcs)))
+    assert {address for _, address in ran_on} == {a.address, b.address}, ran_on
+    print(f"\nprecompute actors (class, host): {ran_on}")
+    cached = json.loads(cluster.python(a, SHA256.format(prefix=f"{BUCKET}/cache")).strip())
+    assert cached == _sha256(local_cache) and cached, (cached, _sha256(local_cache))
+
+    # Training: ranks on A and B; B is lost after the step-5 tag, its cable after step 10.
+    schedule = (
+        "train.num_steps=20",
+        "train.checkpoint_every=5",
+        "train.log_every=1",
+        "train.sample_every=100000",
+    )
+    print(f"\nprecompute job: {time.monotonic() - started:.1f} s")
+    submitted_at = time.time()
+    job = submit("train", *schedule)
+    tags = f"{BUCKET}/runs/across/checkpoints"
+    cluster.python(a, WAIT_FOR.format(key=f"{tags}/step_00000005/COMMITTED.json", timeout=240))
+    listening = {host.name: host.listening() for host in (a, b)}
+    killed_at = time.time()
+    killed = b.kill_all(keep_anchor=True)
+    b.run(["rm", "-rf", "/tmp/ray"])  # the replacement starts with a clean disk
+    cluster.start_worker_node()
+    cluster.python(a, WAIT_FOR.format(key=f"{tags}/step_00000010/COMMITTED.json", timeout=240))
+    b.link(False)
+    pulled_at = time.time()
+    time.sleep(16)  # twice the collective timeout
+    b.link(True)
+    assert wait(job, timeout=300) == "SUCCEEDED", logs(job)[-5000:]
+    text = logs(job)
+    print("\n".join(line for line in text.splitlines() if "train: step" not in line))
+
+    # Where everything ran and listened.
+    for name, table in listening.items():
+        print(f"\n--- host {name} listens on, while training:\n{table}")
+    placements: dict[str, str] = {}  # each rank's first placement: where it was when listed
+    for rank, address in re.findall(r"train: worker rank (\d) on node \w+ \(([\d.]+)\)", text):
+        placements.setdefault(rank, address)
+    assert set(placements.values()) == {a.address, b.address}, text[-3000:]
+    # Rank 0's torch store listens on its host's address, not on every interface.
+    rank0 = a if placements["0"] == a.address else b
+    assert re.search(rf"{re.escape(rank0.address)}:\d+ .*RayTrainWo", listening[rank0.name]), (
+        listening
+    )
+
+    tracked = json.loads(cluster.python(a, LOSSES.format(uri=cluster.mlflow, name="across")))
+    print("losses", tracked["loss"], "reference", reference[0])
+    # Recovered from the newest committed tags, into the uninterrupted run's weights.
+    assert "resuming from" in text and "(step 5)" in text and "(step 10)" in text, text[-5000:]
+    final = on_host(a, "/tmp/final.safetensors")
+    cluster.python(
+        a,
+        "import fsspec\nfsspec.filesystem('s3').get_file("
+        f"'{tags}/step_00000020/unet.safetensors', '/tmp/final.safetensors')",
+    )
+    weights = load_file(final)
+    assert weights.keys() == reference[1].keys()
+    assert all(bool((weights[k] == reference[1][k]).all()) for k in weights)
+
+    tracked = json.loads(cluster.python(a, LOSSES.format(uri=cluster.mlflow, name="across")))
+    assert tracked["status"] == "FINISHED" and "model/model_index.json" in tracked["model"]
+    history = tracked["loss"]
+    assert sorted({s for s, _, _ in history}) == list(range(1, 21))
+    print(f"\nldm submit -> first step: {min(at for _, at, _ in history) - submitted_at:.1f} s")
+    lost_s, lost_redone = _recovery(history, killed_at, 5)
+    cut_s, cut_redone = _recovery(history, pulled_at, 10)
+    for key, value in (
+        ("node_loss_to_next_step_s", lost_s),
+        ("node_loss_steps_redone", lost_redone),
+        ("partition_to_next_step_s", cut_s),
+        ("partition_steps_redone", cut_redone),
+        ("processes_killed_on_b", killed),
+    ):
+        record_property(key, round(value, 1))
+    print(
+        f"\nhost B lost ({killed} processes SIGKILLed): next step after {lost_s:.1f} s, "
+        f"{lost_redone} steps redone; B's cable out 16 s (collective timeout 8 s): next step "
+        f"{cut_s:.1f} s after it was pulled, {cut_redone} steps redone"
+    )

@@ -5,7 +5,8 @@ listens on every interface of the node, and gloo picks its interface from the ho
 Here rank 0 binds the store's socket itself, to the address Ray knows the node by (loopback
 for an embedded Ray), and hands it to the TCPStore; gloo and NCCL are pointed at the
 interface holding that address (unless `GLOO_SOCKET_IFNAME`/`NCCL_SOCKET_IFNAME` say
-otherwise). Everything else is Ray Train's own torch backend.
+otherwise), and every collective, in the world group and in any group made later, gives up
+after `cluster.collective_timeout_s`. Everything else is Ray Train's own torch backend.
 
 Runs in Ray Train's controller (the backend) and its workers (the functions it sends them);
 it imports no rank code.

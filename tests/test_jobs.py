@@ -12,7 +12,6 @@ import textwrap
 import time
 from pathlib import Path
 
-import mlflow
 import pytest
 
 import core
@@ -21,7 +20,7 @@ from core.config import ClusterConfig
 from core.errors import LdmError
 from orchestrator import jobs
 from orchestrator.cluster import check_resources, ray_session
-from tests.conftest import REFERENCE_STEPS, ldm, ok, one_line_error, reference_args, unet_weights
+from tests.conftest import ldm, one_line_error
 from tests.ray_cluster import free_ports, local_ray_cluster
 
 HELLO = "python -c \"print('hello from job')\""
@@ -370,73 +369,6 @@ def test_dashboard_port_is_not_a_gcs_address(authed):
         _enter(ray_session(authed.dashboard_url.removeprefix("http://")))
     _one_line(err, "not a Ray GCS")
     assert time.monotonic() - start < 20
-
-
-def _submit_train(work: Path, address: str, name: str) -> str:
-    """`ldm submit` of a 2-worker training job on the reference schedule, one rank per node;
-    its job id."""
-    args = [*reference_args(work, name), "cluster.placement_strategy=STRICT_SPREAD"]
-    submitted = ok(ldm("submit", *args, "--address", address, "--stage", "train"))
-    return submitted.stdout.strip().splitlines()[-1]
-
-
-@pytest.mark.slow
-def test_a_training_job_stopped_and_submitted_again_ends_in_the_uninterrupted_weights(
-    pipeline, reference, authed, record_property
-):
-    """`ldm submit` a training job, the same `ldm train` a user runs locally, as a Ray job:
-    with STRICT_SPREAD its two DeepSpeed ranks land one on each node. `ldm jobs stop` then
-    has Ray's supervisor SIGTERM the driver and, told by the job's environment to wait out
-    the grace period (not Ray's 3 s), every rank saves a committed checkpoint before the
-    job ends STOPPED; submitting the same command again continues into the weights of an
-    uninterrupted 2-worker run, bit for bit. Status and logs come back through `ldm jobs`."""
-    work, _, _ = pipeline
-    address = authed.dashboard_url
-    folder = work / "runs" / "on-cluster" / "checkpoints"
-    submitted_at = time.time()
-    job_id = _submit_train(work, address, "on-cluster")
-    deadline = time.monotonic() + 300
-    while not (folder / "step_00000005" / "COMMITTED.json").is_file():
-        assert jobs.status(address, job_id) in ("PENDING", "RUNNING"), "".join(
-            jobs.logs(address, job_id)
-        )[-3000:]
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    # Ray's supervisor SIGKILLs 3 s after the SIGTERM unless the job's env says otherwise.
-    with jobs._client(address, job_id) as client:
-        env_vars = client.get_job_info(job_id).runtime_env["env_vars"]
-    assert env_vars["RAY_JOB_STOP_WAIT_TIME_S"] == "90"  # train.preempt_grace_s 60 + 30
-    ok(ldm("jobs", "stop", job_id, "--address", address))
-    assert jobs.wait(address, job_id, timeout_s=120) == "STOPPED"
-    assert ok(ldm("jobs", "status", job_id, "--address", address)).stdout.strip() == "STOPPED"
-    assert job_id in ok(ldm("jobs", "list", "--address", address)).stdout
-    logs = ok(ldm("jobs", "logs", job_id, "--address", address)).stdout
-    placements = dict(re.findall(r"worker rank (\d) on node (\w+)", logs))
-    assert set(placements) == {"0", "1"} and placements["0"] != placements["1"], logs[-3000:]
-    assert "stopped by SIGTERM: the checkpoint was saved" in logs, logs[-3000:]
-    saved = re.findall(r"stop requested; saved (step_(\d+))", logs)
-    assert len(saved) == 1, logs[-3000:]
-    tag, step = saved[0][0], int(saved[0][1])
-    assert 5 < step < REFERENCE_STEPS and (folder / tag / "COMMITTED.json").is_file()
-
-    again = _submit_train(work, address, "on-cluster")
-    assert jobs.wait(address, again, timeout_s=420) == "SUCCEEDED"
-    logs = "".join(jobs.logs(address, again))
-    assert f"{tag} (step {step})" in logs and "train: done" in logs, logs[-3000:]
-    final = unet_weights(work, "on-cluster", REFERENCE_STEPS)
-    assert final.keys() == reference[1].keys()
-    assert all(bool((final[k] == reference[1][k]).all()) for k in final)
-
-    # Reported, not asserted: seconds from `ldm submit` to the first step's logged loss.
-    client = mlflow.MlflowClient(f"sqlite:///{work}/mlflow.db")
-    (run,) = client.search_runs(
-        [client.get_experiment_by_name("ldm").experiment_id],
-        "attributes.run_name = 'on-cluster'",
-    )
-    first_step = min(m.timestamp for m in client.get_metric_history(run.info.run_id, "loss"))
-    seconds = first_step / 1000 - submitted_at
-    record_property("submit_to_first_step_s", round(seconds, 1))
-    print(f"\nldm submit -> first training step: {seconds:.1f} s")
 
 
 def test_paths_on_the_submitting_disk_are_refused_for_a_cluster_of_other_hosts(tmp_path):

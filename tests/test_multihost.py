@@ -29,6 +29,7 @@ from safetensors.torch import load_file
 
 from orchestrator.cluster import ray_env
 from tests.hosts import Host, hosts, unavailable
+from tests.test_precompute import reference_cache
 
 why = unavailable()
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(why is not None, reason=why or "")]
@@ -290,7 +291,7 @@ def test_precompute_and_a_training_job_across_hosts_survive_a_lost_node_and_a_pa
 ):
     a, b = cluster.a, cluster.b
     work, _, _ = pipeline
-    (local_cache,) = [p.parent for p in (work / "runs" / "cache").glob("*/manifest.json")]
+    local_cache, _ = reference_cache(work)
     # The pipeline's shards and autoencoder go to S3 on host C, through host A.
     shutil.copytree(work / "shards", on_host(a, "/tmp/upload/shards"))
     shutil.copytree(work / "runs" / "tiny" / "autoencoder", on_host(a, "/tmp/upload/autoencoder"))
@@ -417,11 +418,19 @@ def test_precompute_and_a_training_job_across_hosts_survive_a_lost_node_and_a_pa
     for rank, address in re.findall(r"train: worker rank (\d) on node \w+ \(([\d.]+)\)", resumed):
         placements.setdefault(rank, address)
     assert set(placements.values()) == {a.address, b.address}, text[-3000:]
-    # Rank 0's torch store listens on its host's address, not on every interface.
+    # Rank 0's torch store listens on its host's address, and every socket a rank (or its
+    # loader workers, which inherit them) listens on is on its host's address (the store,
+    # gloo's pairs), but for the one gRPC port Ray's core worker opens on all interfaces, in
+    # Ray's worker port range (10002-19999).
     rank0 = a if placements["0"] == a.address else b
     assert re.search(rf"{re.escape(rank0.address)}:\d+ .*RayTrainWo", listening[rank0.name]), (
         listening
     )
+    for host in (a, b):
+        for line in listening[host.name].splitlines():
+            if "RayTrainWo" in line:
+                address, port = line.split()[3].rsplit(":", 1)
+                assert address == host.address or 10002 <= int(port) <= 19999, line
 
     # The same command continued from its stop, and after the node loss and the partition
     # from the newest committed tags (below), into the uninterrupted run's weights.

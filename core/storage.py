@@ -262,8 +262,9 @@ def local_folder(location: str | Path) -> Path:
 
 
 def put_folder(local: Path, location: str | Path, last: str | None = None) -> None:
-    """Upload (or copy) a local folder's files under `location`, replacing what was there;
-    the file named `last` goes up after all others, so a reader that finds it finds the rest."""
+    """Upload a local folder's files under the object-store prefix `location`, replacing what
+    was there; the file named `last` goes up after all others, so a reader that finds it
+    finds the rest."""
     if not is_remote(location):
         raise ValueError(f"put_folder publishes to object stores, not to {location}")
     remove_tree(location)

@@ -44,57 +44,40 @@ def _local_store(uri: str) -> bool:
 
 
 def read_by_every_node(config: ExperimentConfig, stage: str) -> list[tuple[str, str]]:
-    """(key, location) of what the nodes running `stage`'s workers or actors read or write."""
+    """(key, location) of the local paths the nodes running `stage`'s workers or actors read
+    or write (object-store URIs and an MLflow server need no shared disk)."""
     layout = RunLayout.of(config)
     storage_key = "run.storage" if config.run.storage else "run.root"
-    # A trained autoencoder is published on run.storage when that is an object store, else
-    # in the run folder.
-    autoencoder_key = (
-        "autoencoder.pretrained"
-        if config.autoencoder.pretrained
-        else "run.storage"
-        if storage.is_remote(layout.storage_dir)
-        else "run.root"
+    # A local autoencoder is `autoencoder.pretrained` or published in the run folder.
+    autoencoder = (
+        "autoencoder.pretrained" if config.autoencoder.pretrained else "run.root",
+        layout.autoencoder_dir,
     )
     cache = (
         ("precompute.cache_dir", config.precompute.cache_dir)
         if config.precompute.cache_dir
-        else ("run.root", config.run.root)
+        else ("run.root", config.run.root)  # the default cache lies under it
     )
+    shards = ("data.shards", config.data.shards)
+    run_storage = (storage_key, layout.storage_dir)
     tracking = ("tracking.uri", layout.tracking_uri)
     text_encoder = ("text_encoder.name_or_path", config.text_encoder.name_or_path)
-    wanted: list[tuple[str, str | None]] = []
-    if stage == "autoencoder":
-        wanted = [
-            ("data.shards", config.data.shards),
-            (storage_key, layout.storage_dir),
+    wanted = {
+        "autoencoder": [
+            shards,
+            run_storage,
             ("autoencoder.lpips_path", config.autoencoder.lpips_path),
             tracking,
-        ]
-    elif stage == "precompute":
-        wanted = [
-            ("data.shards", config.data.shards),
-            cache,
-            (autoencoder_key, layout.autoencoder_dir),
-        ]
-        wanted.append(text_encoder)
-    elif stage == "train":
-        wanted = [
-            cache,
-            (autoencoder_key, layout.autoencoder_dir),
-            (storage_key, layout.storage_dir),
-        ]
-        wanted += [tracking, text_encoder]
+        ],
+        "precompute": [shards, cache, autoencoder, text_encoder],
+        "train": [cache, autoencoder, run_storage, tracking, text_encoder],
+    }.get(stage, [])
     found: dict[str, str] = {}
     for key, location in wanted:
-        if location is None or key in found:
-            continue
-        if key == "text_encoder.name_or_path" and location in _BUILTIN_TEXT_ENCODERS:
-            continue  # shipped inside a Python package, installed on every node
-        if key == "tracking.uri":
-            if _local_store(location):
-                found[key] = location
-        elif not storage.is_remote(location):
+        if location is None or key in found or location in _BUILTIN_TEXT_ENCODERS:
+            continue  # a built-in text encoder ships inside a package installed on every node
+        local = _local_store(location) if key == "tracking.uri" else not storage.is_remote(location)
+        if local:
             found[key] = location
     return sorted(found.items())
 

@@ -28,6 +28,7 @@ import pytest
 from safetensors.torch import load_file
 
 from orchestrator.cluster import ray_env
+from tests.conftest import REFERENCE_STEPS
 from tests.hosts import Host, hosts, unavailable
 from tests.test_precompute import reference_cache
 
@@ -213,14 +214,13 @@ for local, prefix in (("/tmp/upload/shards", "shards"), ("/tmp/upload/autoencode
             fs.put_file(str(path), f"{bucket}/{{prefix}}/{{path.relative_to(local).as_posix()}}")
 """
 WAIT_FOR = """
-import sys, time, fsspec
+import time, fsspec
 fs = fsspec.filesystem("s3")
 deadline = time.monotonic() + {timeout}
 while not fs.exists("{key}"):
     assert time.monotonic() < deadline, "never appeared: {key}"
-    time.sleep(0.05)
+    time.sleep(0.02)
     fs.invalidate_cache()
-print(time.time())
 """
 SHA256 = """
 import hashlib, json, fsspec
@@ -252,17 +252,15 @@ import fsspec
 fs = fsspec.filesystem("s3")
 print(max(int(p.split("/")[-2][5:]) for p in fs.glob("{prefix}/step_*/COMMITTED.json")))
 """
-STOP_AT = """
-import time, fsspec
+STOP_AT = (
+    WAIT_FOR
+    + """
 from orchestrator import jobs
-fs = fsspec.filesystem("s3")
-while not fs.exists("{key}"):
-    time.sleep(0.02)
-    fs.invalidate_cache()
 assert jobs.stop("http://127.0.0.1:{port}", "{job}")
 with jobs._client("http://127.0.0.1:{port}", "{job}") as client:  # what the supervisor waits
     assert client.get_job_info("{job}").runtime_env["env_vars"]["RAY_JOB_STOP_WAIT_TIME_S"] == "90"
 """
+)
 JOB_WAIT = """
 from orchestrator import jobs
 print(jobs.wait("http://127.0.0.1:{port}", "{job}", timeout_s={timeout}))
@@ -360,7 +358,7 @@ def test_precompute_and_a_training_job_across_hosts_survive_a_lost_node_and_a_pa
     assert cached == _sha256(local_cache) and cached, (cached, _sha256(local_cache))
 
     schedule = (
-        "train.num_steps=20",
+        f"train.num_steps={REFERENCE_STEPS}",
         # Cadence only (the weights stay the reference run's): a tag every step, so that
         # every event below lands a step or two after the tag that triggers it.
         "train.checkpoint_every=1",
@@ -380,7 +378,7 @@ def test_precompute_and_a_training_job_across_hosts_survive_a_lost_node_and_a_pa
     # SIGTERMs the driver and waits the grace period (not its 3 s) while every rank saves.
     submitted_at = time.time()
     job = submit("train", *schedule)
-    cluster.python(a, STOP_AT.format(key=tag(1), port=DASHBOARD_PORT, job=job))
+    cluster.python(a, STOP_AT.format(key=tag(1), timeout=240, port=DASHBOARD_PORT, job=job))
     assert wait(job) == "STOPPED"
     assert cluster.ldm(a, "jobs", "status", job, "--address", dashboard).stdout.strip() == "STOPPED"
     assert job in cluster.ldm(a, "jobs", "list", "--address", dashboard).stdout
@@ -403,7 +401,7 @@ def test_precompute_and_a_training_job_across_hosts_survive_a_lost_node_and_a_pa
     b.link(False)
     pulled_at = time.time()
     cut_at_tag = newest()
-    assert cut_at_tag < 20, "the job ended before the partition"
+    assert cut_at_tag < REFERENCE_STEPS, "the job ended before the partition"
     time.sleep(16)  # twice the collective timeout
     b.link(True)
     assert wait(again, timeout=300) == "SUCCEEDED", logs(again)[-5000:]
@@ -439,7 +437,7 @@ def test_precompute_and_a_training_job_across_hosts_survive_a_lost_node_and_a_pa
     cluster.python(
         a,
         "import fsspec\nfsspec.filesystem('s3').get_file("
-        f"'{tags}/step_00000020/unet.safetensors', '/tmp/final.safetensors')",
+        f"'{tags}/step_{REFERENCE_STEPS:08d}/unet.safetensors', '/tmp/final.safetensors')",
     )
     weights = load_file(final)
     assert weights.keys() == reference[1].keys()
@@ -448,7 +446,7 @@ def test_precompute_and_a_training_job_across_hosts_survive_a_lost_node_and_a_pa
     tracked = json.loads(cluster.python(a, LOSSES.format(uri=cluster.mlflow, name="across")))
     assert tracked["status"] == "FINISHED" and "model/model_index.json" in tracked["model"]
     history = tracked["loss"]
-    assert sorted({s for s, _, _ in history}) == list(range(1, 21))
+    assert sorted({s for s, _, _ in history}) == list(range(1, REFERENCE_STEPS + 1))
     print(f"\nldm submit -> first step: {min(at for _, at, _ in history) - submitted_at:.1f} s")
     # Each restart went on from a committed tag: no older than the newest one when the event
     # struck (no committed work lost), no newer than the steps trained (none skipped). (Read

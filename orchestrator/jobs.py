@@ -21,6 +21,7 @@ import math
 import os
 import shlex
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -37,6 +38,7 @@ from orchestrator.cluster import auth_hint, auth_token, cache_env, tcp_unreachab
 
 CODE_DIRS = ("core", "models", "data_pipeline", "training", "orchestrator", "configs")
 JOB_CONFIG = "job_config.yaml"
+SOURCE_COMMIT_ENV = "LDM_SOURCE_COMMIT"
 TERMINAL = frozenset({"STOPPED", "SUCCEEDED", "FAILED"})
 DEFAULT_DASHBOARD_PORT = 8265
 _POLL_S = 0.5
@@ -145,6 +147,31 @@ def job_env() -> dict[str, str]:
     return {**cache_env(), "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
 
 
+def source_commit(root: Path | None = None) -> str:
+    """The commit of the code that runs (`+dirty` for uncommitted changes), or "unknown".
+
+    A submitted job runs a copy of the code packages without `.git`: `ldm submit` records
+    the submitting checkout's commit in the job's environment, and that is what a job
+    reports."""
+    shipped = os.environ.get(SOURCE_COMMIT_ENV)
+    if shipped:
+        return shipped
+    root = root or Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return (commit + ("+dirty" if dirty else "")) if commit else "unknown"
+
+
 def stop_wait_env(grace_s: float) -> dict[str, str]:
     """How long Ray's job supervisor waits after `ldm jobs stop` (SIGTERM to the driver)
     before it SIGKILLs the job: Ray's default is 3 s, too short for every rank to save a
@@ -214,7 +241,7 @@ def submit(
             address,
             entrypoint,
             staging,
-            env=stop_wait_env(grace_s),
+            env={**stop_wait_env(grace_s), SOURCE_COMMIT_ENV: source_commit(project_root)},
             metadata={"job_name": f"ldm {stage}"},
         )
 

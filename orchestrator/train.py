@@ -12,8 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import subprocess
-from pathlib import Path
 from typing import Any
 
 from core import storage
@@ -26,6 +24,7 @@ from data_pipeline.cache import check_sources, check_spec, read_manifest, spec_d
 from data_pipeline.precompute import cache_spec, resolve_cache_dir
 from data_pipeline.stream import Layout, check_enough_samples
 from orchestrator.export import export_pipeline
+from orchestrator.jobs import source_commit
 from orchestrator.launcher import Stage, check_local_gpu, launch
 from training import checkpoint as ckpt
 from training.evaluation import check_ready
@@ -113,7 +112,7 @@ def lineage_tags(
     """What produced this run: code, cluster, job, and the cache and autoencoder it used."""
     ae_lineage = storage.join(layout.autoencoder_dir, "lineage.json")
     manifest_bytes = storage.read_bytes(storage.join(cache_dir, "manifest.json"))
-    commit = git_commit()
+    commit = source_commit()
     return {
         "ldm.world_size": str(config.train.num_workers),
         "ldm.zero_stage": str(config.train.zero_stage),
@@ -131,24 +130,6 @@ def lineage_tags(
         else "",
         "mlflow.source.git.commit": commit,
     }
-
-
-def git_commit() -> str:
-    """The commit of the code that runs (with `+dirty` for uncommitted changes), if known."""
-    root = Path(__file__).resolve().parents[1]
-    try:
-        commit = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-        ).stdout.strip()
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
-    return (commit + ("+dirty" if dirty else "")) if commit else "unknown"
 
 
 def log_final_model(layout: RunLayout, run_id: str, flush_timeout_s: float) -> None:

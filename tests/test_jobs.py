@@ -87,6 +87,7 @@ def _fake_project(root: Path) -> Path:
             print("config:", open(sys.argv[2]).read().strip())
             print("cache:", os.environ["TORCH_EXTENSIONS_DIR"])
             print("cli file:", os.path.relpath(__file__))
+            print("commit:", os.environ["LDM_SOURCE_COMMIT"])
             # Inside a job the job's cluster wins over any address, and runtime_env keys
             # the job already set are left alone instead of failing the merge.
             env = {"TORCH_EXTENSIONS_DIR": "/elsewhere", "LDM_EXTRA": "yes"}
@@ -245,6 +246,12 @@ def test_stop_long_job(authed, tmp_path):
 @pytest.mark.slow
 def test_submit_stage_ships_code_and_config(authed, tmp_path):
     root = _fake_project(tmp_path / "project")
+    git = ["git", "-C", str(root), "-c", "user.name=t", "-c", "user.email=t@t"]
+    for args in (["init", "-q"], ["add", "orchestrator"], ["commit", "-qm", "code"]):
+        subprocess.run([*git, *args], check=True, capture_output=True)
+    commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True)
+    with (root / "orchestrator" / "__init__.py").open("a") as changed:
+        changed.write("# an uncommitted change\n")
     url = authed.dashboard_url
     job_id = jobs.submit(url, "train", "run:\n  name: shipped\n", root, ["train.num_steps=3"])
     assert jobs.wait(url, job_id, timeout_s=60) == "SUCCEEDED", "".join(jobs.logs(url, job_id))
@@ -255,6 +262,9 @@ def test_submit_stage_ships_code_and_config(authed, tmp_path):
     assert "argv: train,job_config.yaml,train.num_steps=3\n" in text
     assert "config: run:\n  name: shipped\n" in text
     assert "cli file: orchestrator/cli.py\n" in text  # the staged copy, not an installed one
+    # The job's copy has no .git: the submitting checkout's commit (uncommitted files in it:
+    # dirty) is what the job reports in its lineage tags.
+    assert f"commit: {commit.stdout.strip()}+dirty\n" in text
     assert "cache: " in text and "/.cache" not in text
     assert "session: 2 False yes False\n" in text
 

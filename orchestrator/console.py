@@ -4,10 +4,11 @@ A stage run from the command line runs inside `stage_console`: the process's std
 stderr (file descriptors 1 and 2, so Ray's, DeepSpeed's and the workers' output too, and C
 libraries' lines) go through a pipe. Every line is appended to a log file in the run folder,
 whose path is printed first; the console gets only ldm's own lines (`train: ...`,
-`ldm train: error: ...`, the demo's `=== ... ===`), wherever Ray printed them from (its
-`(RayTrainWorker pid=N)` prefix is dropped), and, from the first traceback of the command
-itself on, everything. On a terminal the stages' progress lines (`train: step 120/1500 ...`)
-rewrite one live line; elsewhere (a CI log, a Ray job's log) each is a plain line.
+`tracking: ...` on MLflow outages, `ldm train: error: ...`, the demo's `=== ... ===`),
+wherever Ray printed them from (its `(RayTrainWorker pid=N)` prefix is dropped), and, from
+the first traceback of the command itself on, everything. On a terminal the stages'
+progress lines (`train: step 120/1500 ...`) rewrite one live line; elsewhere (a CI log, a
+Ray job's log) each is a plain line.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import BinaryIO
 # Ray prefixes what a worker prints with its name and pid, coloured on a terminal.
 _RAY_PREFIX = re.compile(r"^(?:\x1b\[[0-9;]*m)?\([^()]*(?:pid=\d+)[^()]*\)(?:\x1b\[[0-9;]*m)?\s?")
 _OURS = re.compile(
-    r"^(?:(?:autoencoder|precompute|train|shards|export|sample|cache|demo|drain): "
+    r"^(?:(?:autoencoder|precompute|train|shards|export|sample|cache|demo|drain|tracking): "
     r"|ldm(?: [a-z]+)?: |=== )"
 )
 _PROGRESS = re.compile(r"^(?:autoencoder|train): step \d+/\d+ ")

@@ -23,6 +23,7 @@ def test_only_ldm_lines_reach_the_console_wherever_ray_printed_them():
             "Loading weights: 100%|██████████| 103/103\n",
             "(RayTrainWorker pid=7) train: step 20/1000 loss 0.4496, 55.4 samples/s, ETA 0:09:40\n",
             "precompute: wrote 00001.tar (256 samples, 0 bad)\n",
+            "(RayTrainWorker pid=7) tracking: MLflow at http://h:5000 is unreachable (x)\n",
             "ldm train: error: stopped by SIGTERM: the checkpoint was saved\n",
             "=== train: 642.8 s ===\n",
         ]
@@ -35,6 +36,7 @@ def test_only_ldm_lines_reach_the_console_wherever_ray_printed_them():
         "",
         "train: step 20/1000 loss 0.4496, 55.4 samples/s, ETA 0:09:40\n",
         "precompute: wrote 00001.tar (256 samples, 0 bad)\n",
+        "tracking: MLflow at http://h:5000 is unreachable (x)\n",
         "ldm train: error: stopped by SIGTERM: the checkpoint was saved\n",
         "=== train: 642.8 s ===\n",
     ]

@@ -12,6 +12,7 @@ uninterrupted run's weights, bit for bit."""
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import re
@@ -28,7 +29,8 @@ import pytest
 from safetensors.torch import load_file
 
 from orchestrator.cluster import ray_env
-from tests.conftest import REFERENCE_STEPS
+from orchestrator.jobs import source_commit
+from tests.conftest import REFERENCE_STEPS, ROOT
 from tests.hosts import Host, hosts, unavailable
 from tests.test_precompute import reference_cache
 
@@ -36,7 +38,6 @@ why = unavailable()
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(why is not None, reason=why or "")]
 
 BIN = Path(sys.executable).parent
-ROOT = Path(__file__).resolve().parents[1]
 GCS_PORT, DASHBOARD_PORT, MLFLOW_PORT, S3_PORT = 6379, 8265, 5000, 9000
 
 
@@ -53,6 +54,7 @@ class Cluster:
     c: Host
     env: dict[str, str]
     """What every process of the cluster and its clients gets (token auth, S3)."""
+    mlflow_server: subprocess.Popen | None = None
 
     @property
     def gcs(self) -> str:
@@ -71,6 +73,19 @@ class Cluster:
             self.env,
             **QUIET,
         )
+
+    def start_mlflow(self, wait: bool = True) -> None:
+        """The MLflow server on host A (again, after an outage: the same store)."""
+        self.mlflow_server = self.a.popen(
+            [str(BIN / "mlflow"), "server", "--host", self.a.address, "--port", str(MLFLOW_PORT)]
+            + ["--backend-store-uri", "sqlite:////tmp/mlflow.db"]
+            + ["--artifacts-destination", "/tmp/mlflow-artifacts", "--workers", "1"]
+            + ["--allowed-hosts", f"{self.a.address}:{MLFLOW_PORT},{self.a.address}"],
+            {**self.env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+            **QUIET,
+        )
+        if wait:
+            self.a.wait_for_port(MLFLOW_PORT)
 
     def python(self, host: Host, script: str, timeout: float = 300) -> str:
         """Run a Python script on `host` (the project importable); its output, or the test
@@ -123,26 +138,17 @@ def cluster() -> Iterator[Cluster]:
             "AWS_DEFAULT_REGION": "us-east-1",
             "PATH": f"{BIN}:/usr/sbin:/usr/bin:/sbin:/bin",
         }
-        quiet = QUIET
-        c.popen([str(BIN / "moto_server"), "-H", c.address, "-p", str(S3_PORT)], env, **quiet)
-        a.popen(
-            [str(BIN / "mlflow"), "server", "--host", a.address, "--port", str(MLFLOW_PORT)]
-            + ["--backend-store-uri", "sqlite:////tmp/mlflow.db"]
-            + ["--artifacts-destination", "/tmp/mlflow-artifacts", "--workers", "1"]
-            + ["--allowed-hosts", f"{a.address}:{MLFLOW_PORT},{a.address}"],
-            {**env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
-            **quiet,
-        )
-        node = NODE
+        c.popen([str(BIN / "moto_server"), "-H", c.address, "-p", str(S3_PORT)], env, **QUIET)
+        running = Cluster(a, b, c, env)
+        running.start_mlflow(wait=False)
         a.popen(
             [str(BIN / "ray"), "start", "--head", f"--node-ip-address={a.address}"]
             + [f"--port={GCS_PORT}", "--include-dashboard=true", "--dashboard-host=127.0.0.1"]
-            + [f"--dashboard-port={DASHBOARD_PORT}", "--resources", '{"host_a": 1}', *node],
+            + [f"--dashboard-port={DASHBOARD_PORT}", "--resources", '{"host_a": 1}', *NODE],
             env,
-            **quiet,
+            **QUIET,
         )
         a.wait_for_port(GCS_PORT)
-        running = Cluster(a, b, c, env)
         running.start_worker_node()
         _wait(
             a,
@@ -228,15 +234,29 @@ fs = fsspec.filesystem("s3")
 print(json.dumps({{p.rsplit("/", 1)[1]: hashlib.sha256(fs.cat_file(p)).hexdigest()
                   for p in fs.find("{prefix}") if p.endswith(".tar")}}))
 """
-LOSSES = """
-import json, mlflow
+TRACKED = """
+import json, fsspec, mlflow
 client = mlflow.MlflowClient("{uri}")
 (run,) = client.search_runs([client.get_experiment_by_name("ldm").experiment_id],
                             "attributes.run_name = '{name}' and tags.`ldm.stage` = 'train'")
-history = client.get_metric_history(run.info.run_id, "loss")
-artifacts = [a.path for a in client.list_artifacts(run.info.run_id, "model")]
-print(json.dumps({{"loss": [(m.step, m.timestamp / 1000, m.value) for m in history],
-                  "model": artifacts, "status": run.info.status}}))
+run_id, tags = run.info.run_id, run.data.tags
+with fsspec.open(tags["ldm.cache_dir"] + "/manifest.json") as manifest:
+    spec_digest = json.load(manifest)["spec_digest"]
+model = mlflow.artifacts.download_artifacts(
+    run_id=run_id, artifact_path="model", dst_path="/tmp/tracked", tracking_uri="{uri}"
+)
+print(json.dumps({{
+    "loss": [(m.step, m.timestamp / 1000, m.value)
+             for m in client.get_metric_history(run_id, "loss")],
+    "status": run.info.status,
+    "tags": tags,
+    "metrics": sorted(run.data.metrics),
+    "images": [a.path for a in client.list_artifacts(run_id, "images")],
+    "datasets": [d.dataset.digest for d in run.inputs.dataset_inputs],
+    "spec_digest": spec_digest,
+    "model": model,
+    "ray_folders": fsspec.filesystem("s3").glob("{bucket}/runs/{name}/ray_*"),
+}}))
 """
 ACTORS = """
 import json, ray
@@ -252,9 +272,12 @@ import fsspec
 fs = fsspec.filesystem("s3")
 print(max(int(p.split("/")[-2][5:]) for p in fs.glob("{prefix}/step_*/COMMITTED.json")))
 """
-STOP_AT = (
+OUTAGE_THEN_STOP = (
     WAIT_FOR
     + """
+import os, signal
+os.killpg({mlflow_pid}, signal.SIGKILL)  # the MLflow server and its workers: an outage
+time.sleep(1)  # training logs on while the server is down
 from orchestrator import jobs
 assert jobs.stop("http://127.0.0.1:{port}", "{job}")
 with jobs._client("http://127.0.0.1:{port}", "{job}") as client:  # what the supervisor waits
@@ -302,7 +325,7 @@ def test_precompute_and_a_training_job_across_hosts_survive_a_lost_node_and_a_pa
         f"autoencoder: {{pretrained: 's3://{BUCKET}/autoencoder'}}\n"
         # A decoder and an encoder actor, a CPU each: one on each host.
         f"precompute: {{cache_dir: 's3://{BUCKET}/cache'}}\n"
-        f"tracking: {{uri: '{cluster.mlflow}'}}\n"
+        f"tracking: {{uri: '{cluster.mlflow}', system_metrics_every_s: 1}}\n"
         # One rank per host, each with the one CPU (and torch thread) of the reference run.
         "cluster: {placement_strategy: STRICT_SPREAD, collective_timeout_s: 8}\n"
         "train: {max_failures: 4}\n"
@@ -363,7 +386,7 @@ def test_precompute_and_a_training_job_across_hosts_survive_a_lost_node_and_a_pa
         # every event below lands a step or two after the tag that triggers it.
         "train.checkpoint_every=1",
         "train.log_every=1",
-        "train.sample_every=100000",
+        "train.sample_every=10",
     )
     print(f"\nprecompute job: {time.monotonic() - started:.1f} s")
     tags = f"{BUCKET}/runs/across/checkpoints"
@@ -374,16 +397,28 @@ def test_precompute_and_a_training_job_across_hosts_survive_a_lost_node_and_a_pa
     def newest() -> int:
         return int(cluster.python(a, NEWEST.format(prefix=tags)).strip())
 
-    # Training, ranks on A and B. `ldm jobs stop` after the first tag: Ray's supervisor
-    # SIGTERMs the driver and waits the grace period (not its 3 s) while every rank saves.
+    # Training, ranks on A and B. After the first tag the MLflow server on A is killed, and a
+    # second later `ldm jobs stop`: Ray's supervisor SIGTERMs the driver and waits the grace
+    # period (not its 3 s) while every rank saves. Training went on while the server was down,
+    # rank 0's records waiting in its spool; the server comes back while the ranks stop.
     submitted_at = time.time()
     job = submit("train", *schedule)
-    cluster.python(a, STOP_AT.format(key=tag(1), timeout=240, port=DASHBOARD_PORT, job=job))
+    assert cluster.mlflow_server is not None
+    outage = OUTAGE_THEN_STOP.format(
+        key=tag(1), timeout=240, mlflow_pid=cluster.mlflow_server.pid, port=DASHBOARD_PORT, job=job
+    )
+    cluster.python(a, outage)
+    cluster.mlflow_server.wait()
+    cluster.start_mlflow()  # while the ranks save, and rank 0's records wait
     assert wait(job) == "STOPPED"
     assert cluster.ldm(a, "jobs", "status", job, "--address", dashboard).stdout.strip() == "STOPPED"
     assert job in cluster.ldm(a, "jobs", "list", "--address", dashboard).stdout
     text = logs(job)
     assert "stopped by SIGTERM: the checkpoint was saved" in text, text[-3000:]
+    assert "is unreachable" in text, text[-3000:]
+    # Delivered by the same tracker once the server was back (or, had the stop come first,
+    # by the next job's rank 0 from the spool).
+    assert "MLflow is back" in text or "left by an earlier run" in text, text[-3000:]
     (stopped_at,) = [int(s) for s in re.findall(r"stop requested; saved step_(\d+)", text)]
     assert 1 < stopped_at < 14, text[-3000:]  # room for the two events below
 
@@ -443,10 +478,38 @@ def test_precompute_and_a_training_job_across_hosts_survive_a_lost_node_and_a_pa
     assert weights.keys() == reference[1].keys()
     assert all(bool((weights[k] == reference[1][k]).all()) for k in weights)
 
-    tracked = json.loads(cluster.python(a, LOSSES.format(uri=cluster.mlflow, name="across")))
-    assert tracked["status"] == "FINISHED" and "model/model_index.json" in tracked["model"]
+    # MLflow holds one run with everything, through the outage and every restart: each step
+    # logged (a step redone after a restart at most once more), sample grids at several
+    # steps, the cache on S3 as its dataset input, lineage tags (the commit `ldm submit`
+    # shipped), system metrics, and the model artifact, which diffusers loads.
+    tracked = json.loads(
+        cluster.python(a, TRACKED.format(uri=cluster.mlflow, name="across", bucket=BUCKET))
+    )
+    assert tracked["status"] == "FINISHED"
     history = tracked["loss"]
-    assert sorted({s for s, _, _ in history}) == list(range(1, REFERENCE_STEPS + 1))
+    counts = collections.Counter(s for s, _, _ in history)
+    assert sorted(counts) == list(range(1, REFERENCE_STEPS + 1)) and max(counts.values()) <= 2
+    grid_steps = {int(g.split("+step+")[1].split("+")[0]) for g in tracked["images"]}
+    assert {10, 20} <= grid_steps, tracked["images"]
+    assert tracked["datasets"] == [tracked["spec_digest"][:36]]
+    run_tags = tracked["tags"]
+    assert run_tags["ldm.world_size"] == "2" and run_tags["ldm.zero_stage"] == "2"
+    assert run_tags["ldm.git_commit"] == source_commit(ROOT) != "unknown"
+    assert run_tags["ldm.cache_dir"].startswith(f"s3://{BUCKET}/cache")
+    assert len(run_tags["ldm.cache_manifest_sha256"]) == 64
+    assert run_tags["ldm.autoencoder_run_id"] and run_tags["ldm.precompute_run_id"]
+    assert any(k.startswith("system/cpu") for k in tracked["metrics"]), tracked["metrics"]
+    for key in ("samples_per_s_per_worker", "time/backward_fraction", "model_tflops_per_s"):
+        assert key in tracked["metrics"], key
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(
+        on_host(a, tracked["model"]), safety_checker=None
+    )
+    assert pipe.unet.config.sample_size == 8
+    # Ray Train's own folder (in run.storage) holds only pointers to our tags: nothing is
+    # left of it.
+    assert not tracked["ray_folders"], tracked["ray_folders"]
     print(f"\nldm submit -> first step: {min(at for _, at, _ in history) - submitted_at:.1f} s")
     # Each restart went on from a committed tag: no older than the newest one when the event
     # struck (no committed work lost), no newer than the steps trained (none skipped). (Read

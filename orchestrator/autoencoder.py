@@ -21,7 +21,7 @@ from core.layout import RunLayout
 from data_pipeline.image_set import load_images, train_crop
 from orchestrator.launcher import Stage, check_local_gpu, launch
 from training import checkpoint as ckpt
-from training.autoencoder_loop import resume_settings, train_rank
+from training.autoencoder_loop import resume_settings
 from training.autoencoder_losses import perceptual_off
 
 
@@ -118,7 +118,7 @@ def train_autoencoder(config: ExperimentConfig, progress: bool = True) -> dict[s
         layout,
         Stage(
             name="autoencoder",
-            rank_function=train_rank,
+            rank_function="training.autoencoder_loop:train_rank",
             num_workers=ae.num_workers,
             max_failures=ae.max_failures,
             preempt_grace_s=ae.preempt_grace_s,

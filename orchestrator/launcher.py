@@ -37,11 +37,10 @@ from orchestrator.cluster import (
     usable_cores,
     worker_scaling,
 )
-from orchestrator.ray_worker import pack, run_rank
+from orchestrator.ray_worker import pack, rank_function_of, run_rank
 from orchestrator.shared_paths import unshared_paths_problem
 from training import checkpoint as ckpt
 from training.context import RankContext
-from training.engine import forget_process_groups
 from training.tracking import end_run, reopen_run, start_run
 
 RankFunction = Callable[[RankContext], dict[str, float]]
@@ -71,8 +70,9 @@ class Stage:
 
     name: str
     """`autoencoder` or `train`: the MLflow `ldm.stage` tag and the prefix of printed lines."""
-    rank_function: RankFunction
-    """A module-level function (Ray imports it by name in every worker)."""
+    rank_function: str
+    """`module:function` of the rank code (`RankFunction`), imported only where a rank runs:
+    in this process for one local worker, else in every Ray Train worker."""
     num_workers: int
     max_failures: int
     preempt_grace_s: float
@@ -148,7 +148,7 @@ def launch(config: ExperimentConfig, layout: RunLayout, stage: Stage) -> Launche
         if local:
             with stop:
                 trained = True
-                metrics = _run_in_process(stage.rank_function, context)
+                metrics = _run_in_process(rank_function_of(stage.rank_function), context)
         else:
             env = {"env_vars": worker_env()}
             with ray_session(config.cluster.address, runtime_env=env) as session:
@@ -245,6 +245,8 @@ def single_rank_group() -> Iterator[None]:
     GPU, else gloo; a file rendezvous (a TCP store would listen on every interface)."""
     saved = {k: os.environ.get(k) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")  # what DeepSpeed reads
+    from training.engine import forget_process_groups  # noqa: PLC0415 - DeepSpeed: ranks only
+
     with tempfile.TemporaryDirectory() as tmp:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":

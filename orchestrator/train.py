@@ -3,8 +3,9 @@
 It checks everything it can before any worker starts (the cache exists and was built for
 this config, holds enough samples for the layout, the evaluation can run, the resume policy
 allows what is on storage), then hands the ranks to the stage launcher: each runs
-`training.loop.train_rank` with a DeepSpeed engine. At the end the final checkpoint is
-exported as a diffusers pipeline into the run's MLflow `model` artifact.
+`training.loop.train_rank` with a DeepSpeed engine (imported only where a rank runs, not
+here). At the end the final checkpoint is exported as a diffusers pipeline into the run's
+MLflow `model` artifact.
 """
 
 from __future__ import annotations
@@ -23,12 +24,10 @@ from core.resume import check_resumable
 from data_pipeline.cache import check_sources, check_spec, read_manifest, spec_digest
 from data_pipeline.precompute import cache_spec, resolve_cache_dir
 from data_pipeline.stream import Layout, check_enough_samples
-from orchestrator.export import export_pipeline
 from orchestrator.jobs import source_commit
 from orchestrator.launcher import Stage, check_local_gpu, launch
 from training import checkpoint as ckpt
 from training.evaluation import check_ready
-from training.loop import train_rank
 from training.tracking import MLflowTracker, log_cache_input
 
 
@@ -79,7 +78,7 @@ def train(config: ExperimentConfig) -> dict[str, Any]:
         layout,
         Stage(
             name="train",
-            rank_function=train_rank,
+            rank_function="training.loop:train_rank",
             num_workers=t.num_workers,
             max_failures=t.max_failures,
             preempt_grace_s=t.preempt_grace_s,
@@ -137,6 +136,9 @@ def log_final_model(layout: RunLayout, run_id: str, flush_timeout_s: float) -> N
     newest = ckpt.newest(layout.checkpoints)
     if newest is None:
         return
+    # diffusers' pipeline (seconds to import) at the end only: the driver trains nothing.
+    from orchestrator.export import export_pipeline  # noqa: PLC0415
+
     tag = ckpt.local_tag(newest, layout.checkpoints)
     out = export_pipeline(tag, layout.run_dir / "export" / tag.name, overwrite=True)
     tracker = MLflowTracker(

@@ -9,7 +9,8 @@ import subprocess
 import sys
 import threading
 import time
-from contextlib import ExitStack, redirect_stderr, redirect_stdout
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager, redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
@@ -51,18 +52,55 @@ def ldm(*args: str) -> subprocess.CompletedProcess:
 
 
 _SHARED_RAY = ExitStack()
+_SESSION = ExitStack()
+_S3_ENV: dict[str, str] = {}
+_WANT_S3 = False
 
 
-def start_shared_ray() -> None:
+def pytest_collection_modifyitems(session, config, items) -> None:
+    """The tests that need this process without Ray (`no_ray`) run last, so the suite's
+    embedded Ray starts once, not again after each of them. When S3 tests were collected,
+    their server starts with the embedded Ray (see `shared_s3`)."""
+    global _WANT_S3
+    items.sort(key=lambda item: "no_ray" in item.fixturenames)  # stable: otherwise in order
+    _WANT_S3 = any(item.path.name == "test_s3.py" for item in items)
+
+
+@contextmanager
+def shared_s3() -> Iterator[dict[str, str]]:
+    """For one test: the session's one S3 server (moto), started on first use. Its endpoint
+    and credentials are set in this process's environment, where the embedded Ray's
+    processes find them too, as a cluster's nodes find theirs. The test starts and ends
+    with no S3 filesystem cached in this process (a cached one holds an event loop thread
+    that a forked loader worker must not inherit)."""
+    from tests.s3_server import forget_filesystems, local_s3
+
+    if not _S3_ENV:
+        _S3_ENV.update(_SESSION.enter_context(local_s3()))
+        os.environ.update(_S3_ENV)
+    forget_filesystems()
+    try:
+        yield _S3_ENV
+    finally:
+        forget_filesystems()
+
+
+def start_shared_ray(with_s3: bool = False) -> None:
     """The suite's embedded Ray in this process, started once: every `ray_session` of an
     in-process run reuses it (each start and stop costs seconds and spawns Ray's own
-    processes). It stays up until a test needs this process without Ray (`no_ray`)."""
+    processes). It stays up until a test needs this process without Ray (`no_ray`).
+    `with_s3`: its processes must reach the session's S3 server (started anew if not)."""
     import ray
 
     from orchestrator.cluster import ray_session
     from orchestrator.launcher import worker_env
 
+    if ray.is_initialized() and with_s3 and not _S3_ENV:
+        stop_shared_ray()
     if not ray.is_initialized():
+        if with_s3 or _WANT_S3:
+            with shared_s3():
+                pass
         _SHARED_RAY.enter_context(ray_session(runtime_env={"env_vars": worker_env()}))
 
 
@@ -85,6 +123,7 @@ def no_ray() -> None:
 
 def pytest_sessionfinish(session, exitstatus) -> None:
     stop_shared_ray()
+    _SESSION.close()
 
 
 def _ray_processes(name: str) -> list:

@@ -19,7 +19,7 @@ from pathlib import Path
 from tests.ray_cluster import free_ports
 
 
-def _forget_filesystems() -> None:
+def forget_filesystems() -> None:
     """fsspec keeps one S3 filesystem per process, with the endpoint it was made with: a
     server started later on another port must not be reached through an earlier one's."""
     import s3fs
@@ -29,7 +29,7 @@ def _forget_filesystems() -> None:
 
 @contextmanager
 def local_s3() -> Iterator[dict[str, str]]:
-    _forget_filesystems()
+    forget_filesystems()
     (port,) = free_ports(1)
     server = shutil.which("moto_server", path=str(Path(sys.executable).parent))
     assert server, "moto_server is not installed (pip install 'moto[server]')"
@@ -57,7 +57,7 @@ def local_s3() -> Iterator[dict[str, str]]:
             "AWS_DEFAULT_REGION": "us-east-1",
         }
     finally:
-        _forget_filesystems()
+        forget_filesystems()
         proc.terminate()
         try:
             proc.wait(timeout=10)

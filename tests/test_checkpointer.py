@@ -18,7 +18,8 @@ from core.errors import LdmError
 from core.layout import CheckpointPlace
 from core.loader import build_config, load_saved_config
 from models.unet import build_unet
-from tests.s3_server import local_s3, s3_filesystem
+from tests.conftest import shared_s3
+from tests.s3_server import s3_filesystem
 from training import checkpoint as ckpt
 from training.checkpoint import AT_ROOT, Checkpointer, TrainState
 from training.engine import build_engine
@@ -196,25 +197,27 @@ def test_a_file_added_to_a_sealed_tag_is_refused(one_rank, tmp_path):
         Checkpointer(place, keep_last=1).open(str(tag))
 
 
-def test_the_protocol_on_an_object_store(one_rank, tmp_path, monkeypatch):
+def test_the_protocol_on_an_object_store(one_rank, tmp_path):
     engine, _ = _engine()
-    with local_s3() as env:
-        for key, value in env.items():
-            monkeypatch.setenv(key, value)
-        s3_filesystem(env).mkdir("ckpt")
-        place = CheckpointPlace(tmp_path / "staging", "s3://ckpt/run/checkpoints")
-        checkpointer = Checkpointer(place, keep_last=1)
-        for step in (1, 2):
-            _train(engine)
-            tag = checkpointer.save(step, {AT_ROOT: engine}, TrainState(), _write_marker_file)
-        assert tag == "s3://ckpt/run/checkpoints/step_00000002"
-        assert ckpt.committed(place) == [tag]  # step 1 pruned from the store
-        assert not list(place.local.glob("step_*"))  # staging holds no tag once uploaded
-        tag_dir, state = checkpointer.open(tag)  # a verified download into staging
-        assert tag_dir.is_relative_to(place.local) and state.step == 2
-        fresh, _ = _engine(seed=1)
-        checkpointer.load_engines(tag_dir, {AT_ROOT: fresh})
-        assert all(torch.equal(v, _weights(engine)[k]) for k, v in _weights(fresh).items())
+    with shared_s3() as env:
+        _the_protocol_on(s3_filesystem(env), engine, tmp_path)
+
+
+def _the_protocol_on(fs, engine, tmp_path: Path) -> None:
+    fs.mkdir("ckpt")
+    place = CheckpointPlace(tmp_path / "staging", "s3://ckpt/run/checkpoints")
+    checkpointer = Checkpointer(place, keep_last=1)
+    for step in (1, 2):
+        _train(engine)
+        tag = checkpointer.save(step, {AT_ROOT: engine}, TrainState(), _write_marker_file)
+    assert tag == "s3://ckpt/run/checkpoints/step_00000002"
+    assert ckpt.committed(place) == [tag]  # step 1 pruned from the store
+    assert not list(place.local.glob("step_*"))  # staging holds no tag once uploaded
+    tag_dir, state = checkpointer.open(tag)  # a verified download into staging
+    assert tag_dir.is_relative_to(place.local) and state.step == 2
+    fresh, _ = _engine(seed=1)
+    checkpointer.load_engines(tag_dir, {AT_ROOT: fresh})
+    assert all(torch.equal(v, _weights(engine)[k]) for k, v in _weights(fresh).items())
 
 
 def test_elastic_load_carries_the_optimizer_state_exactly(one_rank, pipeline):

@@ -14,29 +14,26 @@ import pytest
 from core import storage
 from core.errors import LdmError
 from models.digests import weights_digest
-from tests.conftest import ldm, ok, start_shared_ray, stop_shared_ray
-from tests.s3_server import local_s3, s3_filesystem
+from tests.conftest import ldm, ok, shared_s3, start_shared_ray
+from tests.s3_server import s3_filesystem
 from tests.test_precompute import reference_cache
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def s3():
-    """One S3 server for the module (each test uses buckets of its own): starting moto costs
-    seconds."""
-    with local_s3() as env, pytest.MonkeyPatch.context() as monkeypatch:
-        for key, value in env.items():
-            monkeypatch.setenv(key, value)
+    """The session's S3 server (each test uses buckets of its own): its environment is the
+    embedded Ray's too, as a cluster's nodes have theirs."""
+    with shared_s3() as env:
         yield s3_filesystem(env)
 
 
 @pytest.fixture
 def ray_on_s3(s3):
-    """The suite's embedded Ray, started anew inside the S3 settings: its processes take the
-    environment they start in, as a cluster's nodes have theirs."""
-    stop_shared_ray()
-    start_shared_ray()
+    """The suite's embedded Ray, started inside the S3 settings (once in a session that has
+    S3 tests: see `tests.conftest.shared_s3`)."""
+    start_shared_ray(with_s3=True)
 
 
 def test_s3_input_and_cache_end_to_end(pipeline, s3, ray_on_s3, tmp_path):

@@ -32,7 +32,6 @@ import torch.distributed as dist
 from core import storage
 from core.errors import LdmError
 from core.layout import CheckpointPlace
-from training.engine import load_engine, save_engine, to_universal
 from training.rank0 import rank0_only
 
 MARKER = "COMMITTED.json"
@@ -331,6 +330,8 @@ class Checkpointer:
         """Load each engine's state. `elastic`: the tag was written by another world size; its
         ZeRO-1/2 shards go through DeepSpeed's universal format (the engines must be built
         with `load_universal`)."""
+        from training.engine import load_engine  # noqa: PLC0415 - DeepSpeed: ranks only, not drivers
+
         started = time.perf_counter()
         for folder, engine in engines.items():
             source = tag_dir / folder if folder else tag_dir
@@ -387,6 +388,8 @@ class Checkpointer:
         dist.all_gather_object(rngs, rng_state(generators))
         state.step, state.world_size = step, self.world
         state.rng = {str(r): s for r, s in enumerate(rngs)}
+        from training.engine import save_engine  # noqa: PLC0415 - DeepSpeed: ranks only, not drivers
+
         for folder, engine in engines.items():
             save_engine(engine, tag_dir / folder if folder else tag_dir)
         write_files(tag_dir)
@@ -436,6 +439,8 @@ def _convert(source: Path, out: Path) -> None:
     started = time.perf_counter()
     shutil.rmtree(out, ignore_errors=True)
     out.parent.mkdir(parents=True, exist_ok=True)
+    from training.engine import to_universal  # noqa: PLC0415 - DeepSpeed: ranks only, not drivers
+
     to_universal(source, out)
     seconds = time.perf_counter() - started
     print(f"checkpoint: {source} converted for a new world size in {seconds:.1f} s", flush=True)

@@ -138,14 +138,14 @@ def test_two_ranks_survive_a_killed_worker_into_the_uninterrupted_weights(
     two_ranks = (
         "autoencoder.num_workers=2",
         "autoencoder.zero_stage=2",
-        "autoencoder.num_steps=16",
-        "autoencoder.checkpoint_every=8",
+        "autoencoder.num_steps=8",
+        "autoencoder.checkpoint_every=4",
     )
     config = full_recipe(tmp_path, shards, *two_ranks)
     first = train_autoencoder(config, progress=False)
     assert first["world_size"] == 2
     layout = RunLayout.of(config)
-    tag = layout.autoencoder_checkpoints.local / "step_00000016"
+    tag = layout.autoencoder_checkpoints.local / "step_00000008"
     state = json.loads((tag / "train_state.json").read_text())
     assert state["world_size"] == 2
     # Each rank drew its own crops: two different generator states.
@@ -160,18 +160,18 @@ def test_two_ranks_survive_a_killed_worker_into_the_uninterrupted_weights(
     client = MlflowClient(tracking_uri=layout.tracking_uri)
     (run,) = client.search_runs([client.get_experiment_by_name("ae-test").experiment_id])
     assert run.data.tags["ldm.world_size"] == "2" and run.data.tags["ldm.zero_stage"] == "2"
-    assert len(client.get_metric_history(run.info.run_id, "loss")) == 16
+    assert len(client.get_metric_history(run.info.run_id, "loss")) == 8
     d_steps = sorted({m.step for m in client.get_metric_history(run.info.run_id, "d_loss")})
-    assert d_steps == list(range(3, 17))
+    assert d_steps == list(range(3, 9))
 
-    # The same run in another folder, with one worker SIGKILLed after the step-8 checkpoint.
+    # The same run in another folder, with one worker SIGKILLed after the step-4 checkpoint.
     again = full_recipe(
         tmp_path, shards, *two_ranks, "autoencoder.max_failures=1", f"run.root={tmp_path}/again"
     )
     place = RunLayout.of(again).autoencoder_checkpoints
     killed: list[int | None] = []
     watcher = when_file_appears(
-        place.local / "step_00000008" / "COMMITTED.json",
+        place.local / "step_00000004" / "COMMITTED.json",
         lambda: killed.append(kill_a_train_worker()),
     )
     second = train_autoencoder(again, progress=False)
@@ -181,7 +181,7 @@ def test_two_ranks_survive_a_killed_worker_into_the_uninterrupted_weights(
     assert "restarted from step_000000" in out, out[-3000:]
     assert second["world_size"] == 2
     _assert_equal(_weights(Path(RunLayout.of(again).autoencoder_dir)), uninterrupted)
-    _assert_equal(_engine_module(place.local / "step_00000016", "discriminator"), final_disc)
+    _assert_equal(_engine_module(place.local / "step_00000008", "discriminator"), final_disc)
     # The embedded Ray runs no State API: Ray Train's placement-group cleaner would log a
     # warning a second while it waits (see orchestrator.cluster.on_worker_start); nor Ray
     # Train's PreemptionWatcher, whose start logged an ERROR line (cluster._EMBEDDED_ENV).

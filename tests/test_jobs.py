@@ -201,31 +201,31 @@ def test_embedded_session_starts_and_stops(no_auth_env, tmp_path):
 
 
 @pytest.mark.slow
-def test_job_runs_and_reports(authed, tmp_path):
+def test_job_runs_streams_and_reports(authed, tmp_path):
+    """A job followed while it runs (its lines as they come), then its status, logs and
+    listing."""
     url = authed.dashboard_url
-    job_id = jobs.submit_entrypoint(url, HELLO, tmp_path)
-    assert jobs.wait(url, job_id, timeout_s=60) == "SUCCEEDED"
-    assert jobs.status(url, job_id) == "SUCCEEDED"
-    assert "hello from job\n" in list(jobs.logs(url, job_id))
-    assert "hello from job\n" in list(jobs.logs(url, job_id, follow=True))
-    listed = {job["id"]: job for job in jobs.list_jobs(url)}
-    assert listed[job_id]["status"] == "SUCCEEDED"
-    assert listed[job_id]["entrypoint"] == HELLO
-    assert listed[job_id]["end_time"] >= listed[job_id]["start_time"] > 0
-
-
-@pytest.mark.slow
-def test_follow_streams_while_running(authed, tmp_path):
-    script = "import time\nfor i in range(3):\n    print('tick', i, flush=True)\n    time.sleep(1)"
+    script = (
+        "import time\nfor i in range(3):\n    print('tick', i, flush=True)\n    time.sleep(0.5)"
+    )
     (tmp_path / "ticks.py").write_text(script)
-    job_id = jobs.submit_entrypoint(authed.dashboard_url, "python ticks.py", tmp_path)
-    seen = [line for line in jobs.logs(authed.dashboard_url, job_id, follow=True)]
+    entrypoint = f"{HELLO} && python ticks.py"
+    job_id = jobs.submit_entrypoint(url, entrypoint, tmp_path)
+    seen = list(jobs.logs(url, job_id, follow=True))
+    assert "hello from job\n" in seen
     assert [line for line in seen if line.startswith("tick")] == [
         "tick 0\n",
         "tick 1\n",
         "tick 2\n",
     ]
-    assert jobs.status(authed.dashboard_url, job_id) == "SUCCEEDED"
+    assert jobs.wait(url, job_id, timeout_s=60) == "SUCCEEDED"
+    assert jobs.status(url, job_id) == "SUCCEEDED"
+    assert "hello from job\n" in list(jobs.logs(url, job_id))
+    assert "hello from job\n" in list(jobs.logs(url, job_id, follow=True))  # ended: returns
+    listed = {job["id"]: job for job in jobs.list_jobs(url)}
+    assert listed[job_id]["status"] == "SUCCEEDED"
+    assert listed[job_id]["entrypoint"] == entrypoint
+    assert listed[job_id]["end_time"] >= listed[job_id]["start_time"] > 0
 
 
 @pytest.mark.slow

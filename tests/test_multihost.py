@@ -228,12 +228,6 @@ while not fs.exists("{key}"):
     time.sleep(0.02)
     fs.invalidate_cache()
 """
-SHA256 = """
-import hashlib, json, fsspec
-fs = fsspec.filesystem("s3")
-print(json.dumps({{p.rsplit("/", 1)[1]: hashlib.sha256(fs.cat_file(p)).hexdigest()
-                  for p in fs.find("{prefix}") if p.endswith(".tar")}}))
-"""
 TRACKED = """
 import json, fsspec, mlflow
 client = mlflow.MlflowClient("{uri}")
@@ -257,15 +251,21 @@ print(json.dumps({{
     "model": model,
     "ray_folders": fsspec.filesystem("s3").glob("{bucket}/runs/{name}/ray_*"),
 }}))
+fsspec.filesystem("s3").get_file("{final}", "/tmp/final.safetensors")
 """
-ACTORS = """
-import json, ray
+PRECOMPUTED = """
+import hashlib, json, fsspec, ray
 from ray.util.state import list_actors
 ray.init(address="{gcs}", logging_level="ERROR")
 where = {{n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}}
-print(json.dumps(sorted({{(a["class_name"], where[a["node_id"]])
-                         for a in list_actors(detail=True, limit=10000)
-                         if "MapWorker" in a["class_name"] and a["node_id"] in where}})))
+fs = fsspec.filesystem("s3")
+print(json.dumps({{
+    "actors": sorted({{(a["class_name"], where[a["node_id"]])
+                      for a in list_actors(detail=True, limit=10000)
+                      if "MapWorker" in a["class_name"] and a["node_id"] in where}}),
+    "sha256": {{p.rsplit("/", 1)[1]: hashlib.sha256(fs.cat_file(p)).hexdigest()
+               for p in fs.find("{prefix}") if p.endswith(".tar")}},
+}}))
 """
 NEWEST = """
 import fsspec
@@ -374,10 +374,13 @@ def test_precompute_and_a_training_job_across_hosts_survive_a_lost_node_and_a_pa
     started = time.monotonic()
     job = submit("precompute")
     assert wait(job) == "SUCCEEDED", logs(job)[-3000:]
-    ran_on = json.loads(cluster.python(a, ACTORS.format(gcs=cluster.gcs)))
+    precomputed = json.loads(
+        cluster.python(a, PRECOMPUTED.format(gcs=cluster.gcs, prefix=f"{BUCKET}/cache"))
+    )
+    ran_on = precomputed["actors"]
     assert {address for _, address in ran_on} == {a.address, b.address}, ran_on
     print(f"\nprecompute actors (class, host): {ran_on}")
-    cached = json.loads(cluster.python(a, SHA256.format(prefix=f"{BUCKET}/cache")).strip())
+    cached = precomputed["sha256"]
     assert cached == _sha256(local_cache) and cached, (cached, _sha256(local_cache))
 
     schedule = (
@@ -437,7 +440,7 @@ def test_precompute_and_a_training_job_across_hosts_survive_a_lost_node_and_a_pa
     pulled_at = time.time()
     cut_at_tag = newest()
     assert cut_at_tag < REFERENCE_STEPS, "the job ended before the partition"
-    time.sleep(16)  # twice the collective timeout
+    time.sleep(max(0.0, pulled_at + 16 - time.time()))  # twice the collective timeout
     b.link(True)
     assert wait(again, timeout=300) == "SUCCEEDED", logs(again)[-5000:]
     resumed = logs(again)
@@ -468,13 +471,13 @@ def test_precompute_and_a_training_job_across_hosts_survive_a_lost_node_and_a_pa
     # The same command continued from its stop, and after the node loss and the partition
     # from the newest committed tags (below), into the uninterrupted run's weights.
     assert f"resuming from s3://{tags}/step_{stopped_at:08d} (step {stopped_at})" in resumed
-    final = on_host(a, "/tmp/final.safetensors")
-    cluster.python(
-        a,
-        "import fsspec\nfsspec.filesystem('s3').get_file("
-        f"'{tags}/step_{REFERENCE_STEPS:08d}/unet.safetensors', '/tmp/final.safetensors')",
+    final = f"{tags}/step_{REFERENCE_STEPS:08d}/unet.safetensors"  # fetched by TRACKED
+    tracked = json.loads(
+        cluster.python(
+            a, TRACKED.format(uri=cluster.mlflow, name="across", bucket=BUCKET, final=final)
+        ).splitlines()[-1]
     )
-    weights = load_file(final)
+    weights = load_file(on_host(a, "/tmp/final.safetensors"))
     assert weights.keys() == reference[1].keys()
     assert all(bool((weights[k] == reference[1][k]).all()) for k in weights)
 
@@ -482,9 +485,6 @@ def test_precompute_and_a_training_job_across_hosts_survive_a_lost_node_and_a_pa
     # logged (a step redone after a restart at most once more), sample grids at several
     # steps, the cache on S3 as its dataset input, lineage tags (the commit `ldm submit`
     # shipped), system metrics, and the model artifact, which diffusers loads.
-    tracked = json.loads(
-        cluster.python(a, TRACKED.format(uri=cluster.mlflow, name="across", bucket=BUCKET))
-    )
     assert tracked["status"] == "FINISHED"
     history = tracked["loss"]
     counts = collections.Counter(s for s, _, _ in history)

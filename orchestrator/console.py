@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 import sys
 import threading
 import time
@@ -64,20 +65,29 @@ def log_path(run_dir: Path, stage: str) -> Path:
     return Path(run_dir) / "logs" / f"{stage}-{stamp}-{os.getpid()}.log"
 
 
-def _pump(read_fd: int, log: BinaryIO, console: BinaryIO, lines: ConsoleFilter) -> None:
+def _pump(read_fd: int, log: BinaryIO, console: BinaryIO, lines: ConsoleFilter, end: bytes) -> None:
+    """Copy the pipe to the log and, filtered, the console, up to the `end` marker the
+    stage writes last (or the pipe's end): a library or a child process that holds a copy
+    of the pipe open must not keep the command waiting for an end of file."""
     with os.fdopen(read_fd, "rb", buffering=0) as pipe:
         pending = b""
         while chunk := pipe.read(65536):
-            log.write(chunk)
-            log.flush()
             pending += chunk
+            ended = end in pending
+            pending = pending.replace(end, b"")
             *complete, pending = pending.split(b"\n")
             for raw in complete:
+                log.write(raw + b"\n")
                 shown = lines.render(raw.decode(errors="replace") + "\n")
                 if shown:
                     console.write(shown.encode())
+            log.flush()
             console.flush()
+            if ended:
+                break
         if pending:
+            log.write(pending)
+            log.flush()
             console.write(lines.render(pending.decode(errors="replace")).encode())
         if lines.live:
             console.write(b"\n")
@@ -95,8 +105,10 @@ def stage_console(path: Path, stage: str) -> Iterator[None]:
     console.write(f"{stage}: full log (Ray, DeepSpeed, warnings) in {path}\n".encode())
     log = open(path, "ab")
     read_fd, write_fd = os.pipe()
+    end = b"\0ldm-console-end-" + secrets.token_hex(8).encode() + b"\0"
+    marker_fd = os.dup(write_fd)  # this stage's own end of the pipe: the end marker's way in
     lines = ConsoleFilter(os.isatty(console.fileno()))
-    pump = threading.Thread(target=_pump, args=(read_fd, log, console, lines), daemon=True)
+    pump = threading.Thread(target=_pump, args=(read_fd, log, console, lines, end), daemon=True)
     pump.start()
     os.dup2(write_fd, 1)
     os.dup2(write_fd, 2)
@@ -106,11 +118,13 @@ def stage_console(path: Path, stage: str) -> Iterator[None]:
     finally:
         sys.stdout.flush()
         sys.stderr.flush()
-        # Restoring fds 1 and 2 closes this process's last write ends: the pump reads to
-        # the end of the pipe (unless a child still holds it: then it is left to finish).
+        # After everything this process wrote, the end marker: the pump stops there, even
+        # while a copy of the pipe stays open (a library's duplicate of fd 1, a child).
         os.dup2(console.fileno(), 1)
         os.dup2(saved_err, 2)
         os.close(saved_err)
+        os.write(marker_fd, end)
+        os.close(marker_fd)
         pump.join(timeout=10)
         if not pump.is_alive():
             log.close()

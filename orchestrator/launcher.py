@@ -139,6 +139,7 @@ def launch(config: ExperimentConfig, layout: RunLayout, stage: Stage) -> Launche
     """Run `stage` to its end (or to a graceful stop: `Preempted`), tracked in one MLflow run."""
     local = in_process(config, stage.num_workers, stage.max_failures)
     check_local_gpu(config, stage.num_workers, stage.max_failures)
+    rank_function = rank_function_of(stage.rank_function) if local else None
     run_id, previous_status = _open_run(config, layout, stage)
     status, trained = "FAILED", False
     stop = _GracefulStop(layout.stop_file, stage.preempt_grace_s, stage.name)
@@ -148,7 +149,7 @@ def launch(config: ExperimentConfig, layout: RunLayout, stage: Stage) -> Launche
         if local:
             with stop:
                 trained = True
-                metrics = _run_in_process(rank_function_of(stage.rank_function), context)
+                metrics = _run_in_process(rank_function, context)
         else:
             env = {"env_vars": worker_env()}
             with ray_session(config.cluster.address, runtime_env=env) as session:

@@ -244,10 +244,10 @@ def _keep_freed_memory() -> None:
 def single_rank_group() -> Iterator[None]:
     """A one-rank process group in this process, as a Ray Train worker has one: NCCL on a
     GPU, else gloo; a file rendezvous (a TCP store would listen on every interface)."""
-    saved = {k: os.environ.get(k) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")  # what DeepSpeed reads
     from training.engine import forget_process_groups  # noqa: PLC0415 - DeepSpeed: ranks only
 
+    saved = {k: os.environ.get(k) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")  # what DeepSpeed reads
     with tempfile.TemporaryDirectory() as tmp:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":

@@ -66,41 +66,46 @@ def pytest_collection_modifyitems(session, config, items) -> None:
     _WANT_S3 = any(item.path.name == "test_s3.py" for item in items)
 
 
-@contextmanager
-def shared_s3() -> Iterator[dict[str, str]]:
-    """For one test: the session's one S3 server (moto), started on first use. Its endpoint
-    and credentials are set in this process's environment, where the embedded Ray's
-    processes find them too, as a cluster's nodes find theirs. The test starts and ends
-    with no S3 filesystem cached in this process (a cached one holds an event loop thread
-    that a forked loader worker must not inherit)."""
-    from tests.s3_server import forget_filesystems, local_s3
-
+def _session_s3_env() -> dict[str, str]:
+    """The session's one S3 server (moto), started on first use. Its endpoint and
+    credentials are set in this process's environment, where the embedded Ray's processes
+    find them too, as a cluster's nodes find theirs."""
     if not _S3_ENV:
+        from tests.s3_server import local_s3
+
         _S3_ENV.update(_SESSION.enter_context(local_s3()))
         os.environ.update(_S3_ENV)
+    return _S3_ENV
+
+
+@contextmanager
+def shared_s3() -> Iterator[dict[str, str]]:
+    """For one test: the session's S3 server's environment. The test starts and ends with
+    no S3 filesystem cached in this process (a cached one holds an event loop thread that a
+    forked loader worker must not inherit)."""
+    from tests.s3_server import forget_filesystems
+
+    env = _session_s3_env()
     forget_filesystems()
     try:
-        yield _S3_ENV
+        yield env
     finally:
         forget_filesystems()
 
 
-def start_shared_ray(with_s3: bool = False) -> None:
+def start_shared_ray() -> None:
     """The suite's embedded Ray in this process, started once: every `ray_session` of an
     in-process run reuses it (each start and stop costs seconds and spawns Ray's own
-    processes). It stays up until a test needs this process without Ray (`no_ray`).
-    `with_s3`: its processes must reach the session's S3 server (started anew if not)."""
+    processes). It stays up until a test needs this process without Ray (`no_ray`). In a
+    session with S3 tests it starts inside the S3 server's settings."""
     import ray
 
     from orchestrator.cluster import ray_session
     from orchestrator.launcher import worker_env
 
-    if ray.is_initialized() and with_s3 and not _S3_ENV:
-        stop_shared_ray()
     if not ray.is_initialized():
-        if with_s3 or _WANT_S3:
-            with shared_s3():
-                pass
+        if _WANT_S3:
+            _session_s3_env()
         _SHARED_RAY.enter_context(ray_session(runtime_env={"env_vars": worker_env()}))
 
 

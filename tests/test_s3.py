@@ -33,7 +33,7 @@ def s3():
 def ray_on_s3(s3):
     """The suite's embedded Ray, started inside the S3 settings (once in a session that has
     S3 tests: see `tests.conftest.shared_s3`)."""
-    start_shared_ray(with_s3=True)
+    start_shared_ray()
 
 
 def test_s3_input_and_cache_end_to_end(pipeline, s3, ray_on_s3, tmp_path):

@@ -135,6 +135,9 @@ class AutoencoderConfig(Section):
     checkpoint_every: int = Field(250, ge=1)
     """Steps between checkpoints in `<run>/autoencoder-checkpoints/` (the last step always
     checkpoints); `ldm autoencoder` continues from the newest committed one."""
+    keep_last: int = Field(2, ge=1)
+    """Committed checkpoints kept in `<run>/autoencoder-checkpoints/`: the newest, and older
+    ones to fall back on should the newest be damaged."""
     train_crop: int | None = Field(None, ge=8)
     """Train on random square crops of this side (the model is convolutional; smaller crops
     make steps cheaper); default: whole images."""

@@ -249,18 +249,6 @@ REFERENCE_SCHEDULE = (
 QUIET = ("train.sample_every=100000", "train.log_every=1", "tracking.log_model=false")
 
 
-def reference_args(work: Path, name: str) -> list[str]:
-    """`ldm train` arguments of a run on the reference schedule, on the pipeline's cache."""
-    return [
-        str(work / "exp.yaml"),
-        f"autoencoder.pretrained={work / 'runs' / 'tiny' / 'autoencoder'}",
-        f"run.name={name}",
-        f"train.num_steps={REFERENCE_STEPS}",
-        f"train.checkpoint_every={REFERENCE_EVERY}",
-        *QUIET,
-    ]
-
-
 def unet_weights(work: Path, name: str, step: int) -> dict:
     from safetensors.torch import load_file
 

@@ -52,11 +52,16 @@ from training.preemption import agree_to_stop
 from training.rank0 import Rank0, eta, rank0_only
 from training.sampling import grid
 
-KEEP_CHECKPOINTS = 2  # the newest, and one to fall back on should the newest be damaged
 # A checkpoint tag holds one DeepSpeed checkpoint per engine, in these subfolders.
 AUTOENCODER_ENGINE, DISCRIMINATOR_ENGINE = "autoencoder", "discriminator"
 # Settings that do not change what is trained: a checkpoint resumes under any value of these.
-_NOT_RESUME_RELEVANT = {"log_every", "checkpoint_every", "max_failures", "preempt_grace_s"}
+_NOT_RESUME_RELEVANT = {
+    "log_every",
+    "checkpoint_every",
+    "keep_last",
+    "max_failures",
+    "preempt_grace_s",
+}
 
 
 def resume_settings(config: ExperimentConfig) -> dict[str, Any]:
@@ -152,7 +157,9 @@ class AutoencoderTraining:
         self.critics.lpips = perceptual_loss(self.config, self.device)
         self.step_fn = AdversarialStep(self.config, self.engine, d_engine, self.critics)
         self.generator = rank_generator(self.config.run.seed, self.rank)
-        self.checkpointer = Checkpointer(self.layout.autoencoder_checkpoints, KEEP_CHECKPOINTS)
+        self.checkpointer = Checkpointer(
+            self.layout.autoencoder_checkpoints, self.config.autoencoder.keep_last
+        )
         self.main = AutoencoderRank0(
             self.rank, self.config, self.layout, self.run_id, ctx.args.get("progress", True)
         )

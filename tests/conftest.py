@@ -59,10 +59,15 @@ _WANT_S3 = False
 
 def pytest_collection_modifyitems(session, config, items) -> None:
     """The tests that need this process without Ray (`no_ray`) run last, so the suite's
-    embedded Ray starts once, not again after each of them. When S3 tests were collected,
-    their server starts with the embedded Ray (see `shared_s3`)."""
+    embedded Ray starts once, not again after each of them; after them the multi-host tests,
+    whose clusters run on hosts of their own while the embedded Ray is down. When S3 tests
+    were collected, their server starts with the embedded Ray (see `shared_s3`)."""
     global _WANT_S3
-    items.sort(key=lambda item: "no_ray" in item.fixturenames)  # stable: otherwise in order
+
+    def place(item) -> int:
+        return 2 if item.path.name == "test_multihost.py" else int("no_ray" in item.fixturenames)
+
+    items.sort(key=place)  # stable: otherwise in order
     _WANT_S3 = any(item.path.name == "test_s3.py" for item in items)
 
 

@@ -50,6 +50,9 @@ def test_hosts_have_their_own_addresses_tmp_and_cables():
         # The project and its virtualenv are on every host, wherever the checkout lies.
         imported = b.run([sys.executable, "-c", "import orchestrator.cli; print('ok')"])
         assert imported.stdout == "ok\n", imported.stderr[-2000:]
+        # TCP's retransmission backoff is capped at 1 s on every host, where the kernel can.
+        rto = b.run(["cat", "/proc/sys/net/ipv4/tcp_rto_max_ms"])
+        assert rto.returncode != 0 or rto.stdout.strip() == "1000", rto
         # A partition: B's cable out, then back in.
         b.link(False)
         cut = _fetch(b, a, timeout=1)

@@ -272,18 +272,20 @@ import fsspec
 fs = fsspec.filesystem("s3")
 print(max(int(p.split("/")[-2][5:]) for p in fs.glob("{prefix}/step_*/COMMITTED.json")))
 """
-OUTAGE_THEN_STOP = (
+OUTAGE = (
     WAIT_FOR
     + """
 import os, signal
 os.killpg({mlflow_pid}, signal.SIGKILL)  # the MLflow server and its workers: an outage
 time.sleep(1)  # training logs on while the server is down
+"""
+)
+STOP = """
 from orchestrator import jobs
 assert jobs.stop("http://127.0.0.1:{port}", "{job}")
 with jobs._client("http://127.0.0.1:{port}", "{job}") as client:  # what the supervisor waits
     assert client.get_job_info("{job}").runtime_env["env_vars"]["RAY_JOB_STOP_WAIT_TIME_S"] == "90"
 """
-)
 JOB_WAIT = """
 from orchestrator import jobs
 print(jobs.wait("http://127.0.0.1:{port}", "{job}", timeout_s={timeout}))
@@ -316,7 +318,6 @@ def test_precompute_and_a_training_job_across_hosts_survive_a_lost_node_and_a_pa
     # The pipeline's shards and autoencoder go to S3 on host C, through host A.
     shutil.copytree(work / "shards", on_host(a, "/tmp/upload/shards"))
     shutil.copytree(work / "runs" / "tiny" / "autoencoder", on_host(a, "/tmp/upload/autoencoder"))
-    cluster.python(a, UPLOAD.format(bucket=BUCKET))
     config = "/tmp/exp.yaml"
     on_host(a, config).write_text(
         "preset: tiny\n"
@@ -354,20 +355,21 @@ def test_precompute_and_a_training_job_across_hosts_survive_a_lost_node_and_a_pa
         return cluster.ldm(a, "jobs", "logs", job, "--address", dashboard).stdout
 
     # A path of host A's disk is refused before submission: host B could not read it.
-    refused = cluster.ldm(
-        a,
-        "submit",
-        config,
-        "precompute.cache_dir=/tmp/cache",
-        "--address",
-        dashboard,
-        "--stage",
-        "precompute",
+    # (Asked while the upload runs: it submits nothing.)
+    refusing = a.popen(
+        [str(BIN / "ldm"), "submit", config, "precompute.cache_dir=/tmp/cache"]
+        + ["--address", dashboard, "--stage", "precompute"],
+        cluster.env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
     )
-    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    cluster.python(a, UPLOAD.format(bucket=BUCKET))
+    refused = refusing.communicate(timeout=120)[1]
+    assert refusing.returncode == 2 and len(refused.strip().splitlines()) == 1, refused
     assert (
         "precompute.cache_dir=/tmp/cache: on this machine's disk, which the Ray cluster's "
-        f"node(s) at {b.address} cannot read" in refused.stderr
+        f"node(s) at {b.address} cannot read" in refused
     )
 
     # Precompute, its actors on both hosts: the same cache bytes as on one machine.
@@ -400,34 +402,31 @@ def test_precompute_and_a_training_job_across_hosts_survive_a_lost_node_and_a_pa
     def newest() -> int:
         return int(cluster.python(a, NEWEST.format(prefix=tags)).strip())
 
-    # Training, ranks on A and B. After the first tag the MLflow server on A is killed, and a
-    # second later `ldm jobs stop`: Ray's supervisor SIGTERMs the driver and waits the grace
-    # period (not its 3 s) while every rank saves. Training went on while the server was down,
-    # rank 0's records waiting in its spool; the server comes back while the ranks stop.
+    # Training, ranks on A and B. After the first tag the MLflow server on A is killed and
+    # started again a second later (training goes on meanwhile, rank 0's records waiting in
+    # its spool); then `ldm jobs stop`: Ray's supervisor SIGTERMs the driver and waits the
+    # grace period (not its 3 s) while every rank saves.
     submitted_at = time.time()
     job = submit("train", *schedule)
     assert cluster.mlflow_server is not None
-    outage = OUTAGE_THEN_STOP.format(
-        key=tag(1), timeout=240, mlflow_pid=cluster.mlflow_server.pid, port=DASHBOARD_PORT, job=job
-    )
-    cluster.python(a, outage)
+    cluster.python(a, OUTAGE.format(key=tag(1), timeout=240, mlflow_pid=cluster.mlflow_server.pid))
     cluster.mlflow_server.wait()
-    cluster.start_mlflow()  # while the ranks save, and rank 0's records wait
+    cluster.start_mlflow(wait=False)
+    cluster.python(a, STOP.format(port=DASHBOARD_PORT, job=job))
     assert wait(job) == "STOPPED"
+    # The same command again continues (checked below, while it runs: job 1 first).
+    a.wait_for_port(MLFLOW_PORT)
+    again = submit("train", *schedule)
     assert cluster.ldm(a, "jobs", "status", job, "--address", dashboard).stdout.strip() == "STOPPED"
     assert job in cluster.ldm(a, "jobs", "list", "--address", dashboard).stdout
     text = logs(job)
     assert "stopped by SIGTERM: the checkpoint was saved" in text, text[-3000:]
     assert "is unreachable" in text, text[-3000:]
-    # Delivered by the same tracker once the server was back (or, had the stop come first,
-    # by the next job's rank 0 from the spool).
-    assert "MLflow is back" in text or "left by an earlier run" in text, text[-3000:]
     (stopped_at,) = [int(s) for s in re.findall(r"stop requested; saved step_(\d+)", text)]
     assert 1 < stopped_at < 14, text[-3000:]  # room for the two events below
 
-    # The same command again continues. Host B is lost after its first tag (every process
-    # SIGKILLed; a replacement node joins); after the restart's first tag, B's cable is out.
-    again = submit("train", *schedule)
+    # Host B is lost after the next job's first tag (every process SIGKILLed; a replacement
+    # node joins); after the restart's first tag, B's cable is out.
     cluster.python(a, WAIT_FOR.format(key=tag(stopped_at + 1), timeout=240))
     killed_at = time.time()
     killed = b.kill_all(keep_anchor=True)
@@ -443,8 +442,24 @@ def test_precompute_and_a_training_job_across_hosts_survive_a_lost_node_and_a_pa
     time.sleep(max(0.0, pulled_at + 16 - time.time()))  # twice the collective timeout
     b.link(True)
     assert wait(again, timeout=300) == "SUCCEEDED", logs(again)[-5000:]
-    resumed = logs(again)
+    fetching = a.popen(
+        [str(BIN / "ldm"), "jobs", "logs", again, "--address", dashboard],
+        cluster.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    final = f"{tags}/step_{REFERENCE_STEPS:08d}/unet.safetensors"  # fetched by TRACKED
+    tracked = json.loads(
+        cluster.python(
+            a, TRACKED.format(uri=cluster.mlflow, name="across", bucket=BUCKET, final=final)
+        ).splitlines()[-1]
+    )
+    resumed = fetching.communicate(timeout=120)[0]
     text += resumed
+    # Rank 0's records of the outage were delivered by the same tracker once the server was
+    # back (or, had the stop come first, by the next job's rank 0 from the spool).
+    assert "MLflow is back" in text or "left by an earlier run" in text, text[-3000:]
     print("\n".join(line for line in text.splitlines() if "train: step" not in line))
 
     # Where everything ran and listened.
@@ -471,12 +486,6 @@ def test_precompute_and_a_training_job_across_hosts_survive_a_lost_node_and_a_pa
     # The same command continued from its stop, and after the node loss and the partition
     # from the newest committed tags (below), into the uninterrupted run's weights.
     assert f"resuming from s3://{tags}/step_{stopped_at:08d} (step {stopped_at})" in resumed
-    final = f"{tags}/step_{REFERENCE_STEPS:08d}/unet.safetensors"  # fetched by TRACKED
-    tracked = json.loads(
-        cluster.python(
-            a, TRACKED.format(uri=cluster.mlflow, name="across", bucket=BUCKET, final=final)
-        ).splitlines()[-1]
-    )
     weights = load_file(on_host(a, "/tmp/final.safetensors"))
     assert weights.keys() == reference[1].keys()
     assert all(bool((weights[k] == reference[1][k]).all()) for k in weights)

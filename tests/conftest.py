@@ -206,6 +206,22 @@ def when_file_appears(path: Path, action, timeout_s: float = 300) -> threading.T
     return thread
 
 
+@contextmanager
+def sigterm_to_this_process_when(path: Path) -> Iterator[list[int]]:
+    """SIGTERM to this process once `path` exists, as a scheduler or Ctrl-C stops an `ldm`
+    command run in it (`ldm`): the command's handler, installed while it runs, takes it.
+    Should it come when no command runs, a handler here records it (in the list yielded)
+    instead of ending the test session."""
+    stray: list[int] = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: stray.append(signum))
+    try:
+        watcher = when_file_appears(path, lambda: os.kill(os.getpid(), signal.SIGTERM))
+        yield stray
+        watcher.join(timeout=5)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def ok(result):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return result

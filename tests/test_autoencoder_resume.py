@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import collections
 import json
-import os
 import re
 import shutil
 import signal
@@ -29,6 +28,7 @@ from core.loader import build_config
 from orchestrator.autoencoder import read_resume_state, train_autoencoder
 from tests.conftest import (
     kill_a_train_worker,
+    sigterm_to_this_process_when,
     train_helper_actors,
     train_worker_listeners,
     when_file_appears,
@@ -290,19 +290,10 @@ def test_sigterm_saves_and_the_same_command_continues(tmp_path: Path, monkeypatc
     recipe = ("autoencoder.num_steps=40", "autoencoder.checkpoint_every=4")
     config = full_recipe(tmp_path, write_shard(tmp_path / "shards"), *recipe)
     layout = RunLayout.of(config)
-    # Should the signal come when the command's handler is not installed, it lands here.
-    stray: list[int] = []
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: stray.append(signum))
-    try:
-        watcher = when_file_appears(
-            Path(layout.autoencoder_checkpoints.local) / "step_00000004" / "COMMITTED.json",
-            lambda: os.kill(os.getpid(), signal.SIGTERM),
-        )
+    marker = Path(layout.autoencoder_checkpoints.local) / "step_00000004" / "COMMITTED.json"
+    with sigterm_to_this_process_when(marker) as stray:
         with pytest.raises(Preempted, match="stopped by SIGTERM: the checkpoint was saved"):
             train_autoencoder(config, progress=False)
-        watcher.join(timeout=5)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     assert not stray
     (tag,) = ckpt.committed(layout.autoencoder_checkpoints)[-1:]
     stopped_at = ckpt.TrainState.load(Path(tag) / ckpt.TRAIN_STATE).step

@@ -3,8 +3,9 @@ cache, both models in one DeepSpeed engine with their optimizer state sharded ov
 ranks, exact resume (raw and EMA weights of both), and the trained encoder in samples and
 the exported pipeline.
 
-A real `ldm precompute` / `ldm train` (Ray Train, 2 ZeRO-2 ranks, the module's one embedded
-Ray) / sampling / export on the session's `pipeline` fixture, with a 2-layer `ldmbert`.
+A real `ldm precompute` / `ldm train` (Ray Train, 2 ZeRO-2 ranks on the suite's embedded
+Ray, stopped by SIGTERM to the command's process) / sampling / export on the session's
+`pipeline` fixture, with a 2-layer `ldmbert`.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import ldm, ok
+from tests.conftest import ldm, ok, sigterm_to_this_process_when
+from training import checkpoint as ckpt
 
 pytestmark = pytest.mark.slow
 
@@ -52,10 +54,19 @@ def test_joint_text_encoder_trains_shards_resumes_samples_and_exports(
     (spec,) = [m["spec"] for m in manifests if m["spec"]["text"] == "token_ids"]
     assert spec["text_encoder"] == "ldmbert" and spec["text_max_length"] == 16
 
-    # Two ZeRO-2 ranks (Ray Train workers), 4 steps with a sample grid at the end.
-    train = [*exp, "run.name=joint", "train.num_steps=4", *QUIET]
-    ok(ldm("train", *train, "train.sample_every=4"))
-    full = work / "runs" / "joint" / "checkpoints" / "step_00000004"
+    # Two ZeRO-2 ranks (Ray Train workers) until SIGTERM to the process running `ldm train`
+    # (this one; as Ctrl-C, a scheduler or `ldm jobs stop` stops it) after the step-2
+    # checkpoint: every rank saves at the next step, and the command exits 143.
+    tags = work / "runs" / "joint" / "checkpoints"
+    train = [*exp, "run.name=joint", "train.num_steps=8", *QUIET]
+    with sigterm_to_this_process_when(tags / "step_00000002" / "COMMITTED.json") as stray:
+        stopped = ldm("train", *train)
+    out = stopped.stdout + stopped.stderr
+    assert stopped.returncode == 143 and not stray, out[-3000:]
+    assert "stopped by SIGTERM: the checkpoint was saved" in out, out[-3000:]
+    assert not (work / "runs" / "joint" / "STOP_REQUESTED").exists()
+    full = ckpt.committed_tags(tags)[-1]  # the one the stop saved
+    assert 2 < int(full.name.split("_")[1]) < 8, full
     parts = ("unet", "text_encoder", "ema_unet", "ema_text_encoder")
 
     # Exact resume, on one rank in process: uninterrupted to step 4; then step 4 is lost and
@@ -70,7 +81,7 @@ def test_joint_text_encoder_trains_shards_resumes_samples_and_exports(
     for part in parts:
         assert _same(uninterrupted[part], _weights(full1, part)), part
 
-    # The encoder trained: its weights moved between steps 2 and 4, and its EMA lags them.
+    # The encoder trained: its weights moved after step 2, and its EMA lags them.
     step2 = work / "runs" / "joint" / "checkpoints" / "step_00000002"
     raw2, raw4 = _weights(step2, "text_encoder"), _weights(full, "text_encoder")
     moved = [k for k in raw4 if not torch.equal(raw2[k], raw4[k])]

@@ -325,7 +325,8 @@ def _run_on_ray(
         run_rank,
         torch_config=NodeBoundTorchConfig(timeout_s=config.cluster.collective_timeout_s),
         train_loop_config={
-            "payload": pack(stage.rank_function, context),
+            "rank_function": stage.rank_function,
+            "payload": pack(context),
             "stage": stage.name,
             "grace_s": stage.preempt_grace_s,
             "data_keys": keys,

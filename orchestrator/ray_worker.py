@@ -2,9 +2,9 @@
 
 Ray Train's controller unpickles the train function and its config before any worker
 starts: if they named the rank code (torch, DeepSpeed, diffusers), the controller would
-import all of it first (seconds per job). So the launcher sends the rank function and its
-`RankContext` as bytes that only the workers open, and this module imports nothing heavy at
-the top.
+import all of it first (seconds per job). So the launcher names the rank function as a
+`module:function` string and sends its `RankContext` as bytes that only the workers open,
+and this module imports nothing heavy at the top.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from core import signals, storage
 from orchestrator.cluster import usable_cores
 
 
-def pack(rank_function: str, context: Any) -> bytes:
-    """What every worker runs, as bytes the controller passes on unopened."""
-    return cloudpickle.dumps((rank_function, context))
+def pack(context: Any) -> bytes:
+    """The rank function's context, as bytes the controller passes on unopened."""
+    return cloudpickle.dumps(context)
 
 
 def rank_function_of(reference: str) -> Any:
@@ -59,7 +59,7 @@ def run_rank(loop_config: dict[str, Any]) -> None:
 
     # The launcher's own bytes, handed over by Ray in this job's memory (as Ray hands every
     # task its pickled arguments), never read from storage.
-    reference, context = cloudpickle.loads(loop_config["payload"])
+    context = cloudpickle.loads(loop_config["payload"])
     train_context = ray.train.get_context()
     rank = train_context.get_world_rank()
     # Zero-copy from the node's object store: workers on one node map the same copy.
@@ -88,6 +88,6 @@ def run_rank(loop_config: dict[str, Any]) -> None:
     context.report = report
     signals.arm(loop_config["grace_s"])  # a SIGTERM to this process now saves and stops
     try:
-        rank_function_of(reference)(context)
+        rank_function_of(loop_config["rank_function"])(context)
     finally:
         signals.disarm()

@@ -71,9 +71,27 @@ def _engine_module(tag: Path, engine: str) -> dict[str, torch.Tensor]:
     return states["module"]
 
 
+def _differences(a: Any, b: Any, path: str = "") -> list[str]:
+    """Where two loaded checkpoint structures differ (tensors bit for bit)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        same = isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.equal(b)
+        return [] if same else [path]
+    if isinstance(a, dict) and isinstance(b, dict):
+        if a.keys() != b.keys():
+            return [f"{path} keys"]
+        return [d for k in a for d in _differences(a[k], b[k], f"{path}/{k}")]
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+        if len(a) != len(b):
+            return [f"{path} length"]
+        pairs = enumerate(zip(a, b, strict=True))
+        return [d for i, (x, y) in pairs for d in _differences(x, y, f"{path}/{i}")]
+    if hasattr(a, "__dict__") and type(a) is type(b):  # e.g. DeepSpeed's loss scaler
+        return _differences(vars(a), vars(b), path)
+    return [] if a == b else [path]
+
+
 def _assert_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    different = [k for k in a if not a[k].equal(b[k])]
+    different = _differences(a, b)
     assert not different, different[:5]
 
 
@@ -133,25 +151,6 @@ def test_resumed_run_equals_an_uninterrupted_one(tmp_path: Path, monkeypatch, ca
     relaxed = full_recipe(tmp_path, tmp_path / "shards", "autoencoder.checkpoint_every=2")
     tag, state = read_resume_state(relaxed, RunLayout.of(relaxed))
     assert Path(tag).name == "step_00000006" and state.step == STEPS
-
-
-def _differences(a: Any, b: Any, path: str = "") -> list[str]:
-    """Where two loaded checkpoint structures differ (tensors bit for bit)."""
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        same = isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.equal(b)
-        return [] if same else [path]
-    if isinstance(a, dict) and isinstance(b, dict):
-        if a.keys() != b.keys():
-            return [f"{path} keys"]
-        return [d for k in a for d in _differences(a[k], b[k], f"{path}/{k}")]
-    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
-        if len(a) != len(b):
-            return [f"{path} length"]
-        pairs = enumerate(zip(a, b, strict=True))
-        return [d for i, (x, y) in pairs for d in _differences(x, y, f"{path}/{i}")]
-    if hasattr(a, "__dict__") and type(a) is type(b):  # e.g. DeepSpeed's loss scaler
-        return _differences(vars(a), vars(b), path)
-    return [] if a == b else [path]
 
 
 def _resumable_state(tag: Path) -> dict[str, Any]:

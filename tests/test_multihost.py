@@ -74,8 +74,8 @@ class Cluster:
             **QUIET,
         )
 
-    def start_mlflow(self, wait: bool = True) -> None:
-        """The MLflow server on host A."""
+    def start_mlflow(self) -> None:
+        """The MLflow server on host A (the cluster's fixture waits for its port)."""
         self.mlflow_server = self.a.popen(
             [str(BIN / "mlflow"), "server", "--host", self.a.address, "--port", str(MLFLOW_PORT)]
             + ["--backend-store-uri", "sqlite:////tmp/mlflow.db"]
@@ -84,8 +84,6 @@ class Cluster:
             {**self.env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
             **QUIET,
         )
-        if wait:
-            self.a.wait_for_port(MLFLOW_PORT)
 
     def python(self, host: Host, script: str, timeout: float = 300) -> str:
         """Run a Python script on `host` (the project importable); its output, or the test
@@ -140,7 +138,7 @@ def cluster() -> Iterator[Cluster]:
         }
         c.popen([str(BIN / "moto_server"), "-H", c.address, "-p", str(S3_PORT)], env, **QUIET)
         running = Cluster(a, b, c, env)
-        running.start_mlflow(wait=False)
+        running.start_mlflow()
         a.popen(
             [str(BIN / "ray"), "start", "--head", f"--node-ip-address={a.address}"]
             + [f"--port={GCS_PORT}", "--include-dashboard=true", "--dashboard-host=127.0.0.1"]

@@ -4,8 +4,8 @@ ranks, exact resume (raw and EMA weights of both), and the trained encoder in sa
 the exported pipeline.
 
 A real `ldm precompute` / `ldm train` (Ray Train, 2 ZeRO-2 ranks on the suite's embedded
-Ray, stopped by SIGTERM to the command's process) / sampling / export on the session's
-`pipeline` fixture, with a 2-layer `ldmbert`.
+Ray, stopped by SIGTERM to the command's process, then continued on one rank: an elastic
+restart) / sampling / export on the session's `pipeline` fixture, with a 2-layer `ldmbert`.
 """
 
 from __future__ import annotations
@@ -125,3 +125,14 @@ def test_joint_text_encoder_trains_shards_resumes_samples_and_exports(
     assert all(torch.equal(exported_encoder[k], ema[k]) for k in ema)
     image = pipe("a red heart", num_inference_steps=2, output_type="np").images[0]
     assert image.shape == (32, 32, 3)
+
+    # Elastic: the two ranks' run continues on one worker (in process) from the tag the stop
+    # saved, its ZeRO-2 partitions merged through DeepSpeed's universal format.
+    stopped_at = int(full.name.split("_")[1])
+    onward = [*train, "train.num_workers=1", f"train.num_steps={stopped_at + 1}"]
+    continued = ok(ldm("train", *onward))
+    assert f"resuming from {full} (step {stopped_at})" in continued.stdout, continued.stdout
+    assert "converted for a new world size" in continued.stdout
+    assert "train.num_workers: 2 -> 1" in continued.stdout
+    state = json.loads((tags / f"step_{stopped_at + 1:08d}" / ckpt.TRAIN_STATE).read_text())
+    assert state["step"] == stopped_at + 1 and state["world_size"] == 1

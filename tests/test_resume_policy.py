@@ -64,4 +64,5 @@ def test_ldm_train_refuses_a_changed_run_before_any_worker_starts(pipeline):
     one_line_error(refused, "train.learning_rate: 0.0001 -> 0.001", "another run.name")
     refused = ldm("train", exp, "unet.layers_per_block=2")
     one_line_error(refused, "unet.layers_per_block: 1 -> 2")
-    # Allowed changes are reported as the job starts: test_s3 resumes with other workers.
+    # Allowed changes are reported as the job starts: test_joint_text_encoder resumes with
+    # other workers, test_s3 with other loader workers.

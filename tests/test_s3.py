@@ -58,7 +58,8 @@ def test_s3_input_and_cache_end_to_end(pipeline, s3, ray_on_s3, tmp_path):
     assert "cache OK: 4 shards, 64 samples" in verified.stdout and "PSNR" in verified.stdout
 
     # Training streams from S3 and keeps its run state there: a second "node" with an
-    # empty local run folder resumes the run from S3 alone, on two workers.
+    # empty local run folder resumes the run from S3 alone. (Both runs have one worker, in
+    # process; the elastic restart onto another worker count is test_joint_text_encoder's.)
     train = [
         "train",
         exp,
@@ -93,20 +94,19 @@ def test_s3_input_and_cache_end_to_end(pipeline, s3, ray_on_s3, tmp_path):
         ldm(
             *train,
             f"run.root={other_node}",
-            "train.num_workers=2",
+            "train.num_workers=1",
             "train.num_loader_workers=0",
             "train.num_steps=4",
         )
     )
     assert "resuming from" in resumed.stdout and "(step 2)" in resumed.stdout
-    assert "converted for a new world size" in resumed.stdout
     assert "train: continuing s3://ldm/runs/from-s3/checkpoints/step_00000002 with " in (
         resumed.stdout
     )
-    assert "train.num_workers: 1 -> 2" in resumed.stdout
+    assert "train.num_loader_workers: 1 -> 0" in resumed.stdout
     last = "ldm/runs/from-s3/checkpoints/step_00000004"
     state = json.loads(fs.cat(f"{last}/train_state.json"))
-    assert state["step"] == 4 and state["world_size"] == 2
+    assert state["step"] == 4 and state["world_size"] == 1
     first_state = json.loads(
         (
             other_node

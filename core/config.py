@@ -272,6 +272,18 @@ class TrainConfig(Section):
     channels_last: bool = False
     """Feed the UNet channels-last (NHWC) inputs, a layout convolutions keep through the
     network: faster convolutions on tensor-core GPUs; usually slower on CPUs."""
+    compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = "off"
+    """torch.compile the denoiser (inductor) in this mode: `default` fuses elementwise work
+    (norms, activations, residual adds) into fewer kernels; `reduce-overhead` also replays
+    the forward and backward as CUDA graphs (GPU only; DeepSpeed's optimizer step and ZeRO's
+    gradient hooks run outside them); `max-autotune` also benchmarks matmul and convolution
+    kernels while compiling. The first step compiles (minutes for an SD-size UNet); the
+    MLflow metric `compiled_graphs` counts what was compiled, and stays flat after it. Under
+    ZeRO-3 the parameter gathering splits the graph at every layer (on CPU: 34 graphs for the
+    tiny UNet where ZeRO-0 to 2 have 2), which leaves little to fuse."""
+    fused_optimizer: bool = False
+    """torch's fused AdamW: one kernel updates every parameter (no C++ build, GPU or CPU)
+    instead of a loop of small ones; the same update up to floating-point rounding."""
     ema_decay: float = Field(0.999, ge=0, lt=1)
     """EMA decay of the weights used for sampling."""
     caption_dropout: float = Field(0.1, ge=0, le=1)

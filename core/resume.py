@@ -35,6 +35,8 @@ RESUMABLE = (
     "train.gradient_checkpointing",
     "train.attention",
     "train.channels_last",
+    "train.compile",
+    "train.fused_optimizer",
     "sample.",
     "tracking.",
     "cluster.",

@@ -293,8 +293,14 @@ def cmd_plan(args: argparse.Namespace) -> None:
         config = _load(args)
     else:
         raise LdmError("`ldm plan` needs a CONFIG file or --preset NAME")
-    p = plan.plan(config, args.gpus, args.gpu_type, args.utilisation, args.overlap)
-    print("\n".join(plan.report(config, p, args.gpus, args.gpu_type)))
+    if args.utilisation is not None:
+        utilisation, source = args.utilisation, "--utilisation"
+    else:
+        calibration = plan.calibration_of(args.gpu_type)
+        utilisation = plan.calibrated_utilisation(calibration, args.overlap)
+        source = calibration.source
+    p = plan.plan(config, args.gpus, args.gpu_type, utilisation, args.overlap)
+    print("\n".join(plan.report(config, p, args.gpus, args.gpu_type, utilisation, source)))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -414,9 +420,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--utilisation",
         type=float,
-        default=0.24,
-        help="fraction of the bf16 peak the UNet reaches (default: calibrated on MosaicML's "
-        "8 x A100 SD2 figure, see --mosaic-check)",
+        help="fraction of the bf16 peak the UNet reaches (default: solved per GPU family from "
+        "a measured throughput on that family, which the report names)",
     )
     p.add_argument("--overlap", type=float, default=0.5, help="communication hidden by compute")
     p.add_argument(

@@ -10,7 +10,11 @@ Nothing is allocated: every model is built on the meta device. The model, the fo
   (2Psi/N). Plus the EMA copy (fp32, 4Psi, on every rank) and the activations one micro-batch
   saves for the backward pass, measured by tracing the forward pass on the meta device.
 - **Compute**: the UNet's training FLOPs per sample, traced (3x the forward pass; the same
-  count the MLflow MFU metric uses), at `utilisation` of the GPU's dense bf16 peak.
+  count the MLflow MFU metric uses), at `utilisation` of the GPU's dense bf16 peak. The
+  utilisation is one per GPU family, each solved from a throughput someone measured on that
+  family (`CALIBRATIONS`; a `make gpu-check` result, when the repository holds one, replaces
+  the published Hopper figure): SD-class UNets reach a smaller share of Hopper's much larger
+  peak than of an A100's.
 - **Communication**: one ring all-reduce of bf16 gradients per optimizer step, 2 x 2Psi x
   (N-1)/N bytes through each GPU (ZeRO-1/2's reduce-scatter + all-gather move the same; ZeRO-3
   adds a weight all-gather, 1.5x), at NVLink bandwidth within a node and at the per-GPU
@@ -21,8 +25,11 @@ Nothing is allocated: every model is built on the meta device. The model, the fo
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -42,6 +49,7 @@ class Gpu:
     """Data-sheet figures of one GPU, and the interconnect of the nodes it usually comes in."""
 
     name: str
+    family: str  # the architecture whose calibration applies (see CALIBRATIONS)
     peak_tflops_bf16: float
     memory_gib: float
     nvlink_gbps: float  # achievable all-reduce bus bandwidth within a node, GB/s per GPU
@@ -50,15 +58,58 @@ class Gpu:
 
 
 GPUS = {
-    "a100": Gpu("A100 80GB SXM", 312.0, 80.0, 230.0, 25.0),
-    "h100": Gpu("H100 SXM", 989.0, 80.0, 370.0, 50.0),
-    "h200": Gpu("H200 SXM", 989.0, 141.0, 370.0, 50.0),
-    "l40s": Gpu("L40S", 362.0, 48.0, 25.0, 12.5),
+    "a100": Gpu("A100 80GB SXM", "ampere", 312.0, 80.0, 230.0, 25.0),
+    "h100": Gpu("H100 SXM", "hopper", 989.0, 80.0, 370.0, 50.0),
+    "h200": Gpu("H200 SXM", "hopper", 989.0, 141.0, 370.0, 50.0),
+    "l40s": Gpu("L40S", "ada", 362.0, 48.0, 25.0, 12.5),
 }
 
 # MosaicML trained Stable Diffusion 2 base with a global batch of 2048 and published its
-# throughput on 8 and 128 A100s; the utilisation is calibrated once on one of those figures.
+# throughput on 8 and 128 A100s; the A100 utilisation is calibrated on one of those figures.
 MOSAIC_GLOBAL_BATCH = 2048
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """A measured training throughput on one GPU family, which its utilisation is solved from."""
+
+    source: str
+    preset: str
+    resolution: int
+    num_gpus: int
+    gpu_type: str
+    global_batch: int
+    images_per_s: float
+
+
+CALIBRATIONS = {
+    "ampere": Calibration(
+        "MosaicML's SD2 base on 8 x A100, 256 px: 1,100 img/s (global batch 2048)",
+        "sd2_base",
+        256,
+        8,
+        "a100",
+        MOSAIC_GLOBAL_BATCH,
+        1100.0,
+    ),
+    # NVIDIA's MLPerf Training v4.0 Stable Diffusion v2 submission (NeMo; fp16, channels-last,
+    # inductor, CUDA graphs, fused optimizer): 16 images per GPU, throughput derived from its
+    # published result logs (github.com/mlcommons/training_results_v4.0).
+    "hopper": Calibration(
+        "NVIDIA's MLPerf Training v4.0 SD v2 submission on 64 x H100 SXM, 512 px: about "
+        "110 img/s per GPU (global batch 1024)",
+        "sd2_base",
+        512,
+        64,
+        "h100",
+        1024,
+        110.0 * 64,
+    ),
+}
+# Families with no published SD-class training figure borrow another family's calibration.
+BORROWED = {"ada": "ampere"}
+# Written by `make gpu-check` (bench/gpu_check.py); when present it calibrates its family.
+GPU_CHECK_RESULT = Path(__file__).resolve().parents[1] / "bench" / "results" / "gpu.json"
 
 
 @dataclass
@@ -201,6 +252,62 @@ def plan(
     return Plan(params, flops, act, memory, batch / (compute + comm), compute + comm, compute, comm)
 
 
+def measured_calibration(path: Path) -> tuple[str, Calibration] | None:
+    """(family, calibration) from a `make gpu-check` result: its ldm-step row at 512 px
+    with every speed switch at the setting it found fastest, or None without one."""
+    if not path.is_file():
+        return None
+    result = json.loads(path.read_text())
+    row = result.get("calibration")
+    family = next(
+        (g.family for key, g in GPUS.items() if key in result.get("gpu", "").lower()), None
+    )
+    if not row or family is None:
+        return None
+    return family, Calibration(
+        f"measured: make gpu-check on one {result['gpu']} ({result['date']}): "
+        f"{row['images_per_s']:.1f} img/s, {row['preset']} at {row['resolution']} px",
+        row["preset"],
+        row["resolution"],
+        1,
+        next(key for key in GPUS if key in result["gpu"].lower()),
+        row["micro_batch"],
+        row["images_per_s"],
+    )
+
+
+def calibration_of(gpu_type: str, measured: Path = GPU_CHECK_RESULT) -> Calibration:
+    """The calibration that applies to `gpu_type`: a measurement on its family, else a
+    published figure of its family, else the family it borrows from."""
+    family = gpu_of(gpu_type).family
+    found = measured_calibration(measured)
+    if found is not None and found[0] == family:
+        return found[1]
+    if family in CALIBRATIONS:
+        return CALIBRATIONS[family]
+    lender = CALIBRATIONS[BORROWED[family]]
+    return dataclasses.replace(
+        lender,
+        source=f"no published {family} figure; borrowed: {lender.source}",
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def calibrated_utilisation(calibration: Calibration, overlap: float) -> float:
+    """The utilisation that reproduces `calibration`'s throughput under this model."""
+    config = build_config(
+        {"preset": calibration.preset}, [f"data.resolution={calibration.resolution}"]
+    )
+    return calibrate_utilisation(
+        config,
+        calibration.num_gpus,
+        calibration.gpu_type,
+        calibration.images_per_s,
+        calibration.global_batch,
+        overlap,
+    )
+
+
 def gpu_of(name: str) -> Gpu:
     if name.lower() not in GPUS:
         raise LdmError(f"--gpu-type {name!r}: choose one of {', '.join(sorted(GPUS))}")
@@ -256,7 +363,14 @@ def mosaic_check(overlap: float) -> list[dict]:
     return rows
 
 
-def report(config: ExperimentConfig, p: Plan, num_gpus: int, gpu_type: str) -> list[str]:
+def report(
+    config: ExperimentConfig,
+    p: Plan,
+    num_gpus: int,
+    gpu_type: str,
+    utilisation: float,
+    source: str,
+) -> list[str]:
     gpu = gpu_of(gpu_type)
     trained = "UNet and text encoder" if config.text_encoder.trainable else "UNet"
     lines = [
@@ -274,4 +388,5 @@ def report(config: ExperimentConfig, p: Plan, num_gpus: int, gpu_type: str) -> l
         f"throughput   {p.images_per_s:,.0f} img/s (step {p.step_s * 1000:.0f} ms: compute "
         f"{p.compute_s * 1000:.0f} ms + exposed communication {p.comm_s * 1000:.0f} ms)"
     )
+    lines.append(f"utilisation  {utilisation:.3f} of the bf16 peak, from {source}")
     return lines

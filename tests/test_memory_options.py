@@ -1,9 +1,12 @@
 """The memory/speed switches (train.gradient_checkpointing, attention, channels_last,
-precision) and the objectives: each takes effect, trains (a DeepSpeed engine's loss falls
-on a fixed batch), and the memory switches compute the same function as the default.
+precision, compile, fused_optimizer) and the objectives: each takes effect, trains (a
+DeepSpeed engine's loss falls on a fixed batch), and the memory and speed switches compute
+the same function as the default.
 
 One in-process, one-rank gloo group serves every case: a real DeepSpeed engine per case,
-seconds each.
+seconds each. `train.compile` compiles with AOTAutograd's eager backend here: the same
+graph capture, guards and joint forward-backward graphs as inductor, without inductor's
+C++ code generation (minutes on a 2-core machine); `make gpu-check` times inductor itself.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ SWITCHES = {
     "eager_attention": ["train.attention=eager"],
     "channels_last": ["train.channels_last=true"],
     "bf16": ["train.precision=bf16"],
+    "compile": ["train.compile=default"],
+    "fused_optimizer": ["train.fused_optimizer=true"],
     # Objectives: v-prediction with zero terminal SNR and Min-SNR weighting; the cosine schedule.
     "v_zero_snr_min_snr": [
         "diffusion.prediction_type=v_prediction",
@@ -33,6 +38,11 @@ SWITCHES = {
         "train.precision=bf16",
     ],
 }
+
+
+@pytest.fixture(autouse=True)
+def _traced_compile(monkeypatch):
+    monkeypatch.setattr("training.engine.COMPILE_BACKEND", "aot_eager")
 
 
 def _config(overrides: list[str]):
@@ -58,14 +68,17 @@ def _losses(overrides: list[str], num_steps: int) -> tuple[list[float], torch.nn
     UNet, and what its first convolution gave (layout, dtype)."""
     from models.schedulers import build_noise_scheduler
     from models.unet import build_unet
-    from training.engine import build_engine
+    from training.engine import build_engine, compiled_graphs
     from training.objective import diffusion_loss
 
     config = _config(overrides)
     torch.manual_seed(0)
     unet = build_unet(config, latent_channels=4)
     engine = build_engine(unet, config, world_size=1)
-    seen = {}
+    # Filled in place (its keys fixed): under torch.compile the hook is traced, and a dict
+    # that grew between steps would fail a guard and recompile.
+    seen: dict = {"channels_last": None, "dtype": None}
+    graphs: list[int] = []
 
     def look(module, inputs, output):
         seen["channels_last"] = output.is_contiguous(memory_format=torch.channels_last)
@@ -83,7 +96,8 @@ def _losses(overrides: list[str], num_steps: int) -> tuple[list[float], torch.nn
         engine.backward(loss)
         engine.step()
         losses.append(loss.item())
-    return losses, unet, seen
+        graphs.append(compiled_graphs())
+    return losses, unet, {**seen, "graphs": graphs, "optimizer": engine.optimizer}
 
 
 @pytest.mark.parametrize("name", list(SWITCHES))
@@ -102,11 +116,23 @@ def test_switch_takes_effect_and_trains(process_group, name):
     assert {type(p) for p in unet.attn_processors.values()} == {expected}
     assert seen["channels_last"] == t.channels_last
     assert seen["dtype"] == (torch.bfloat16 if t.precision == "bf16" else torch.float32)
+    graphs = seen["graphs"]
+    if t.compile != "off":  # compiled at the first step, never again
+        assert unet._compiled_call_impl is not None
+        assert graphs[0] > 0 and graphs[-1] == graphs[0], graphs
+    else:
+        assert unet._compiled_call_impl is None
+    torch_optimizer = seen["optimizer"].optimizer  # inside DeepSpeed's ZeRO wrapper
+    assert bool(torch_optimizer.defaults["fused"]) == t.fused_optimizer
 
 
-@pytest.mark.parametrize("name", ["gradient_checkpointing", "eager_attention", "channels_last"])
+@pytest.mark.parametrize(
+    "name",
+    ["gradient_checkpointing", "eager_attention", "channels_last", "compile", "fused_optimizer"],
+)
 def test_switch_computes_the_same_function(process_group, name):
-    """Memory layout, recomputation and the attention kernel change cost, not the maths."""
+    """Memory layout, recomputation, the attention kernel, compilation and the fused
+    optimizer change cost, not the maths."""
     reference, _, _ = _losses([], num_steps=3)
     switched, _, _ = _losses(SWITCHES[name], num_steps=3)
     assert switched == pytest.approx(reference, rel=1e-4), (switched, reference)

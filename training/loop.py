@@ -38,7 +38,7 @@ from training.checkpoint import (
 )
 from training.collectives import comm_device
 from training.context import RankContext
-from training.engine import build_engine, full_state_dict
+from training.engine import build_engine, compiled_graphs, full_state_dict
 from training.evaluation import Evaluator
 from training.objective import diffusion_loss, empty_prompt
 from training.preemption import agree_to_stop
@@ -192,6 +192,8 @@ class UNetTraining:
         if self._due(self.config.train.log_every):
             loss = torch.stack(self.losses).mean()
             self.metrics = self.window.metrics(loss, self.engine, self.state.samples_seen)
+            if self.config.train.compile != "off":
+                self.metrics["compiled_graphs"] = compiled_graphs()
             self.main.log(self.metrics, self.state.step)
             self.window = Window()
 

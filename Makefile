@@ -14,7 +14,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := true
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast lint format bench bench-quality k8s clean
+.PHONY: install demo test test-fast lint format bench bench-quality gpu-check gpu-wheels k8s clean
 
 install: $(STAMP)
 
@@ -55,6 +55,17 @@ bench: install
 # Proof that training learns: the demo scored as it trains, against untrained and real-vs-real.
 bench-quality: install
 	$(BIN)/python -m bench.quality
+
+# One CUDA GPU, one prepared script (refuses without a GPU): bench/results/gpu.json. On a
+# machine without this checkout's .venv (a GPU box with its own torch), the system python,
+# with the wheels `make gpu-wheels` built installed first.
+GPU_PYTHON := $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON))
+gpu-check:
+	$(GPU_PYTHON) -m bench.gpu_check
+
+# What a GPU machine with Python 3.12, torch and transformers lacks, as wheels (<= 64 MiB).
+gpu-wheels: install
+	bench/gpu_wheels.sh runs/bench/gpu-wheels
 
 # k8s/ is generated from orchestrator/k8s.py (and the demo config); regenerate after changes.
 k8s: install

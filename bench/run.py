@@ -7,7 +7,7 @@ import time
 from bench import cache_speedup, data_path, overhead, precompute, startup, zero_memory
 
 # What the stack costs, what the cache buys, precompute (whose cache the data-path benchmark
-# then reads), the data path, ZeRO memory, start-up. (bench/gpu_sd1.py needs a GPU;
+# then reads), the data path, ZeRO memory, start-up. (bench/gpu_check.py needs a GPU;
 # bench/quality.py is `make bench-quality`: it trains the demo.)
 BENCHMARKS = [
     ("orchestration overhead: ldm train vs a bare PyTorch loop", overhead, overhead.main),

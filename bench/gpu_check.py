@@ -182,37 +182,19 @@ def write_models(preset: str, tokenizer: Path | None = None) -> dict[str, str]:
 def precompute_in_process(config, device: torch.device) -> dict[str, Any]:
     """The precompute job's decode, encode and write steps, one shard after another here;
     the encoder's img/s after its first batch."""
-    import os
-
+    from bench.precompute import in_process_stages
     from core import storage
     from core.layout import RunLayout
     from data_pipeline.cache import spec_digest
     from data_pipeline.images import list_shards
-    from data_pipeline.precompute import (
-        Encoder,
-        ShardDecoder,
-        ShardWriter,
-        cache_spec,
-        write_cache_manifest,
-    )
-    from models.text_encoders import text_encoder_path
+    from data_pipeline.precompute import ShardWriter, cache_spec, write_cache_manifest
 
     cache = Path(config.precompute.cache_dir)
     shutil.rmtree(cache, ignore_errors=True)
     cache.mkdir(parents=True)
     autoencoder_dir = RunLayout.of(config).autoencoder_dir
     spec = cache_spec(config, autoencoder_dir)
-    decoder = ShardDecoder(
-        str(text_encoder_path(config.text_encoder.name_or_path)),
-        config.text_encoder.max_length,
-        config.data.resolution,
-        config.data.center_crop,
-        config.run.seed,
-        config.precompute.batch_size,
-    )
-    encoder = Encoder(
-        str(autoencoder_dir), config.text_encoder.name_or_path, spec, os.cpu_count() or 1
-    )
+    decoder, encoder = in_process_stages(config, spec)
     shards = list_shards(config.data.shards)
     fingerprints = storage.fingerprints(shards)
     encode_s, encoded, first = 0.0, 0, True

@@ -28,13 +28,10 @@ RAY_CACHE = WORK / "cache-ray"
 PRODUCES = (RAY_CACHE,)
 
 
-def bare_precompute(config, spec: dict, shards: list[str], out: Path) -> None:
-    """The same decode and encode steps in one process: no Ray, no pipelining."""
-    from core import storage
-    from data_pipeline.cache import spec_digest
-    from data_pipeline.precompute import Encoder, ShardDecoder, ShardWriter
-
-    out.mkdir(parents=True)
+def in_process_stages(config, spec: dict):
+    """The precompute job's decoder and encoder actors' classes, built here, in this process,
+    as the job builds them: (decoder, encoder)."""
+    from data_pipeline.precompute import Encoder, ShardDecoder
     from models.text_encoders import text_encoder_path
 
     decoder = ShardDecoder(
@@ -51,6 +48,17 @@ def bare_precompute(config, spec: dict, shards: list[str], out: Path) -> None:
         spec,
         os.cpu_count() or 1,
     )
+    return decoder, encoder
+
+
+def bare_precompute(config, spec: dict, shards: list[str], out: Path) -> None:
+    """The same decode and encode steps in one process: no Ray, no pipelining."""
+    from core import storage
+    from data_pipeline.cache import spec_digest
+    from data_pipeline.precompute import ShardWriter
+
+    out.mkdir(parents=True)
+    decoder, encoder = in_process_stages(config, spec)
     fingerprints = storage.fingerprints(shards)
     for shard in shards:
         writer = ShardWriter(

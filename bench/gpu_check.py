@@ -18,7 +18,9 @@ has neither; a one-worker `ldm train` runs its rank the same way, in process):
    `gradient_checkpointing`; `compile` and eager attention at 512 px only), and a
    micro-batch sweep with the layout and optimizer switches that were faster, doubling until
    the GPU's memory is full, the bare loop beside its fastest size. img/s, MFU (img/s x
-   traced training FLOPs per sample / the GPU's dense bf16 peak) and peak memory per row.
+   traced training FLOPs per sample / the GPU's dense bf16 peak) and peak memory per row;
+   the step's time split (data wait, forward, backward, optimizer), and for the 512 px
+   baseline a torch.profiler table of the operators with the most self time on the GPU.
 3. **Memory per ZeRO stage** (0-2) of ldm's step at 512 px next to what `ldm plan`'s formulas
    predict for it (one GPU: no stage shards anything, the rows show the constant parts).
 4. **Resume**: ldm's step trained k steps and checkpointed by the project's checkpointer,
@@ -282,15 +284,22 @@ def time_steps(step, device: torch.device, warmup: int, timed: int) -> float:
     return (time.perf_counter() - started) / timed
 
 
-def ldm_row(config, cache_dir: str, device: torch.device, plan: Plan) -> dict[str, Any]:
+def ldm_row(
+    config, cache_dir: str, device: torch.device, plan: Plan, profile: bool = False
+) -> dict[str, Any]:
+    """ldm's step timed; with `profile`, two more steps under torch.profiler, whose top
+    operators (by self time on the device, or on the CPU in a dry run) say where time goes."""
     from training.engine import compiled_graphs
 
     free_memory(device)
+    top: list[dict[str, Any]] = []
     with ldm_rank(config, cache_dir) as run:
         graphs_before = compiled_graphs()
         step_s = time_steps(run.step, device, plan.warmup_steps, plan.timed_steps)
         graphs = compiled_graphs() - graphs_before
         phases = {k: v for k, v in run.window.seconds.items() if v}
+        if profile:
+            top = top_operators(run.step, device)
         engine = run.engine
         del run
     del engine
@@ -299,7 +308,36 @@ def ldm_row(config, cache_dir: str, device: torch.device, plan: Plan) -> dict[st
         "peak_gib": peak_gib(device),
         "compiled_graphs": graphs,
         "phases_s": phases,
+        **({"top_operators": top} if profile else {}),
     }
+
+
+def top_operators(step, device: torch.device, num_steps: int = 2, top: int = 15) -> list[dict]:
+    """The operators that took the most self time over `num_steps` steps, with their share."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as profiler:
+        for _ in range(num_steps):
+            step()
+        synchronize(device)
+    on_device = device.type == "cuda"
+    events = profiler.key_averages()
+
+    def self_us(event) -> float:
+        return event.self_device_time_total if on_device else event.self_cpu_time_total
+
+    total = sum(self_us(e) for e in events) or 1.0
+    ranked = sorted(events, key=self_us, reverse=True)[:top]
+    return [
+        {
+            "name": e.key,
+            "self_ms_per_step": self_us(e) / 1000 / num_steps,
+            "share": self_us(e) / total,
+            "calls_per_step": e.count / num_steps,
+        }
+        for e in ranked
+    ]
 
 
 class BareLoop:
@@ -448,7 +486,10 @@ def measure_resolution(
         if label in LARGEST_ONLY and resolution != max(plan.resolutions):
             continue
         switched = base_config(plan, resolution, models, overrides)
-        row = record("ldm", label, micro, ldm_row(switched, cache["cache_dir"], device, plan))
+        # The baseline at the largest resolution is profiled: where its time goes.
+        profiled = label == "baseline" and resolution == max(plan.resolutions)
+        measured = ldm_row(switched, cache["cache_dir"], device, plan, profile=profiled)
+        row = record("ldm", label, micro, measured)
         baseline = baseline or row
         row["vs_baseline"] = row["images_per_s"] / baseline["images_per_s"]
         faster = row["vs_baseline"] > 1.0
@@ -620,6 +661,12 @@ def format_table(result: dict[str, Any]) -> str:
     for z in result["zero_memory"]:
         peak = "n/a" if z["measured_peak_gib"] is None else f"{z['measured_peak_gib']:.1f}"
         text.append(f"ZeRO-{z['zero_stage']}: peak {peak} GiB, ldm plan {z['plan_gib']:.1f} GiB")
+    for row in result["rows"]:
+        for op in row.get("top_operators", [])[:10]:
+            text.append(
+                f"  {row['resolution']}px baseline profile: {op['share']:6.1%} "
+                f"{op['self_ms_per_step']:9.2f} ms/step  {op['name'][:70]}"
+            )
     r = result["resume"]
     same = "bitwise equal" if r["bitwise"] else f"differ by {r['max_abs_difference']:.2e}"
     text.append(f"resume: the next steps' losses {same}")

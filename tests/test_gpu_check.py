@@ -21,6 +21,10 @@ def test_the_dry_run_goes_through_every_section(tmp_path, monkeypatch, capsys):
     assert set(rows) >= {("bare", "bare loop")} | {("ldm", label) for label in labels}
     assert ("ldm", "compile") not in rows and not gpu_check.DRY_PLAN.compile_rows
     assert rows[("ldm", "baseline")]["compiled_graphs"] == 0
+    profile = rows[("ldm", "baseline")]["top_operators"]  # where the time goes
+    assert len(profile) == 15 and 0 < sum(op["share"] for op in profile) <= 1.0001
+    assert any("conv" in op["name"] for op in profile), [op["name"] for op in profile]
+    assert {"forward", "backward", "optimizer"} <= set(rows[("ldm", "baseline")]["phases_s"])
     assert rows[("ldm", "baseline")]["vs_bare"] > 0
     swept = [r["micro_batch"] for r in result["rows"] if r["kind"] == "sweep"]
     assert swept == [2]

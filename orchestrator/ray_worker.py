@@ -3,28 +3,48 @@
 Ray Train's controller unpickles the train function and its config before any worker
 starts: if they named the rank code (torch, DeepSpeed, diffusers), the controller would
 import all of it first (seconds per job). So the launcher names the rank function as a
-`module:function` string and sends its `RankContext` as bytes that only the workers open,
-and this module imports nothing heavy at the top.
+`module:function` string and sends its `RankContext` as JSON that only the workers read
+(data, never pickled objects), and this module imports nothing heavy at the top.
 """
 
 from __future__ import annotations
 
 import importlib
+import json
 import math
 import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
-import cloudpickle
-
 from core import signals, storage
+from core.config import ExperimentConfig
+from core.layout import RunLayout
 from orchestrator.cluster import usable_cores
+from training.context import RankContext
 
 
-def pack(context: Any) -> bytes:
-    """The rank function's context, as bytes the controller passes on unopened."""
-    return cloudpickle.dumps(context)
+def pack(context: RankContext) -> str:
+    """The rank function's context as JSON the controller passes on unopened: the config, the
+    driver's MLflow URI (the rest of the layout follows from the config), the run and the
+    stage's arguments. Large inputs travel apart, through the object store."""
+    return json.dumps(
+        {
+            "config": context.config.to_dict(),
+            "tracking_uri": context.layout.tracking_uri,
+            "run_id": context.run_id,
+            "args": context.args,
+        }
+    )
+
+
+def unpack(payload: str) -> RankContext:
+    """The context `pack` wrote, rebuilt on a worker: the same config (digest included) and
+    the driver's layout."""
+    values = json.loads(payload)
+    config = ExperimentConfig.model_validate(values["config"])
+    layout = RunLayout.of(config, {"MLFLOW_TRACKING_URI": values["tracking_uri"]})
+    return RankContext(config, layout, values["run_id"], values["args"])
 
 
 def rank_function_of(reference: str) -> Any:
@@ -57,9 +77,7 @@ def run_rank(loop_config: dict[str, Any]) -> None:
     import ray.train
     import torch  # noqa: PLC0415 - kept out of Ray Train's controller, which imports this module
 
-    # The launcher's own bytes, handed over by Ray in this job's memory (as Ray hands every
-    # task its pickled arguments), never read from storage.
-    context = cloudpickle.loads(loop_config["payload"])
+    context = unpack(loop_config["payload"])
     train_context = ray.train.get_context()
     rank = train_context.get_world_rank()
     # Zero-copy from the node's object store: workers on one node map the same copy.

@@ -13,8 +13,8 @@ Nothing is allocated: every model is built on the meta device. The model, the fo
   count the MLflow MFU metric uses), at `utilisation` of the GPU's dense bf16 peak. The
   utilisation is one per GPU family, each solved from a throughput someone measured on that
   family (`CALIBRATIONS`; a `make gpu-check` result, when the repository holds one, replaces
-  the published Hopper figure): SD-class UNets reach a smaller share of Hopper's much larger
-  peak than of an A100's.
+  its family's published figure): what one software stack reached on one generation is not
+  what another reaches on the next.
 - **Communication**: one ring all-reduce of bf16 gradients per optimizer step, 2 x 2Psi x
   (N-1)/N bytes through each GPU (ZeRO-1/2's reduce-scatter + all-gather move the same; ZeRO-3
   adds a weight all-gather, 1.5x), at NVLink bandwidth within a node and at the per-GPU
@@ -67,6 +67,8 @@ GPUS = {
 # MosaicML trained Stable Diffusion 2 base with a global batch of 2048 and published its
 # throughput on 8 and 128 A100s; the A100 utilisation is calibrated on one of those figures.
 MOSAIC_GLOBAL_BATCH = 2048
+# MosaicML's published Stable Diffusion 2 base throughputs (img/s), A100s, global batch 2048.
+MOSAIC = {(8, 256): 1100.0, (8, 512): 290.0, (128, 256): 11600.0, (128, 512): 4590.0}
 
 
 @dataclass(frozen=True)
@@ -90,7 +92,7 @@ CALIBRATIONS = {
         8,
         "a100",
         MOSAIC_GLOBAL_BATCH,
-        1100.0,
+        MOSAIC[(8, 256)],
     ),
     # NVIDIA's MLPerf Training v4.0 Stable Diffusion v2 submission (NeMo; fp16, channels-last,
     # inductor, CUDA graphs, fused optimizer): 16 images per GPU, throughput derived from its
@@ -253,24 +255,22 @@ def plan(
 
 
 def measured_calibration(path: Path) -> tuple[str, Calibration] | None:
-    """(family, calibration) from a `make gpu-check` result: its ldm-step row at 512 px
-    with every speed switch at the setting it found fastest, or None without one."""
+    """(family, calibration) from a `make gpu-check` result: its fastest ldm-step row at its
+    largest resolution, or None without one (or on a GPU `ldm plan` does not list)."""
     if not path.is_file():
         return None
     result = json.loads(path.read_text())
     row = result.get("calibration")
-    family = next(
-        (g.family for key, g in GPUS.items() if key in result.get("gpu", "").lower()), None
-    )
-    if not row or family is None:
+    gpu_type = next((key for key in GPUS if key in result.get("gpu", "").lower()), None)
+    if not row or gpu_type is None:
         return None
-    return family, Calibration(
+    return GPUS[gpu_type].family, Calibration(
         f"measured: make gpu-check on one {result['gpu']} ({result['date']}): "
         f"{row['images_per_s']:.1f} img/s, {row['preset']} at {row['resolution']} px",
         row["preset"],
         row["resolution"],
         1,
-        next(key for key in GPUS if key in result["gpu"].lower()),
+        gpu_type,
         row["micro_batch"],
         row["images_per_s"],
     )
@@ -335,17 +335,13 @@ def calibrate_utilisation(
     return compute_at_peak / available
 
 
-# MosaicML's published Stable Diffusion 2 base throughputs (img/s), A100s, global batch 2048.
-MOSAIC = {(8, 256): 1100.0, (8, 512): 290.0, (128, 256): 11600.0, (128, 512): 4590.0}
-
-
 def mosaic_check(overlap: float) -> list[dict]:
     """Calibrate on 8 x A100 at 256 px, then predict MosaicML's other three figures."""
 
     def at(resolution: int) -> ExperimentConfig:
         return build_config({"preset": "sd2_base"}, [f"data.resolution={resolution}"])
 
-    u = calibrate_utilisation(at(256), 8, "a100", MOSAIC[(8, 256)], MOSAIC_GLOBAL_BATCH, overlap)
+    u = calibrated_utilisation(CALIBRATIONS["ampere"], overlap)
     rows = []
     for (gpus, resolution), published in MOSAIC.items():
         p = plan(at(resolution), gpus, "a100", u, overlap, MOSAIC_GLOBAL_BATCH)

@@ -116,10 +116,11 @@ def write_result(name: str, result: dict[str, Any]) -> Path:
     return path
 
 
-def table(rows: list[tuple[str, str, str, str]]) -> str:
-    """Rows of (figure, system, baseline, ratio) as aligned text."""
-    header = ("figure", "system", "baseline", "ratio")
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
+def table(
+    rows: list[tuple[str, ...]], header: tuple[str, ...] = ("figure", "system", "baseline", "ratio")
+) -> str:
+    """Rows (by default: figure, system, baseline, ratio) as aligned text."""
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in [header, *rows]]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)

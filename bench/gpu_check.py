@@ -53,7 +53,7 @@ from typing import Any
 
 import torch
 
-from bench.common import ROOT, WORK, write_result
+from bench.common import ROOT, WORK, table, write_result
 
 FIXTURE = ROOT / "tests" / "fixtures" / "emoji64"
 GPU_WORK = WORK / "gpu-check"
@@ -182,48 +182,29 @@ def write_models(preset: str, tokenizer: Path | None = None) -> dict[str, str]:
 
 
 def precompute_in_process(config, device: torch.device) -> dict[str, Any]:
-    """The precompute job's decode, encode and write steps, one shard after another here;
-    the encoder's img/s after its first batch."""
-    from bench.precompute import in_process_stages
-    from core import storage
+    """The precompute job's decode, encode and write steps, one shard after another here
+    (the precompute benchmark's bare loop), then its manifest; the encoder's img/s after its
+    first batch (cuDNN's autotuning)."""
+    from bench.precompute import bare_precompute
     from core.layout import RunLayout
-    from data_pipeline.cache import spec_digest
     from data_pipeline.images import list_shards
-    from data_pipeline.precompute import ShardWriter, cache_spec, write_cache_manifest
+    from data_pipeline.precompute import cache_spec, write_cache_manifest
 
     cache = Path(config.precompute.cache_dir)
     shutil.rmtree(cache, ignore_errors=True)
-    cache.mkdir(parents=True)
     autoencoder_dir = RunLayout.of(config).autoencoder_dir
     spec = cache_spec(config, autoencoder_dir)
-    decoder, encoder = in_process_stages(config, spec)
     shards = list_shards(config.data.shards)
-    fingerprints = storage.fingerprints(shards)
-    encode_s, encoded, first = 0.0, 0, True
-    for shard in shards:
-        name = Path(shard).name
-        writer = ShardWriter(str(cache), name, shard, fingerprints[shard], spec_digest(spec), cache)
-        for batch in decoder({"shard": shard}):
-            synchronize(device)
-            started = time.perf_counter()
-            rows = encoder({k: [v] for k, v in batch.items()})
-            synchronize(device)
-            n = int((rows["index"] >= 0).sum())
-            if not first:
-                encode_s, encoded = encode_s + time.perf_counter() - started, encoded + n
-            first = first and n == 0
-            for i in range(len(rows["index"])):
-                writer.add({k: v[i] for k, v in rows.items()})
-        writer.publish()
+    steady = bare_precompute(config, spec, shards, cache)[1:]
     manifest = write_cache_manifest(
         config, spec, str(cache), [Path(s).name for s in shards], autoencoder_dir, None
     )
-    del encoder
     free_memory(device)
+    seconds = sum(s for s, _ in steady)
     return {
         "resolution": config.data.resolution,
         "num_samples": manifest["num_samples"],
-        "encoder_images_per_s": encoded / encode_s if encode_s else None,
+        "encoder_images_per_s": sum(n for _, n in steady) / seconds if seconds else None,
         "encoder_device": str(device),
         "cache_dir": str(cache),
     }
@@ -300,9 +281,6 @@ def ldm_row(
         phases = {k: v for k, v in run.window.seconds.items() if v}
         if profile:
             top = top_operators(run.step, device)
-        engine = run.engine
-        del run
-    del engine
     return {
         "step_s": step_s,
         "peak_gib": peak_gib(device),
@@ -620,39 +598,28 @@ def driver_version() -> str | None:
 
 def format_table(result: dict[str, Any]) -> str:
     header = (
-        "px",
-        "step",
-        "switches",
-        "micro-batch",
-        "img/s",
-        "vs baseline",
-        "vs bare",
-        "MFU",
-        "peak GiB",
+        *("px", "step", "switches", "micro-batch", "img/s"),
+        *("vs baseline", "vs bare", "MFU", "peak GiB"),
     )
-    lines = [header]
-    for r in result["rows"]:
-        lines.append(
-            (
-                str(r["resolution"]),
-                r["kind"],
-                r["switches"],
-                str(r["micro_batch"]),
-                f"{r['images_per_s']:.1f}",
-                f"{r['vs_baseline']:.2f}" if "vs_baseline" in r else "",
-                f"{r['vs_bare']:.3f}" if "vs_bare" in r else "",
-                f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a",
-                f"{r['peak_gib']:.1f}" if r["peak_gib"] is not None else "n/a",
-            )
+    rows = [
+        (
+            str(r["resolution"]),
+            r["kind"],
+            r["switches"],
+            str(r["micro_batch"]),
+            f"{r['images_per_s']:.1f}",
+            f"{r['vs_baseline']:.2f}" if "vs_baseline" in r else "",
+            f"{r['vs_bare']:.3f}" if "vs_bare" in r else "",
+            f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a",
+            f"{r['peak_gib']:.1f}" if r["peak_gib"] is not None else "n/a",
         )
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    text = ["  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)) for line in lines]
-    text.insert(1, "  ".join("-" * w for w in widths))
-    text.insert(
-        0,
+        for r in result["rows"]
+    ]
+    text = [
         f"{result['gpu']} (driver {result['driver']}), torch {result['torch']}, "
         f"{result['date']}, {result['preset']} UNet, {result['precision']}",
-    )
+        table(rows, header),
+    ]
     for cache in result["precompute"]:
         text.append(
             f"precompute {cache['resolution']}px: {cache['num_samples']} samples, "

@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -51,8 +52,10 @@ def in_process_stages(config, spec: dict):
     return decoder, encoder
 
 
-def bare_precompute(config, spec: dict, shards: list[str], out: Path) -> None:
-    """The same decode and encode steps in one process: no Ray, no pipelining."""
+def bare_precompute(config, spec: dict, shards: list[str], out: Path) -> list[tuple[float, int]]:
+    """The same decode and encode steps in one process: no Ray, no pipelining. Returns the
+    seconds and samples of each encoder call (its outputs reach the host inside the call, so
+    a GPU's work is in its time)."""
     from core import storage
     from data_pipeline.cache import spec_digest
     from data_pipeline.precompute import ShardWriter
@@ -60,16 +63,20 @@ def bare_precompute(config, spec: dict, shards: list[str], out: Path) -> None:
     out.mkdir(parents=True)
     decoder, encoder = in_process_stages(config, spec)
     fingerprints = storage.fingerprints(shards)
+    encoded = []
     for shard in shards:
         writer = ShardWriter(
             str(out), Path(shard).name, shard, fingerprints[shard], spec_digest(spec), out
         )
         for batch in decoder({"shard": shard}):
+            started = time.perf_counter()
             rows = encoder({k: [v] for k, v in batch.items()})
+            encoded.append((time.perf_counter() - started, int((rows["index"] >= 0).sum())))
             for i in range(len(rows["index"])):
                 writer.add({k: v[i] for k, v in rows.items()})
         assert writer.complete
         writer.publish()
+    return encoded
 
 
 def cache_bytes(cache: Path, max_length: int) -> dict[str, float]:

@@ -13,10 +13,17 @@ export RAY_USAGE_STATS_ENABLED := 0
 export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := true
 STAMP := $(VENV)/.installed
+# img2dataset (the tests build real img2dataset output with it) gets a venv of its own: its
+# pins (webdataset<0.3, pandas<3) conflict with ours. Direct dependencies pinned as resolved.
+I2D_VENV := $(VENV)/img2dataset
+I2D_STAMP := $(I2D_VENV)/.installed
+I2D_PACKAGES := img2dataset==1.47.0 webdataset==0.2.111 pandas==2.3.3 pyarrow==26.0.1 \
+	numpy==2.4.6 opencv-python-headless==4.14.0.94 albumentations==1.4.24 wandb==0.31.0 \
+	fire==0.7.1 tqdm==4.70.1 exifread-nocycle==3.0.1 fsspec==2026.9.0 dataclasses==0.6
 
 .PHONY: install demo test test-fast lint format bench bench-quality gpu-check gpu-wheels k8s clean
 
-install: $(STAMP)
+install: $(STAMP) $(I2D_STAMP)
 
 # torch first and pinned (an unpinned torch pulls a multi-GB CUDA build); deepspeed
 # compiles against the installed torch, so it builds without isolation.
@@ -26,6 +33,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q --no-build-isolation deepspeed==0.19.8
 	$(BIN)/pip install -q --no-build-isolation -e '.[dev]'
+	touch $@
+
+$(I2D_STAMP): Makefile
+	test -x $(I2D_VENV)/bin/python || $(PYTHON) -m venv $(I2D_VENV)
+	$(I2D_VENV)/bin/pip install -q $(I2D_PACKAGES)
 	touch $@
 
 demo: install

@@ -318,3 +318,17 @@ def process_group():
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
         yield
         dist.destroy_process_group()
+
+
+@pytest.fixture(scope="session")
+def img2dataset_output(tmp_path_factory) -> dict:
+    """Real img2dataset output, built once: webdataset shards with their parquet and
+    `_stats.json` files, downloaded by the real img2dataset from a local HTTP server (48
+    images of mixed sizes and formats, 3 failing URLs). Shared by the session: read it, never
+    change it. See `tests.img2dataset_data.build_img2dataset_output` for the summary's keys."""
+    from tests.img2dataset_data import build_img2dataset_output, img2dataset_missing
+
+    missing = img2dataset_missing()
+    if missing:
+        pytest.fail(missing, pytrace=False)
+    return build_img2dataset_output(tmp_path_factory.mktemp("img2dataset"))

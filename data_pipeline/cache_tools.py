@@ -16,8 +16,14 @@ import torch
 
 from core import storage
 from core.errors import LdmError
-from data_pipeline.cache import npy_load, read_manifest, source_problems
-from data_pipeline.images import image_bytes, read_shard, resize_crop, to_uint8, try_decode
+from data_pipeline.cache import (
+    bucket_histogram,
+    cache_files,
+    npy_load,
+    read_manifest,
+    source_problems,
+)
+from data_pipeline.images import fit_to, image_bytes, read_shard, to_uint8, try_decode
 from models.autoencoder import load_autoencoder
 from models.digests import weights_digest
 from models.metrics import psnr
@@ -27,7 +33,7 @@ def cache_info(cache_dir: str) -> list[str]:
     """A human summary of the manifest, one fact per line."""
     m = read_manifest(cache_dir)
     spec = m["spec"]
-    paths = [storage.join(cache_dir, s["name"]) for s in m["shards"]]
+    paths = [storage.join(cache_dir, f["name"]) for f in cache_files(m)]
     size = sum(storage.size(p) for p in paths if storage.exists(p))
     n = max(1, m["num_samples"])
     return [
@@ -43,15 +49,35 @@ def cache_info(cache_dir: str) -> list[str]:
         f"crop{', and mirrored' if spec['flip'] else ''}",
         f"stored       {spec['dtype']} posterior {spec['latents']}, "
         f"text as {spec['text'].replace('_', ' ')}",
+        *_data_lines(m),
     ]
+
+
+def _data_lines(m: dict[str, Any]) -> list[str]:
+    """Buckets and filters, for caches that have them."""
+    lines = []
+    if "buckets" in m["spec"]:
+        sizes = ", ".join(f"{k} {v}" for k, v in bucket_histogram(m).items())
+        lines.append(f"buckets      {sizes}")
+    if m.get("num_filtered"):
+        reasons = ", ".join(f"{k} {v}" for k, v in m["num_filtered"].items())
+        lines.append(f"filtered     {sum(m['num_filtered'].values())} ({reasons})")
+    return lines
 
 
 def _check_shards(cache_dir: str, manifest: dict[str, Any], changed: dict[str, str]) -> list[str]:
     problems = []
-    for entry in manifest["shards"]:
-        if entry["name"] in changed:
-            problems.append(f"{entry['name']}: {changed[entry['name']]}")
+    for source in manifest["shards"]:
+        if source["name"] in changed:
+            problems.append(f"{source['name']}: {changed[source['name']]}")
             continue
+        problems += _check_files(cache_dir, source.get("parts", [source]))
+    return problems
+
+
+def _check_files(cache_dir: str, entries: list[dict[str, Any]]) -> list[str]:
+    problems = []
+    for entry in entries:
         path = storage.join(cache_dir, entry["name"])
         if not storage.exists(path):
             problems.append(f"{entry['name']} is missing")
@@ -93,7 +119,8 @@ def verify_cache(
             f"autoencoder {ae_dir} is missing or is not the one this cache was built with "
             "(weights sha256 differs); pass the right folder with --autoencoder"
         )
-    entry = next(s for s in manifest["shards"] if s["num_samples"])
+    source = next(s for s in manifest["shards"] if s["num_samples"])
+    entry = {**source.get("parts", [source])[0], "source": source["source"]}
     if not storage.exists(entry["source"]):
         result["psnr_skipped"] = f"source shard {entry['source']} not found"
         return result
@@ -107,7 +134,8 @@ def verify_cache(
     for sample in read_shard(entry["source"]):
         if sample["__key__"] in wanted:
             image = try_decode(image_bytes(sample))
-            sources[sample["__key__"]] = resize_crop(image, spec["resolution"], True)
+            height, width = entry.get("bucket", (spec["resolution"], spec["resolution"]))
+            sources[sample["__key__"]] = fit_to(image, height, width, True)[0]
     vae = load_autoencoder(ae_local)
     means = torch.from_numpy(np.stack([m for _, m in cached]).astype(np.float32))
     with torch.inference_mode():

@@ -17,6 +17,9 @@ from __future__ import annotations
 import hashlib
 import json
 import zlib
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,24 +28,27 @@ import torch
 import webdataset as wds
 
 from core import storage
-from core.config import ExperimentConfig
+from core.config import ExperimentConfig, bucket_sizes
 from core.errors import LdmError
 from data_pipeline.cache import (
     EMPTY_PROMPT,
     FORMAT,
+    bucket_histogram,
     default_cache_dir,
     npy_bytes,
     npy_load,
+    source_change,
     spec_digest,
     write_manifest,
 )
+from data_pipeline.filters import SampleFilter, metadata_of, original_size
 from data_pipeline.images import (
     ShardReadReport,
-    caption_of,
+    fit_to,
     image_bytes,
     list_shards,
+    nearest_bucket,
     read_shard,
-    resize_crop,
     to_model_range,
     try_decode,
 )
@@ -98,7 +104,22 @@ def cache_spec(config: ExperimentConfig, autoencoder_dir: str | Path) -> dict[st
         "dtype": p.dtype,
         # Batches are fixed per shard; a different cut could change low bits of the encoding.
         "batch_size": p.batch_size,
+        # Only when set: caches built before these keys existed keep their spec and folder.
+        **data_choices(config),
     }
+
+
+def data_choices(config: ExperimentConfig) -> dict[str, Any]:
+    """The caption source, filters and buckets, as the cache spec records them (each only
+    when it differs from the default)."""
+    choices: dict[str, Any] = {}
+    if config.data.caption != "txt":
+        choices["caption"] = config.data.caption
+    if filters := config.data.filters.active():
+        choices["filters"] = filters
+    if (buckets := bucket_sizes(config)) is not None:
+        choices["buckets"] = [list(b) for b in buckets]
+    return choices
 
 
 def cached_shards(config: ExperimentConfig) -> list[str]:
@@ -113,6 +134,65 @@ def cached_shards(config: ExperimentConfig) -> list[str]:
     return shards[:keep]
 
 
+def cache_names(shards: list[str]) -> list[str]:
+    """The cache name of each raw shard: its file name, or where file names repeat (a list
+    of shards from several folders) its path below the folder they all share, `/` as `__`."""
+    names = [storage.basename(s) for s in shards]
+    if len(set(names)) == len(names):
+        return names
+    split = [s.split("://", 1)[-1].split("/") for s in shards]
+    common = 0
+    while all(len(parts) > common + 1 and parts[common] == split[0][common] for parts in split):
+        common += 1
+    names = ["__".join(parts[common:]) for parts in split]
+    if len(set(names)) != len(names):
+        repeated = next(s for s, n in zip(shards, names, strict=True) if names.count(n) > 1)
+        raise LdmError(f"data.shards: {repeated} is listed more than once; list each shard once")
+    return names
+
+
+@dataclass
+class PrecomputePlan:
+    """What a precompute job does: the shards already cached, and those to encode (with why
+    a cached one is encoded again)."""
+
+    done: list[dict] = field(default_factory=list)
+    todo: list[tuple[str, str]] = field(default_factory=list)
+    """(raw shard, cache name) pairs."""
+    stale: dict[str, str] = field(default_factory=dict)
+
+
+def plan_precompute(
+    shards: list[str],
+    names: list[str],
+    fingerprints: dict[str, dict[str, Any]],
+    entries: dict[str, dict],
+    digest: str,
+) -> PrecomputePlan:
+    """Which shards to encode: those without a finished entry for this spec and this shard's
+    bytes. Index lookups only, so a 100,000-shard job plans in well under a second."""
+    plan = PrecomputePlan()
+    for shard, name in zip(shards, names, strict=True):
+        entry = entries.get(name)
+        why = None if entry is None else why_stale(entry, digest, shard, fingerprints)
+        if entry is not None and why is None:
+            plan.done.append(entry)
+            continue
+        if why is not None:
+            plan.stale[name] = why
+        plan.todo.append((shard, name))
+    return plan
+
+
+def why_stale(
+    entry: dict, digest: str, shard: str, fingerprints: dict[str, dict[str, Any]]
+) -> str | None:
+    """Why a shard's cached entry cannot be reused, or None when it can."""
+    if entry.get("spec_digest") != digest:
+        return "cached under another spec"
+    return source_change(entry, shard, fingerprints.get(shard))
+
+
 def resolve_cache_dir(config: ExperimentConfig, spec: dict[str, Any]) -> str:
     if config.precompute.cache_dir:
         return config.precompute.cache_dir
@@ -120,7 +200,11 @@ def resolve_cache_dir(config: ExperimentConfig, spec: dict[str, Any]) -> str:
 
 
 class ShardDecoder:
-    """CPU stage: one raw shard in, fixed batches of decoded and tokenized samples out."""
+    """CPU stage: one raw shard in, fixed batches of decoded and tokenized samples out.
+
+    Samples go through the caption source and the filters first; with aspect-ratio buckets
+    each kept image is fitted to its nearest bucket and batches hold one bucket each (a batch
+    is emitted when its bucket fills; the rest at the shard's end, in bucket order)."""
 
     def __init__(
         self,
@@ -130,6 +214,9 @@ class ShardDecoder:
         center_crop: bool,
         seed: int,
         batch_size: int,
+        caption: str = "txt",
+        filters: dict[str, Any] | None = None,
+        buckets: list[list[int]] | None = None,
     ):
         from transformers import AutoTokenizer
 
@@ -137,32 +224,75 @@ class ShardDecoder:
         self.tokenizer = AutoTokenizer.from_pretrained(text_encoder)
         self.max_length, self.resolution = max_length, resolution
         self.center_crop, self.seed, self.batch_size = center_crop, seed, batch_size
+        self.caption, self.filters = caption, filters or {}
+        self.buckets = [tuple(b) for b in buckets] if buckets else None
 
     def __call__(self, row: dict[str, Any]):
         shard = row["shard"]
-        name = storage.basename(shard)
+        name = row.get("name") or storage.basename(shard)
         report = ShardReadReport()
         bad: list[str] = []
+        filtered: dict[str, int] = {}
+        previous, chunk = None, -1
+        for chunk, batch in enumerate(self._batches(shard, name, report, bad, filtered)):
+            if previous is not None:
+                yield self._batch_row(name, chunk - 1, previous, None)
+            previous = batch
+        bad += [f"tar: {e}" for e in report.errors]
+        # The last batch (empty when the shard kept nothing) carries the shard's report.
+        last = max(chunk, 0)
+        yield self._batch_row(name, last, previous or [], bad, report.sha256, filtered)
+
+    def _batches(
+        self,
+        shard: str,
+        name: str,
+        report: ShardReadReport,
+        bad: list[str],
+        filtered: dict[str, int],
+    ) -> Iterator[list]:
+        """Full batches as they fill, then what is left of each bucket, in bucket order."""
+        keep = SampleFilter(self.caption, self.filters, shard)
         # Random crops are seeded per shard, so a rerun of one shard reproduces it.
         rng = np.random.default_rng([self.seed, zlib.crc32(name.encode())])
-        chunk, batch = 0, []
+        square = (self.resolution, self.resolution)
+        pending: dict[tuple[int, int], list] = {}
+        kept = 0
         for sample in read_shard(shard, report):
-            image = try_decode(image_bytes(sample))
-            if image is None:
+            meta = metadata_of(sample)
+            caption = keep.caption(sample, meta)
+            why = keep.reject_metadata(sample["__key__"], caption, meta)
+            image = None if why else try_decode(image_bytes(sample))
+            if why is None and image is None:
                 bad.append(f"{sample['__key__']!r}: no decodable image")
                 continue
-            pixels = resize_crop(image, self.resolution, self.center_crop, rng)
-            batch.append((sample["__key__"], caption_of(sample), pixels))
+            if why is None:
+                why = keep.reject_size(*original_size(meta, image.size))
+            if why is not None:
+                filtered[why] = filtered.get(why, 0) + 1
+                continue
+            size = nearest_bucket(*image.size, self.buckets) if self.buckets else square
+            pixels, crop = fit_to(image, *size, self.center_crop, rng)
+            width, height = original_size(meta, image.size)
+            extra = {"bucket": list(size), "original_size": [height, width], "crop": list(crop)}
+            batch = pending.setdefault(size, [])
+            batch.append((kept, sample["__key__"], caption, pixels, extra))
+            kept += 1
             if len(batch) == self.batch_size:
-                yield self._batch_row(name, chunk, batch, None)
-                chunk, batch = chunk + 1, []
-        bad += [f"tar: {e}" for e in report.errors]
-        yield self._batch_row(name, chunk, batch, bad, report.sha256)
+                yield pending.pop(size)
+        for size in sorted(pending):
+            yield pending[size]
 
     def _batch_row(
-        self, shard: str, chunk: int, batch: list, bad: list[str] | None, sha256: str = ""
+        self,
+        shard: str,
+        chunk: int,
+        batch: list,
+        bad: list[str] | None,
+        sha256: str = "",
+        filtered: dict[str, int] | None = None,
     ) -> dict:
-        captions = [caption for _, caption, _ in batch]
+        captions = [caption for _, _, caption, _, _ in batch]
         tokens = self.tokenizer(
             captions or [""],
             max_length=self.max_length,
@@ -171,16 +301,19 @@ class ShardDecoder:
             return_tensors="np",
         )
         shape = (0, self.resolution, self.resolution, 3)
-        pixels = np.stack([p for _, _, p in batch]) if batch else np.zeros(shape, np.uint8)
+        pixels = np.stack([p for *_, p, _ in batch]) if batch else np.zeros(shape, np.uint8)
         return {
             "shard": shard,
             "chunk": chunk,
             "last": bad is not None,  # the last batch carries the shard's bad-sample report
             "num_bad": len(bad or []),
             "bad_examples": json.dumps((bad or [])[:MAX_BAD_EXAMPLES]),
+            "filtered": json.dumps(filtered or {}),
             "source_sha256": sha256,  # of the whole raw shard, known once it was all read
-            "keys": json.dumps([key for key, _, _ in batch]),
+            "positions": json.dumps([position for position, *_ in batch]),
+            "keys": json.dumps([key for _, key, *_ in batch]),
             "captions": json.dumps(captions),
+            "extras": json.dumps([extra for *_, extra in batch] if self.buckets else []),
             "pixels": npy_bytes(pixels),
             "input_ids": npy_bytes(tokens["input_ids"][: len(batch)].astype(np.int32)),
             "attention_mask": npy_bytes(tokens["attention_mask"][: len(batch)].astype(np.int8)),
@@ -235,11 +368,13 @@ class Encoder:
             else:
                 texts = [i[:k] for i, k in zip(ids, lengths, strict=True)]
         keys, captions = json.loads(row["keys"]), json.loads(row["captions"])
+        positions, extras = json.loads(row["positions"]), json.loads(row["extras"])
         rows = [
             {
-                "index": int(row["chunk"]) * self.spec["batch_size"] + i,
+                "index": positions[i],
                 "key": keys[i],
                 "caption": captions[i],
+                "extra": json.dumps(extras[i]) if extras else "",
                 "moments_npy": npy_bytes(moments[i]),
                 "flip_npy": b"" if flipped[i] is None else npy_bytes(flipped[i]),
                 "text_npy": npy_bytes(texts[i]),
@@ -250,12 +385,21 @@ class Encoder:
                 "index": -1,
                 "key": "",
                 "caption": "",
+                "extra": "",
                 "moments_npy": b"",
                 "flip_npy": b"",
                 "text_npy": b"",
             }
         ]  # an empty last batch still reports the shard's counts
-        passed_on = ("shard", "chunk", "last", "num_bad", "bad_examples", "source_sha256")
+        passed_on = (
+            "shard",
+            "chunk",
+            "last",
+            "num_bad",
+            "bad_examples",
+            "filtered",
+            "source_sha256",
+        )
         shared = {k: row[k] for k in passed_on}
         columns = {k: [r[k] for r in rows] for k in rows[0]}
         columns.update({k: [v] * len(rows) for k, v in shared.items()})
@@ -268,7 +412,8 @@ class Encoder:
 
 
 class ShardWriter:
-    """Writes one cache shard as its batches arrive, in batch order, then publishes it."""
+    """Writes one raw shard's cache tar as its batches arrive, in batch order, then publishes
+    it; with aspect-ratio buckets, one tar per bucket (`NAME.HxW.tar`, listed as `parts`)."""
 
     def __init__(
         self,
@@ -278,22 +423,26 @@ class ShardWriter:
         source_fingerprint: dict[str, Any],
         spec_digest: str,
         staging: Path,
+        bucketed: bool = False,
     ):
         self.cache_dir, self.name, self.source = cache_dir, name, source
         self.source_fingerprint, self.spec_digest = source_fingerprint, spec_digest
         self.source_sha256 = ""
-        self.partial = staging / f".{name}.partial"
-        # A fixed mtime makes the tar bytes (and so its sha256) reproducible.
-        self.sink = wds.TarWriter(str(self.partial), mtime=0.0)
+        self.staging, self.bucketed = staging, bucketed
+        self.sinks: dict[str, tuple[Path, Any]] = {}  # tar name -> (partial file, writer)
+        self.counts: dict[str, int] = {}
+        self.sizes: dict[str, list[int]] = {}
         self.rows: dict[int, list[dict]] = {}  # finished batches waiting for earlier ones
         self.next_chunk, self.num_chunks = 0, None
         self.num_samples, self.num_bad, self.bad_examples = 0, 0, []
+        self.filtered: dict[str, int] = {}
 
     def add(self, row: dict) -> None:
         self.rows.setdefault(int(row["chunk"]), []).append(row)
         if row["last"]:
             self.num_chunks = int(row["chunk"]) + 1
             self.num_bad, self.bad_examples = int(row["num_bad"]), json.loads(row["bad_examples"])
+            self.filtered = json.loads(row["filtered"])
             self.source_sha256 = str(row["source_sha256"])
         while len(self.rows.get(self.next_chunk, ())) == self._rows_in(self.next_chunk):
             for r in sorted(self.rows.pop(self.next_chunk), key=lambda r: r["index"]):
@@ -309,35 +458,70 @@ class ShardWriter:
     def complete(self) -> bool:
         return self.num_chunks is not None and self.next_chunk == self.num_chunks
 
+    def _sink(self, extra: dict | None) -> tuple[str, Any]:
+        if extra is None:
+            tar, size = self.name, None
+        else:
+            height, width = size = extra["bucket"]
+            tar = f"{Path(self.name).stem}.{height}x{width}.tar"
+        if tar not in self.sinks:
+            partial = self.staging / f".{tar}.partial"
+            # A fixed mtime makes the tar bytes (and so its sha256) reproducible.
+            self.sinks[tar] = (partial, wds.TarWriter(str(partial), mtime=0.0))
+            self.counts[tar] = 0
+            if size is not None:
+                self.sizes[tar] = list(size)
+        return tar, self.sinks[tar][1]
+
     def _write(self, row: dict) -> None:
+        extra = json.loads(row["extra"]) if row["extra"] else None
+        tar, sink = self._sink(extra)
         # Keys come from the input: our own index-based key, never a path from the data.
         sample = {
             "__key__": f"{Path(self.name).stem}_{row['index']:06d}",
             "moments.npy": row["moments_npy"],
             "text.npy": row["text_npy"],
             "txt": row["caption"],
-            "json": json.dumps({"source_key": row["key"]}).encode(),
+            "json": json.dumps({"source_key": row["key"], **(extra or {})}).encode(),
         }
         if row["flip_npy"]:
             sample["flip.npy"] = row["flip_npy"]
-        self.sink.write(sample)
+        sink.write(sample)
+        self.counts[tar] += 1
         self.num_samples += 1
 
     def publish(self) -> dict:
-        self.sink.close()
+        if not self.bucketed:
+            self._sink(None)  # a shard that kept nothing still has its (empty) tar
+        for _, sink in self.sinks.values():
+            sink.close()
+        parts = [
+            {
+                "name": tar,
+                **({"bucket": self.sizes[tar]} if tar in self.sizes else {}),
+                "num_samples": self.counts[tar],
+                "sha256": storage.sha256(partial),
+            }
+            for tar, (partial, _) in sorted(self.sinks.items())
+        ]
         entry = {
             "name": self.name,
             "source": self.source,
             "num_samples": self.num_samples,
             "num_bad": self.num_bad,
             "bad_examples": self.bad_examples,
-            "sha256": storage.sha256(self.partial),
+            "num_filtered": self.filtered,
             # What was encoded: the raw shard's size and version when the job was planned,
             # and the sha256 of the bytes the decoder read.
             "source_identity": {**self.source_fingerprint, "sha256": self.source_sha256},
             "spec_digest": self.spec_digest,
         }
-        storage.put_file(self.partial, storage.join(self.cache_dir, self.name))
+        if self.bucketed:
+            entry["parts"] = parts
+        else:
+            entry["sha256"] = parts[0]["sha256"]
+        for tar, (partial, _) in sorted(self.sinks.items()):
+            storage.put_file(partial, storage.join(self.cache_dir, tar))
         storage.write_bytes(done_marker(self.cache_dir, self.name), json.dumps(entry).encode())
         return entry
 
@@ -346,27 +530,71 @@ def done_marker(cache_dir: str, name: str) -> str:
     return storage.join(cache_dir, f"{Path(name).stem}.done.json")
 
 
-def done_entry(cache_dir: str, name: str) -> dict | None:
-    marker = done_marker(cache_dir, name)
-    if storage.exists(marker) and storage.exists(storage.join(cache_dir, name)):
-        return json.loads(storage.read_bytes(marker))
-    return None
+DONE_SUFFIX = ".done.json"
+READ_THREADS = 32  # marker reads in flight: an object store answers each in tens of ms
+
+
+def done_entries(cache_dir: str, names: list[str]) -> dict[str, dict]:
+    """The finished entry of each of `names` whose marker and cache tars are all there: one
+    listing of the cache folder, then the markers read side by side (a 100,000-shard cache
+    resumes in seconds, not one request after another)."""
+    listed = {storage.basename(path) for path in storage.list_files(cache_dir, "")}
+    wanted = [n for n in names if f"{Path(n).stem}{DONE_SUFFIX}" in listed]
+
+    def read(name: str) -> tuple[str, dict]:
+        return name, json.loads(storage.read_bytes(done_marker(cache_dir, name)))
+
+    with ThreadPoolExecutor(READ_THREADS) as pool:
+        entries = dict(pool.map(read, wanted))
+    return {
+        name: entry
+        for name, entry in entries.items()
+        if all(f["name"] in listed for f in entry.get("parts", [entry]))
+    }
+
+
+class BadBudget:
+    """Running totals of a job's bad samples: fails early once they break the budget (each
+    finished shard adds its counts; no pass over every shard each time)."""
+
+    def __init__(self, num_shards: int, max_bad_fraction: float):
+        self.num_shards, self.max_bad_fraction = num_shards, max_bad_fraction
+        self.bad = self.seen = self.num_entries = 0
+        self.worst: dict | None = None
+
+    def add(self, entry: dict) -> None:
+        self.num_entries += 1
+        self.bad += entry["num_bad"]
+        self.seen += entry["num_bad"] + entry["num_samples"]
+        if self.worst is None or entry["num_bad"] > self.worst["num_bad"]:
+            self.worst = entry
+        # An estimate until every shard is done. Filtered samples are a choice, not bad data.
+        expected_total = self.seen / self.num_entries * self.num_shards
+        if self.bad and self.bad > self.max_bad_fraction * expected_total:
+            worst = self.worst
+            reason = worst["bad_examples"][0] if worst["bad_examples"] else "?"
+            raise LdmError(
+                f"precompute: {self.bad} of {self.seen} samples read so far could not be "
+                f"decoded, over the budget precompute.max_bad_fraction={self.max_bad_fraction} "
+                f"(worst: {worst['name']}, {worst['num_bad']} bad, e.g. {reason}); fix the data "
+                "or raise the budget and re-run (finished shards are kept)"
+            )
 
 
 def check_bad_budget(entries: list[dict], num_shards: int, max_bad_fraction: float) -> None:
-    """Fail early when the bad samples seen so far already break the budget for the job."""
-    bad = sum(e["num_bad"] for e in entries)
-    seen = bad + sum(e["num_samples"] for e in entries)
-    expected_total = seen / len(entries) * num_shards  # an estimate until every shard is done
-    if bad and bad > max_bad_fraction * expected_total:
-        worst = max(entries, key=lambda e: e["num_bad"])
-        reason = worst["bad_examples"][0] if worst["bad_examples"] else "?"
-        raise LdmError(
-            f"precompute: {bad} of {seen} samples read so far could not be decoded, over the "
-            f"budget precompute.max_bad_fraction={max_bad_fraction} (worst: {worst['name']}, "
-            f"{worst['num_bad']} bad, e.g. {reason}); fix the data or raise the budget and "
-            "re-run (finished shards are kept)"
-        )
+    """Fail when the bad samples of `entries` already break the budget for the job."""
+    budget = BadBudget(num_shards, max_bad_fraction)
+    for entry in entries:
+        budget.add(entry)
+
+
+def filtered_totals(entries: list[dict]) -> dict[str, int]:
+    """Samples the filters left out, per reason, over `entries`, most first."""
+    totals: dict[str, int] = {}
+    for entry in entries:
+        for reason, count in entry.get("num_filtered", {}).items():
+            totals[reason] = totals.get(reason, 0) + count
+    return dict(sorted(totals.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
 def encode_empty_prompt(config: ExperimentConfig, spec: dict[str, Any]) -> np.ndarray:
@@ -390,12 +618,14 @@ def write_cache_manifest(
     run_id: str | None,
 ) -> dict:
     """Check every shard is there and within budget, then write the manifest."""
-    entries = [done_entry(cache_dir, name) for name in names]
-    missing = [n for n, e in zip(names, entries, strict=True) if e is None]
+    found = done_entries(cache_dir, names)
+    missing = [n for n in names if n not in found]
     if missing:
         raise LdmError(
-            f"precompute: shards {missing} are not cached; re-run `ldm precompute CONFIG`"
+            f"precompute: {len(missing)} shards are not cached (e.g. {missing[:3]}); re-run "
+            "`ldm precompute CONFIG`"
         )
+    entries = [found[n] for n in names]
     check_bad_budget(entries, len(names), config.precompute.max_bad_fraction)
     empty = npy_bytes(encode_empty_prompt(config, spec))
     storage.write_bytes(storage.join(cache_dir, EMPTY_PROMPT), empty)
@@ -409,15 +639,26 @@ def write_cache_manifest(
         "shards": entries,
         "num_samples": sum(e["num_samples"] for e in entries),
         "num_bad": sum(e["num_bad"] for e in entries),
+        "num_filtered": filtered_totals(entries),
         "empty_prompt": {"file": EMPTY_PROMPT, "sha256": hashlib.sha256(empty).hexdigest()},
     }
+    manifest["bucket_histogram"] = bucket_histogram(manifest)
     write_manifest(cache_dir, manifest)
-    for entry in entries:
-        if entry["num_bad"]:
-            print(
-                f"precompute: {entry['name']}: {entry['num_bad']} bad samples skipped, e.g. "
-                + "; ".join(entry["bad_examples"][:2])
-            )
+    with_bad = [e for e in entries if e["num_bad"]]
+    for entry in with_bad[:MAX_BAD_EXAMPLES]:
+        print(
+            f"precompute: {entry['name']}: {entry['num_bad']} bad samples skipped, e.g. "
+            + "; ".join(entry["bad_examples"][:2])
+        )
+    if len(with_bad) > MAX_BAD_EXAMPLES:
+        print(f"precompute: and {len(with_bad) - MAX_BAD_EXAMPLES} more shards with bad samples")
+    filtered = manifest["num_filtered"]
+    if filtered:
+        reasons = ", ".join(f"{reason}: {count}" for reason, count in filtered.items())
+        print(f"precompute: {sum(filtered.values())} samples filtered out ({reasons})")
+    if "buckets" in spec:
+        sizes = ", ".join(f"{size}: {n}" for size, n in manifest["bucket_histogram"].items())
+        print(f"precompute: samples per bucket (height x width): {sizes}")
     print(
         f"precompute: cache {cache_dir}: {manifest['num_samples']} samples in "
         f"{len(entries)} shards, {manifest['num_bad']} bad samples skipped"

@@ -28,7 +28,7 @@ from torch.utils.data import IterableDataset
 
 from core import storage
 from core.errors import LdmError
-from data_pipeline.cache import CacheBatch, collate, read_manifest, read_sample
+from data_pipeline.cache import CacheBatch, cache_files, collate, read_manifest, read_sample
 from data_pipeline.images import read_shard
 
 
@@ -73,13 +73,29 @@ class DataCursor:
 
 
 class EpochPlan:
-    """Index-space plan of the epochs of one cache: which sample each stream reads, in order."""
+    """Index-space plan of the epochs of one cache: which sample each stream reads, in order.
 
-    def __init__(self, shard_sizes: list[int], seed: int, shuffle_buffer: int):
+    With aspect-ratio buckets every cache shard holds one bucket (`shard_buckets`); a stream
+    still reads its chunk in the same order, but groups what it reads per bucket and yields a
+    micro-batch whenever a bucket has enough. How many batches a chunk can give depends on its
+    bucket counts, so every stream of an epoch yields the smallest stream's number (known in
+    index space): the ranks stay in step whatever the buckets.
+    """
+
+    def __init__(
+        self,
+        shard_sizes: list[int],
+        seed: int,
+        shuffle_buffer: int,
+        shard_buckets: list[int] | None = None,
+    ):
         self.shard_sizes = np.asarray(shard_sizes, dtype=np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(self.shard_sizes)])
         self.num_samples = int(self.offsets[-1])
         self.seed, self.shuffle_buffer = seed, shuffle_buffer
+        buckets = shard_buckets if shard_buckets is not None else [0] * len(shard_sizes)
+        self.shard_buckets = np.asarray(buckets, dtype=np.int64)
+        self.num_buckets = int(self.shard_buckets.max(initial=0)) + 1
 
     def epoch_sequence(self, epoch: int) -> np.ndarray:
         """Global sample ids of the epoch: shards permuted by (seed, epoch), laid end to end."""
@@ -129,6 +145,50 @@ class EpochPlan:
         while buffer:
             yield buffer.pop(int(rng.integers(len(buffer))))
 
+    def batches_per_stream(self, remaining: np.ndarray, layout: Layout) -> int:
+        """Micro-batches each stream yields from `remaining`: the same for every stream."""
+        mb = layout.micro_batch_size
+        if self.num_buckets == 1:
+            return layout.samples_per_stream(len(remaining)) // mb
+        shards = np.searchsorted(self.offsets, remaining, side="right") - 1
+        buckets = self.shard_buckets[shards]
+        return min(
+            int(
+                (
+                    np.bincount(self.chunk(buckets, layout, s), minlength=self.num_buckets) // mb
+                ).sum()
+            )
+            for s in range(layout.num_streams)
+        )
+
+    def batches(
+        self,
+        pieces: list[tuple[int, np.ndarray]],
+        key: list[int],
+        read: Callable[[int, np.ndarray], Iterator[Any]],
+        micro_batch_size: int,
+        limit: int,
+    ) -> Iterator[list[Any]]:
+        """The first `limit` micro-batches of `emit`'s order, each drawn from one bucket: an
+        item joins its bucket's queue, and a full queue is a batch."""
+        if limit <= 0:
+            return
+        queues: dict[int, list[Any]] = {}
+
+        def tagged(shard: int, indices: np.ndarray) -> Iterator[tuple[int, Any]]:
+            bucket = int(self.shard_buckets[shard])
+            return ((bucket, item) for item in read(shard, indices))
+
+        for bucket, item in self.emit(pieces, key, tagged):
+            queue = queues.setdefault(bucket, [])
+            queue.append(item)
+            if len(queue) == micro_batch_size:
+                yield queue
+                queues[bucket] = []
+                limit -= 1
+                if limit == 0:
+                    return
+
     def remaining(self, epoch: int, finished: list[dict[str, int]]) -> np.ndarray:
         """Sample ids of the epoch that the finished segments did not consume, in order."""
         sequence = self.epoch_sequence(epoch)
@@ -140,14 +200,28 @@ class EpochPlan:
             for stream in range(layout.num_streams):
                 worker = stream % layout.num_loader_workers
                 count = _stream_batches(segment["batches_per_rank"], worker, layout)
-                ids = self.emit(
+                batches = self.batches(
                     self.pieces(self.chunk(sequence, layout, stream)),
                     [epoch, index, stream],
                     lambda shard, idx: iter((self.offsets[shard] + idx).tolist()),
+                    layout.micro_batch_size,
+                    count,
                 )
-                taken += [next(ids) for _ in range(count * layout.micro_batch_size)]
+                taken += [i for batch in batches for i in batch]
             sequence = sequence[~np.isin(sequence, taken)]
         return sequence
+
+
+def _nonempty_files(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    return [f for f in cache_files(manifest) if f["num_samples"]]
+
+
+def epoch_plan(manifest: dict[str, Any], seed: int = 0, shuffle_buffer: int = 1024) -> EpochPlan:
+    """The plan of a cache's epochs: its non-empty tars, each tagged with its bucket."""
+    files = _nonempty_files(manifest)
+    sizes = sorted({tuple(f["bucket"]) for f in files if "bucket" in f})
+    buckets = [sizes.index(tuple(f["bucket"])) if "bucket" in f else 0 for f in files]
+    return EpochPlan([f["num_samples"] for f in files], seed, shuffle_buffer, buckets)
 
 
 def _stream_batches(batches_per_rank: int, stream_worker: int, layout: Layout) -> int:
@@ -186,14 +260,13 @@ class LatentCacheStream(IterableDataset):
         shuffle_buffer: int = 1024,
     ):
         manifest = read_manifest(cache_dir)
-        shards = [s for s in manifest["shards"] if s["num_samples"]]
-        self.paths = [storage.join(cache_dir, s["name"]) for s in shards]
-        self.plan = EpochPlan([s["num_samples"] for s in shards], seed, shuffle_buffer)
+        self.paths = [storage.join(cache_dir, f["name"]) for f in _nonempty_files(manifest)]
+        self.plan = epoch_plan(manifest, seed, shuffle_buffer)
         self.max_length = int(manifest["spec"]["text_max_length"])
         self.has_logvar = manifest["spec"]["latents"] == "moments"
         self.rank = rank
         self.layout = Layout(world_size, max(1, num_loader_workers), micro_batch_size)
-        check_enough_samples(cache_dir, self.plan.num_samples, self.layout)
+        check_enough_samples(cache_dir, self.plan, self.layout)
         cursor = cursor or DataCursor()
         if cursor.layout is not None and Layout(**cursor.layout) != self.layout:
             # An elastic restart: what the old layout took this epoch becomes a finished segment.
@@ -210,12 +283,16 @@ class LatentCacheStream(IterableDataset):
         """The cursor once this rank has taken `batches` more batches from the start."""
         epoch, finished = self.start.epoch, self.start.finished_segments
         taken = self.start.batches_per_rank + batches
-        length = self.layout.batches_per_rank(len(self.plan.remaining(epoch, finished)))
+        length = self._batches_per_rank(self.plan.remaining(epoch, finished))
         while taken >= length:
             taken -= length
             epoch, finished = epoch + 1, []
-            length = self.layout.batches_per_rank(self.plan.num_samples)
+            length = self._batches_per_rank(np.arange(self.plan.num_samples))
         return DataCursor(epoch, finished, asdict(self.layout), taken)
+
+    def _batches_per_rank(self, remaining: np.ndarray) -> int:
+        per_stream = self.plan.batches_per_stream(remaining, self.layout)
+        return self.layout.num_loader_workers * per_stream
 
     def __iter__(self) -> Iterator[CacheBatch]:
         info = torch.utils.data.get_worker_info()
@@ -229,29 +306,29 @@ class LatentCacheStream(IterableDataset):
         mb = self.layout.micro_batch_size
         while True:
             remaining = self.plan.remaining(epoch, finished)
-            samples = self.plan.emit(
+            batches = self.plan.batches(
                 self.plan.pieces(self.plan.chunk(remaining, self.layout, stream)),
                 [epoch, len(finished), stream],
                 lambda shard, idx: _read_indices(self.paths[shard], idx),
+                mb,
+                self.plan.batches_per_stream(remaining, self.layout),
             )
-            for _ in range(skip * mb):
-                next(samples)
-            batch = []
-            for sample in samples:
-                batch.append(sample)
-                if len(batch) == mb:
-                    yield collate(batch, self.max_length, self.has_logvar)
-                    batch = []
+            for _ in range(skip):
+                next(batches)
+            for batch in batches:
+                yield collate(batch, self.max_length, self.has_logvar)
             epoch, finished, skip = epoch + 1, [], 0
 
 
-def check_enough_samples(cache_dir: str | Path, num_samples: int, layout: Layout) -> None:
+def check_enough_samples(cache_dir: str | Path, plan: EpochPlan, layout: Layout) -> None:
     """Every stream needs at least one micro-batch per epoch."""
     needed = layout.num_streams * layout.micro_batch_size
-    if num_samples < needed:
+    per_bucket = " of one aspect-ratio bucket" if plan.num_buckets > 1 else ""
+    if plan.batches_per_stream(np.arange(plan.num_samples), layout) < 1:
         raise LdmError(
-            f"latent cache {cache_dir} has {num_samples} samples but {layout.num_ranks} ranks x "
-            f"{layout.num_loader_workers} loader workers x micro batch "
-            f"{layout.micro_batch_size} need at least {needed}: lower train.num_workers, "
-            "train.num_loader_workers or train.micro_batch_size, or add data"
+            f"latent cache {cache_dir} has {plan.num_samples} samples, too few for "
+            f"{layout.num_ranks} ranks x {layout.num_loader_workers} loader workers to draw a "
+            f"micro batch of {layout.micro_batch_size}{per_bucket} each (at least {needed} "
+            "samples): lower train.num_workers, train.num_loader_workers or "
+            "train.micro_batch_size, or add data"
         )

@@ -20,15 +20,19 @@ from core import storage
 from core.config import ExperimentConfig
 from core.errors import LdmError
 from core.layout import RunLayout
-from data_pipeline.cache import MANIFEST, check_spec, read_manifest, source_change, spec_digest
+from data_pipeline.cache import MANIFEST, check_spec, read_manifest, spec_digest
+from data_pipeline.filters import check_fields_exist
+from data_pipeline.images import missing_shards
 from data_pipeline.precompute import (
+    BadBudget,
     Encoder,
     ShardDecoder,
     ShardWriter,
+    cache_names,
     cache_spec,
     cached_shards,
-    check_bad_budget,
-    done_entry,
+    done_entries,
+    plan_precompute,
     resolve_cache_dir,
     write_cache_manifest,
 )
@@ -37,19 +41,22 @@ from orchestrator.cluster import alive_nodes, ray_session
 from orchestrator.shared_paths import unshared_paths_problem
 from training.tracking import MLflowTracker, end_run, start_run
 
+MAX_STALE_LINES = 5  # shards named when encoded again; the rest are counted
+MAX_BLOCKS = 1024  # Ray Data blocks of shard names: enough to spread, few enough to plan fast
+
 
 def _encode(
     config: ExperimentConfig,
     layout: RunLayout,
     spec: dict[str, Any],
     cache_dir: str,
-    todo: list[str],
-    done: list[dict],
-    num_shards: int,
+    todo: list[tuple[str, str]],
+    budget: BadBudget,
     progress: bool,
     fingerprints: dict[str, dict[str, Any]],
 ) -> None:
-    """The Ray Data job: encode the `todo` shards, publishing each as it completes."""
+    """The Ray Data job: encode the `todo` (shard, name) pairs, publishing each shard as it
+    completes."""
     import ray
 
     if not todo:
@@ -61,7 +68,9 @@ def _encode(
         # Local caches stage next to their final name (a rename); remote ones upload.
         staging = Path(tmp) if storage.is_remote(cache_dir) else Path(cache_dir)
         use_gpu = bool(ray.cluster_resources().get("GPU", 0))
-        ds = ray.data.from_items([{"shard": s} for s in todo], override_num_blocks=len(todo))
+        blocks = min(len(todo), MAX_BLOCKS)
+        rows = [{"shard": shard, "name": name} for shard, name in todo]
+        ds = ray.data.from_items(rows, override_num_blocks=blocks)
         ds = ds.flat_map(
             ShardDecoder,
             fn_constructor_kwargs=dict(
@@ -71,8 +80,11 @@ def _encode(
                 center_crop=config.data.center_crop,
                 seed=config.run.seed,
                 batch_size=p.batch_size,
+                caption=config.data.caption,
+                filters=config.data.filters.active(),
+                buckets=spec.get("buckets"),
             ),
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, len(todo))),
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=blocks),
             num_cpus=p.num_cpus_per_decoder,
         )
         ds = ds.map_batches(
@@ -88,7 +100,7 @@ def _encode(
             num_cpus=p.num_cpus_per_encoder,
             num_gpus=1 if use_gpu else 0,
         )
-        sources = {storage.basename(s): s for s in todo}
+        sources = {name: shard for shard, name in todo}
         digest = spec_digest(spec)
         writers: dict[str, ShardWriter] = {}
         for row in ds.iter_rows():
@@ -101,18 +113,19 @@ def _encode(
                     fingerprints[sources[name]],
                     digest,
                     staging,
+                    bucketed="buckets" in spec,
                 )
             writer = writers[name]
             writer.add(row)
             if writer.complete:
                 entry = writers.pop(name).publish()
-                done.append(entry)
                 if progress:
+                    filtered = sum(entry["num_filtered"].values())
                     print(
                         f"precompute: wrote {entry['name']} ({entry['num_samples']} "
-                        f"samples, {entry['num_bad']} bad)"
+                        f"samples, {entry['num_bad']} bad, {filtered} filtered)"
                     )
-                check_bad_budget(done, num_shards, p.max_bad_fraction)
+                budget.add(entry)
         if writers:
             raise LdmError(
                 f"precompute: shards {sorted(writers)} ended incomplete; re-run to retry them"
@@ -152,21 +165,20 @@ def precompute(config: ExperimentConfig, progress: bool = True) -> str:
             fix="point precompute.cache_dir at another folder (or unset it), or delete that one",
         )
     shards = cached_shards(config)
-    names = [storage.basename(s) for s in shards]
-    if len(set(names)) != len(names):
-        raise LdmError(f"data.shards: shard file names repeat in {config.data.shards}")
-    fingerprints, digest = storage.fingerprints(shards), spec_digest(spec)
-    done, todo = [], []
-    for shard, name in zip(shards, names, strict=True):
-        entry = done_entry(cache_dir, name)
-        why = None if entry is None else _why_stale(entry, digest, shard, fingerprints)
-        if entry is not None and why is None:
-            done.append(entry)
-            continue
-        if why is not None:
-            print(f"precompute: {name}: {why}; encoding it again", flush=True)
-        todo.append(shard)
+    names = cache_names(shards)
+    fingerprints = storage.fingerprints(shards)
+    missing_shards(shards, fingerprints)
+    plan = plan_precompute(
+        shards, names, fingerprints, done_entries(cache_dir, names), spec_digest(spec)
+    )
+    for name, why in list(plan.stale.items())[:MAX_STALE_LINES]:
+        print(f"precompute: {name}: {why}; encoding it again", flush=True)
+    if len(plan.stale) > MAX_STALE_LINES:
+        print(f"precompute: and {len(plan.stale) - MAX_STALE_LINES} more shards to encode again")
+    done, todo = plan.done, plan.todo
     print(f"precompute: {len(done)} of {len(shards)} shards already cached in {cache_dir}")
+    if todo:
+        check_fields_exist(todo[0][0], config.data.caption, config.data.filters.active())
     started = time.perf_counter()
     previous = storage.join(cache_dir, "manifest.json")
     run_id = (
@@ -178,7 +190,10 @@ def precompute(config: ExperimentConfig, progress: bool = True) -> str:
         run_id = _start_run(config, layout, spec, cache_dir)
     status = "FAILED"
     try:
-        _encode(config, layout, spec, cache_dir, todo, done, len(shards), progress, fingerprints)
+        budget = BadBudget(len(shards), config.precompute.max_bad_fraction)
+        for entry in done:
+            budget.add(entry)
+        _encode(config, layout, spec, cache_dir, todo, budget, progress, fingerprints)
         manifest = write_cache_manifest(
             config, spec, cache_dir, names, layout.autoencoder_dir, run_id
         )
@@ -189,30 +204,27 @@ def precompute(config: ExperimentConfig, progress: bool = True) -> str:
     return cache_dir
 
 
-def _why_stale(
-    entry: dict, digest: str, shard: str, fingerprints: dict[str, dict[str, Any]]
-) -> str | None:
-    """Why a shard's cached entry cannot be reused, or None when it can."""
-    if entry.get("spec_digest") != digest:
-        return "cached under another spec"
-    return source_change(entry, shard, fingerprints.get(shard))
-
-
 def _end_run(
     layout: RunLayout, run_id: str, status: str, manifest: dict | None, started: float
 ) -> None:
     if manifest is not None:
         seconds = time.perf_counter() - started
         tracker = MLflowTracker(layout.tracking_uri, run_id, layout.mlflow_spool)
+        filtered = manifest["num_filtered"]
         tracker.log_metrics(
             {
                 "num_samples": manifest["num_samples"],
                 "num_bad": manifest["num_bad"],
+                "num_filtered": sum(filtered.values()),
                 "seconds": seconds,
+                # The bucket histogram, one metric per size (`bucket_512x512`).
+                **{f"bucket_{size}": n for size, n in manifest["bucket_histogram"].items()},
             },
             0,
         )
         tracker.log_text(json.dumps(manifest, indent=2), "manifest.json")
+        summary = {"bucket_histogram": manifest["bucket_histogram"], "num_filtered": filtered}
+        tracker.log_text(json.dumps(summary, indent=2), "data_summary.json")
         tracker.close()
         print(f"precompute: done in {seconds:.1f} s", flush=True)
     end_run(layout.tracking_uri, run_id, status)

@@ -23,11 +23,12 @@ from core.loader import load_saved_config
 from core.resume import check_resumable
 from data_pipeline.cache import check_sources, check_spec, read_manifest, spec_digest
 from data_pipeline.precompute import cache_spec, resolve_cache_dir
-from data_pipeline.stream import Layout, check_enough_samples
+from data_pipeline.stream import Layout, check_enough_samples, epoch_plan
 from orchestrator.jobs import source_commit
 from orchestrator.launcher import Stage, check_local_gpu, launch
 from training import checkpoint as ckpt
 from training.evaluation import check_ready
+from training.init_from import check_source
 from training.tracking import MLflowTracker, log_cache_input
 
 
@@ -45,7 +46,7 @@ def train(config: ExperimentConfig) -> dict[str, Any]:
     check_sources(cache_dir, manifest)
     check_enough_samples(
         cache_dir,
-        sum(s["num_samples"] for s in manifest["shards"]),
+        epoch_plan(manifest),
         Layout(t.num_workers, max(1, t.num_loader_workers), t.micro_batch_size),
     )
 
@@ -73,6 +74,21 @@ def train(config: ExperimentConfig) -> dict[str, Any]:
         )
         if changed:
             print(f"train: continuing {tag} with changed {'; '.join(changed)}", flush=True)
+    init = None
+    if t.init_from is not None and tag is not None:
+        # A restarted or continued job goes on from its own weights, never back to the start.
+        print(
+            f"train: train.init_from is ignored: the run continues its own checkpoint "
+            f"{storage.basename(tag)}",
+            flush=True,
+        )
+    elif t.init_from is not None:
+        init = check_source(t.init_from, config, spec["latent_channels"])
+        print(
+            f"train: a new run from the weights of {init.describe()}: fresh optimizer, "
+            "learning-rate schedule and data order, from step 0",
+            flush=True,
+        )
     launched = launch(
         config,
         layout,
@@ -84,11 +100,15 @@ def train(config: ExperimentConfig) -> dict[str, Any]:
             preempt_grace_s=t.preempt_grace_s,
             checkpoints=layout.checkpoints,
             run_name=config.run.name,
-            tags=lineage_tags(config, layout, cache_dir, manifest),
+            tags={
+                **lineage_tags(config, layout, cache_dir, manifest),
+                **(init.tags() if init else {}),
+            },
             args={
                 "cache_dir": str(cache_dir),
                 "resume_from": tag,
                 "newest_at_start": newest,
+                "init_from": str(init.location) if init else None,
             },
             resume_run_id=resumed.mlflow_run_id if resumed else None,
             on_start=lambda run_id: log_cache_input(

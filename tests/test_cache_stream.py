@@ -122,7 +122,7 @@ def test_elastic_restart_neither_repeats_nor_skips_within_the_epoch(tmp_path, la
 
 def test_too_few_samples_fails_at_start(tmp_path):
     cache = make_cache(tmp_path / "cache", num_shards=1, per_shard=7)
-    with pytest.raises(LdmError, match="need at least 8"):
+    with pytest.raises(LdmError, match="at least 8 samples"):
         LatentCacheStream(cache, 0, 2, micro_batch_size=2, num_loader_workers=2, seed=0)
 
 

@@ -260,6 +260,7 @@ class LatentCacheStream(IterableDataset):
         shuffle_buffer: int = 1024,
     ):
         manifest = read_manifest(cache_dir)
+        self.cache_dir = cache_dir
         self.paths = [storage.join(cache_dir, f["name"]) for f in _nonempty_files(manifest)]
         self.plan = epoch_plan(manifest, seed, shuffle_buffer)
         self.max_length = int(manifest["spec"]["text_max_length"])
@@ -287,11 +288,14 @@ class LatentCacheStream(IterableDataset):
         while taken >= length:
             taken -= length
             epoch, finished = epoch + 1, []
-            length = self._batches_per_rank(np.arange(self.plan.num_samples))
+            # With buckets an epoch's length depends on how its order deals the buckets.
+            length = self._batches_per_rank(self.plan.epoch_sequence(epoch))
         return DataCursor(epoch, finished, asdict(self.layout), taken)
 
     def _batches_per_rank(self, remaining: np.ndarray) -> int:
         per_stream = self.plan.batches_per_stream(remaining, self.layout)
+        if per_stream < 1:  # only buckets can do this after the first epoch: too little data
+            raise LdmError(too_few_message(self.cache_dir, self.plan, self.layout))
         return self.layout.num_loader_workers * per_stream
 
     def __iter__(self) -> Iterator[CacheBatch]:
@@ -311,7 +315,7 @@ class LatentCacheStream(IterableDataset):
                 [epoch, len(finished), stream],
                 lambda shard, idx: _read_indices(self.paths[shard], idx),
                 mb,
-                self.plan.batches_per_stream(remaining, self.layout),
+                self._batches_per_rank(remaining) // n,
             )
             for _ in range(skip):
                 next(batches)
@@ -322,13 +326,17 @@ class LatentCacheStream(IterableDataset):
 
 def check_enough_samples(cache_dir: str | Path, plan: EpochPlan, layout: Layout) -> None:
     """Every stream needs at least one micro-batch per epoch."""
+    if plan.batches_per_stream(plan.epoch_sequence(0), layout) < 1:
+        raise LdmError(too_few_message(cache_dir, plan, layout))
+
+
+def too_few_message(cache_dir: str | Path, plan: EpochPlan, layout: Layout) -> str:
     needed = layout.num_streams * layout.micro_batch_size
     per_bucket = " of one aspect-ratio bucket" if plan.num_buckets > 1 else ""
-    if plan.batches_per_stream(np.arange(plan.num_samples), layout) < 1:
-        raise LdmError(
-            f"latent cache {cache_dir} has {plan.num_samples} samples, too few for "
-            f"{layout.num_ranks} ranks x {layout.num_loader_workers} loader workers to draw a "
-            f"micro batch of {layout.micro_batch_size}{per_bucket} each (at least {needed} "
-            "samples): lower train.num_workers, train.num_loader_workers or "
-            "train.micro_batch_size, or add data"
-        )
+    return (
+        f"latent cache {cache_dir} has {plan.num_samples} samples, too few for "
+        f"{layout.num_ranks} ranks x {layout.num_loader_workers} loader workers to draw a "
+        f"micro batch of {layout.micro_batch_size}{per_bucket} each (at least {needed} "
+        "samples): lower train.num_workers, train.num_loader_workers or "
+        "train.micro_batch_size, or add data"
+    )

@@ -469,6 +469,11 @@ class SampleConfig(Section):
     """What guidance steers away from; the empty prompt by default."""
     images_per_prompt: int = Field(4, ge=1)
     """Images per prompt in grids."""
+    height: int | None = Field(None, ge=8)
+    """Height in pixels of the grids' images (any size the model's unit divides, e.g. one of
+    the `data.buckets`); default `data.resolution`."""
+    width: int | None = Field(None, ge=8)
+    """Width in pixels of the grids' images; default `data.resolution`."""
 
 
 class TrackingConfig(Section):
@@ -626,6 +631,14 @@ class ExperimentConfig(Section):
                         f"2^{len(self.unet.block_out_channels) - 1} for the UNet's "
                         f"{len(self.unet.block_out_channels)} levels)"
                     )
+        for name in ("height", "width"):
+            side = getattr(self.sample, name)
+            if side is not None and side % unit:
+                raise ValueError(
+                    f"sample.{name}: {side} is not a multiple of {unit} (autoencoder."
+                    f"downsample_factor={ae.downsample_factor} x 2^"
+                    f"{len(self.unet.block_out_channels) - 1} for the UNet's levels)"
+                )
         latent = self.data.resolution // ae.downsample_factor
         if latent % 2 ** (len(self.unet.block_out_channels) - 1):
             raise ValueError(

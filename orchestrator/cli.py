@@ -161,6 +161,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
         negative_prompt=args.negative_prompt,
         use_ema=not args.raw,
         sampler=args.sampler,
+        height=args.height,
+        width=args.width,
     )
     for path in paths:
         print(path)
@@ -362,6 +364,14 @@ def _parser() -> argparse.ArgumentParser:
         help="default: the run's sample.sampler",
     )
     p.add_argument("--raw", action="store_true", help="raw weights instead of the EMA")
+    p.add_argument(
+        "--height",
+        type=int,
+        default=None,
+        help="image height in px (e.g. a bucket's); default: "
+        "the run's sample.height, else data.resolution",
+    )
+    p.add_argument("--width", type=int, default=None, help="image width in px; likewise")
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("export", help="a checkpoint as a diffusers StableDiffusionPipeline folder")

@@ -156,6 +156,9 @@ def precompute(config: ExperimentConfig, progress: bool = True) -> str:
     layout = RunLayout.of(config)
     spec = cache_spec(config, layout.autoencoder_dir)
     cache_dir = resolve_cache_dir(config, spec)
+    shards = cached_shards(config)
+    # A misspelt field would filter every sample: refused before anything is written.
+    check_fields_exist(shards[0], config.data.caption, config.data.filters.active())
     storage.makedirs(cache_dir)
     if storage.exists(storage.join(cache_dir, MANIFEST)):  # an explicit cache_dir, reused
         check_spec(
@@ -164,7 +167,6 @@ def precompute(config: ExperimentConfig, progress: bool = True) -> str:
             spec,
             fix="point precompute.cache_dir at another folder (or unset it), or delete that one",
         )
-    shards = cached_shards(config)
     names = cache_names(shards)
     fingerprints = storage.fingerprints(shards)
     missing_shards(shards, fingerprints)
@@ -177,8 +179,7 @@ def precompute(config: ExperimentConfig, progress: bool = True) -> str:
         print(f"precompute: and {len(plan.stale) - MAX_STALE_LINES} more shards to encode again")
     done, todo = plan.done, plan.todo
     print(f"precompute: {len(done)} of {len(shards)} shards already cached in {cache_dir}")
-    if todo:
-        check_fields_exist(todo[0][0], config.data.caption, config.data.filters.active())
+
     started = time.perf_counter()
     previous = storage.join(cache_dir, "manifest.json")
     run_id = (

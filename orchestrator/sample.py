@@ -16,7 +16,7 @@ from PIL import Image
 from core.errors import LdmError
 from core.layout import RunLayout
 from core.loader import load_saved_config
-from training.sampling import Sampler, load_model
+from training.sampling import Sampler, image_size, load_model
 
 
 def _slug(text: str) -> str:
@@ -34,6 +34,8 @@ def sample_from_checkpoint(
     negative_prompt: str | None = None,
     use_ema: bool = True,
     sampler: str | None = None,
+    height: int | None = None,
+    width: int | None = None,
 ) -> list[Path]:
     """Write `num_images` PNGs per prompt into `out`; returns their paths. The sampler and
     negative prompt default to the run's config (`sample.sampler`, `sample.negative_prompt`)."""
@@ -44,12 +46,15 @@ def sample_from_checkpoint(
             "pass e.g. runs/demo/checkpoints/step_00001500"
         )
     config = load_saved_config(tag_dir, [f"sample.sampler={sampler}"] if sampler else [])
+    image_size(config, height, width)  # a size the model cannot make: refused before loading
     model = load_model(tag_dir, use_ema)
     out.mkdir(parents=True, exist_ok=True)
     batch = [p for p in prompts for _ in range(num_images)]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     sampler = Sampler(config, RunLayout.of(config).autoencoder_dir, device)
-    images = sampler(model.to(device), batch, seed, num_steps, guidance_scale, negative_prompt)
+    images = sampler(
+        model.to(device), batch, seed, num_steps, guidance_scale, negative_prompt, height, width
+    )
     paths = []
     for i, (prompt, image) in enumerate(zip(batch, images, strict=True)):
         path = out / f"{_slug(prompt)}_{i % num_images:02d}.png"

@@ -17,7 +17,7 @@ import torch
 from diffusers import UNet2DConditionModel
 from safetensors.torch import load_file
 
-from core.config import ExperimentConfig
+from core.config import ExperimentConfig, size_unit
 from core.errors import LdmError
 from data_pipeline.images import to_uint8
 from models.autoencoder import load_autoencoder
@@ -58,6 +58,24 @@ class PromptEncoder:
         return hidden * mask[..., None], mask
 
 
+def image_size(
+    config: ExperimentConfig, height: int | None = None, width: int | None = None
+) -> tuple[int, int]:
+    """(height, width) of sampled images: the arguments, else `sample.height`/`width`, else
+    `data.resolution`; refused in one line when the model cannot make that size."""
+    s, resolution = config.sample, config.data.resolution
+    height = height or s.height or resolution
+    width = width or s.width or resolution
+    unit = size_unit(config)
+    for name, side in (("height", height), ("width", width)):
+        if side < unit or side % unit:
+            raise LdmError(
+                f"--{name} {side}: the model makes sizes in multiples of {unit} px "
+                f"(autoencoder factor x UNet downsampling); try {max(unit, side // unit * unit)}"
+            )
+    return height, width
+
+
 class Sampler:
     """Everything needed to turn prompts into images with a given UNet."""
 
@@ -83,19 +101,27 @@ class Sampler:
         num_steps: int,
         guidance_scale: float,
         negative_prompt: str | None = None,
+        height: int | None = None,
+        width: int | None = None,
     ) -> np.ndarray:
         """uint8 images (N, H, W, 3), one per prompt, with noise fixed by `seed`; the
-        negative prompt defaults to the config's (`sample.negative_prompt`)."""
+        negative prompt and size default to the config's (`sample.negative_prompt`,
+        `sample.height`/`width`, else `data.resolution`)."""
         if negative_prompt is None:
             negative_prompt = self.config.sample.negative_prompt
         rescale = self.config.sample.guidance_rescale
         unet.eval()
         context, mask = self.encode(prompts)
         neg_context, neg_mask = self.encode([negative_prompt] * len(prompts))
-        size = self.config.data.resolution // self.config.autoencoder.downsample_factor
+        height, width = image_size(self.config, height, width)
+        factor = self.config.autoencoder.downsample_factor
         generator = torch.Generator().manual_seed(seed)
         latents = torch.randn(  # drawn on the CPU: the same images on any device
-            len(prompts), self.vae.config.latent_channels, size, size, generator=generator
+            len(prompts),
+            self.vae.config.latent_channels,
+            height // factor,
+            width // factor,
+            generator=generator,
         ).to(self.device)
         self.scheduler.set_timesteps(num_steps)
         latents = latents * self.scheduler.init_noise_sigma

@@ -162,6 +162,8 @@ class DataConfig(Section):
     @field_validator("buckets", mode="before")
     @classmethod
     def _bucket_form(cls, value: Any) -> Any:
+        if value is False:  # YAML reads a bare `off` as false
+            return "off"
         pairs = isinstance(value, list) and all(
             isinstance(p, list | tuple) and len(p) == 2 for p in value
         )

@@ -22,6 +22,19 @@ CHECKPOINTS = "checkpoints"
 AUTOENCODER_CHECKPOINTS = "autoencoder-checkpoints"
 
 
+# What marks a diffusers pipeline folder (such as `ldm export` writes): its models are in
+# subfolders (`vae/`, `unet/`, `text_encoder/`, `tokenizer/`).
+PIPELINE_INDEX = "model_index.json"
+
+
+def model_folder(location: str, component: str) -> str:
+    """`location` as the folder of one model: a diffusers pipeline folder (or object-store
+    prefix) stands for its `component` subfolder, any other folder for itself."""
+    if storage.exists(storage.join(location, PIPELINE_INDEX)):
+        return storage.join(location, component)
+    return location
+
+
 @dataclass(frozen=True)
 class CheckpointPlace:
     """Where one stage's checkpoint tags live."""
@@ -57,8 +70,9 @@ class RunLayout:
     stop_file: str
     """Written by the launcher on SIGTERM; rank 0 polls it (so it lives on the storage)."""
     autoencoder_dir: str
-    """The published stage-1 autoencoder (or `autoencoder.pretrained`): a folder, or a prefix
-    of `run.storage` when that is an object store (every node of a cluster reads it there)."""
+    """The published stage-1 autoencoder (or `autoencoder.pretrained`, a pipeline folder's
+    `vae/`): a folder, or a prefix of `run.storage` when that is an object store (every node
+    of a cluster reads it there)."""
     tracking_uri: str
     """MLflow: `tracking.uri`, else `$MLFLOW_TRACKING_URI` on the driver, else SQLite under
     `run.root`."""
@@ -95,7 +109,7 @@ class RunLayout:
             checkpoints=place(CHECKPOINTS),
             autoencoder_checkpoints=place(AUTOENCODER_CHECKPOINTS),
             stop_file=storage.join(storage_dir, "STOP_REQUESTED"),
-            autoencoder_dir=pretrained or str(published),
+            autoencoder_dir=model_folder(pretrained, "vae") if pretrained else str(published),
             tracking_uri=config.tracking.uri
             or environ.get("MLFLOW_TRACKING_URI")
             or f"sqlite:///{Path(config.run.root).resolve()}/mlflow.db",

@@ -26,6 +26,7 @@ RESUMABLE = (
     "train.eval_num_images",
     "train.keep_last",
     "train.resume",
+    "train.init_from",  # a run that continues its own checkpoint ignores it
     "train.max_failures",
     "train.preempt_grace_s",
     "train.num_workers",  # ZeRO-1/2 tags load on any world size (ZeRO-3 is refused apart)

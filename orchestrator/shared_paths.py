@@ -62,6 +62,7 @@ def read_by_every_node(config: ExperimentConfig, stage: str) -> list[tuple[str, 
     run_storage = (storage_key, layout.storage_dir)
     tracking = ("tracking.uri", layout.tracking_uri)
     text_encoder = ("text_encoder.name_or_path", config.text_encoder.name_or_path)
+    init_from = ("train.init_from", config.train.init_from)  # every rank reads the weights
     wanted = {
         "autoencoder": [
             shards,
@@ -70,7 +71,7 @@ def read_by_every_node(config: ExperimentConfig, stage: str) -> list[tuple[str, 
             tracking,
         ],
         "precompute": [shards, cache, autoencoder, text_encoder],
-        "train": [cache, autoencoder, run_storage, tracking, text_encoder],
+        "train": [cache, autoencoder, run_storage, tracking, text_encoder, init_from],
     }.get(stage, [])
     found: dict[str, str] = {}
     for key, location in wanted:

@@ -20,7 +20,7 @@ import random
 import re
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -159,19 +159,26 @@ def listed_files(tag: str | Path, marker: bytes) -> dict[str, str]:
     return files
 
 
-def verify(tag_dir: Path) -> None:
+def verify(tag_dir: Path, names: Iterable[str] | None = None) -> None:
     """Check every file against the marker's sha256, and that the tag holds nothing the
-    marker does not list, before anything is loaded."""
+    marker does not list, before anything is loaded. `names`: check only these files, each
+    of which the marker must list (the weights a new run starts from: the optimizer shards,
+    gigabytes at scale, are never read then)."""
     if not is_committed(tag_dir):
         raise LdmError(f"checkpoint {tag_dir} is incomplete (no {MARKER}); pick a committed tag")
     files = listed_files(tag_dir, (tag_dir / MARKER).read_bytes())
-    stored = (p.relative_to(tag_dir).as_posix() for p in sorted(tag_dir.rglob("*")) if p.is_file())
-    unlisted = [name for name in stored if name != MARKER and name not in files]
-    if unlisted:
-        raise LdmError(
-            f"checkpoint {tag_dir}: {unlisted[0]} is not listed in its {MARKER} (a file added "
-            "after the tag was sealed); delete the tag or resume from another"
+    if names is not None:
+        files = {name: files.get(name, "") for name in names}  # unlisted: fails below
+    else:
+        stored = (
+            p.relative_to(tag_dir).as_posix() for p in sorted(tag_dir.rglob("*")) if p.is_file()
         )
+        unlisted = [name for name in stored if name != MARKER and name not in files]
+        if unlisted:
+            raise LdmError(
+                f"checkpoint {tag_dir}: {unlisted[0]} is not listed in its {MARKER} (a file "
+                "added after the tag was sealed); delete the tag or resume from another"
+            )
     for name, digest in files.items():
         path = tag_dir / name
         if not path.is_file() or storage.sha256(path) != digest:

@@ -233,6 +233,17 @@ def load_engine(engine, folder: Path) -> None:
         raise RuntimeError(f"DeepSpeed found no checkpoint in {folder}")
 
 
+@contextmanager
+def full_parameters(engine) -> Iterator[None]:
+    """Inside, the module's parameters hold their whole weights on every rank (to read, e.g.
+    for the EMA): ZeRO-3 gathers its partitions (a collective); other stages hold them whole."""
+    if engine.zero_optimization_stage() != 3:
+        yield
+        return
+    with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
+        yield
+
+
 def full_state_dict(engine) -> dict[str, torch.Tensor]:
     """The whole module's weights on every rank (gathers ZeRO-3 partitions when needed)."""
     module = engine.module

@@ -38,8 +38,9 @@ from training.checkpoint import (
 )
 from training.collectives import comm_device
 from training.context import RankContext
-from training.engine import build_engine, compiled_graphs, full_state_dict
+from training.engine import build_engine, compiled_graphs, full_parameters, full_state_dict
 from training.evaluation import Evaluator
+from training.init_from import load_source, start_ema
 from training.objective import diffusion_loss, empty_prompt
 from training.preemption import agree_to_stop
 from training.rank0 import Rank0, eta, rank0_only
@@ -94,13 +95,21 @@ class UNetTraining:
         torch.manual_seed(self.config.run.seed)
         with torch.device(comm_device()):
             self.model = build_denoiser(self.config, latent_channels=spec["latent_channels"])
+        # A new run from another model's weights (`train.init_from`, which the driver checked
+        # and passes only to a run without a tag of its own): loaded before the engine is
+        # built, since ZeRO-3 partitions what the module holds then.
+        init_from = ctx.args.get("init_from") if self.tag_dir is None else None
+        init = load_source(init_from, self.model) if init_from else None
         # A ZeRO-1/2 checkpoint of another world size loads through DeepSpeed's universal
         # format (ZeRO-3 ones are refused by the driver; ZeRO-0 ones load as they are).
         self.elastic = (
             saved is not None and saved.world_size not in (0, self.world) and t.zero_stage in (1, 2)
         )
         self.engine = build_engine(self.model, self.config, self.world, self.elastic)
-        self.ema = EMAModel(self.model.parameters(), decay=t.ema_decay)
+        with full_parameters(self.engine):  # ZeRO-3: the whole weights, not this rank's part
+            self.ema = EMAModel(self.model.parameters(), decay=t.ema_decay)
+        if init is not None:
+            start_ema(self.ema, self.model, init)
         self.scheduler = build_noise_scheduler(self.config)
         self.empty = empty_prompt(read_empty_prompt(self.cache_dir), spec["text_max_length"])
         self.latent_norm = (spec.get("shift_factor", 0.0), spec["scaling_factor"])
@@ -181,7 +190,8 @@ class UNetTraining:
             self.losses.append(loss.detach())
             window.dropped += int(dropped.sum())
             window.samples += len(dropped)
-        self.ema.step(self.model.parameters())
+        with full_parameters(engine):
+            self.ema.step(self.model.parameters())
         self.state.step += 1
         window.steps += 1
         self.batches_taken += self.accumulation
@@ -380,7 +390,8 @@ def load_ema(tag_dir: Path, model: torch.nn.Module) -> list[torch.Tensor]:
         stored = load_file(tag_dir / EMA_FILE.format(part))
         prefix = "" if len(parts(model)) == 1 else f"{part}."
         shadow.update({prefix + name: tensor for name, tensor in stored.items()})
-    return [shadow[name].clone() for name, _ in model.named_parameters()]
+    # On the parameters' device: a GPU rank's EMA step adds the two.
+    return [shadow[name].to(param.device, copy=True) for name, param in model.named_parameters()]
 
 
 class Window:

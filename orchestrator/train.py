@@ -21,7 +21,13 @@ from core.errors import LdmError
 from core.layout import RunLayout
 from core.loader import load_saved_config
 from core.resume import check_resumable
-from data_pipeline.cache import check_sources, check_spec, read_manifest, spec_digest
+from data_pipeline.cache import (
+    bucket_histogram,
+    check_sources,
+    check_spec,
+    read_manifest,
+    spec_digest,
+)
 from data_pipeline.precompute import cache_spec, resolve_cache_dir
 from data_pipeline.stream import Layout, check_enough_samples, epoch_plan
 from orchestrator.jobs import source_commit
@@ -142,6 +148,10 @@ def lineage_tags(
         "ldm.cache_spec": manifest["spec_digest"],
         "ldm.cache_manifest_sha256": hashlib.sha256(manifest_bytes).hexdigest(),
         "ldm.precompute_run_id": manifest.get("mlflow_run_id") or "",
+        "ldm.cache_num_samples": str(manifest["num_samples"]),
+        # Samples per image size (HxW), and what the filters left out: what this run saw.
+        "ldm.cache_buckets": json.dumps(bucket_histogram(manifest)),
+        "ldm.cache_filtered": json.dumps(manifest.get("num_filtered", {})),
         "ldm.autoencoder_run_id": json.loads(storage.read_bytes(ae_lineage)).get(
             "mlflow_run_id", ""
         )

@@ -114,6 +114,24 @@ def test_img2dataset_output_filtered_bucketed_trained_and_sampled(
             "tracking.log_model=false",
         )
     )
+    # MLflow shows the histogram: the precompute run's metrics, the training run's tags.
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    runs = {
+        r.data.tags["ldm.stage"]: r
+        for r in client.search_runs(
+            [client.get_experiment_by_name("ldm").experiment_id], "attributes.run_name LIKE 'web%'"
+        )
+    }
+    metrics = runs["precompute"].data.metrics
+    assert {k: int(v) for k, v in metrics.items() if k.startswith("bucket_")} == {
+        f"bucket_{size}": n for size, n in buckets.items()
+    }
+    assert metrics["num_filtered"] == sum(filtered.values())
+    assert json.loads(runs["train"].data.tags["ldm.cache_buckets"]) == buckets
+    assert json.loads(runs["train"].data.tags["ldm.cache_filtered"]) == filtered
+
     tag = tmp_path / "runs" / "web" / "checkpoints" / "step_00000004"
     images = ok(
         ldm(

@@ -42,6 +42,9 @@ def in_process_stages(config, spec: dict):
         config.data.center_crop,
         config.run.seed,
         config.precompute.batch_size,
+        config.data.caption,
+        config.data.filters.active(),
+        spec.get("buckets"),
     )
     encoder = Encoder(
         str(RunLayout.of(config).autoencoder_dir),
@@ -66,7 +69,13 @@ def bare_precompute(config, spec: dict, shards: list[str], out: Path) -> list[tu
     encoded = []
     for shard in shards:
         writer = ShardWriter(
-            str(out), Path(shard).name, shard, fingerprints[shard], spec_digest(spec), out
+            str(out),
+            Path(shard).name,
+            shard,
+            fingerprints[shard],
+            spec_digest(spec),
+            out,
+            bucketed="buckets" in spec,
         )
         for batch in decoder({"shard": shard}):
             started = time.perf_counter()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from bench import cache_speedup, data_path, overhead, precompute, startup, zero_memory
+from bench import buckets, cache_speedup, data_path, overhead, precompute, startup, zero_memory
 
 # What the stack costs, what the cache buys, precompute (whose cache the data-path benchmark
 # then reads), the data path, ZeRO memory, start-up. (bench/gpu_check.py needs a GPU;
@@ -20,6 +20,7 @@ BENCHMARKS = [
     ("data path: cache stream and shard decode", data_path, data_path.main),
     ("ZeRO memory: measured per rank vs the ZeRO formulas", zero_memory, zero_memory.main),
     ("start-up: ldm train vs bare DeepSpeed, to the first step", startup, startup.main),
+    ("aspect-ratio buckets vs square crops: training samples/s", buckets, buckets.main),
 ]
 # This machine has no GPU: give the cores to encoders, as the demo does (see README).
 _CPU_ENCODERS = [

@@ -159,6 +159,33 @@ def test_img2dataset_output_filtered_bucketed_trained_and_sampled(
         "multiples of 8",
     )
 
+    # Stable Diffusion's recipe at fixture scale: continue at twice the resolution from the
+    # 32 px run's checkpoint, as a new run with a cache of its own (256 -> 512 px there).
+    hires = ("run.name=web64", "data.resolution=64")
+    ok(ldm("precompute", str(exp), *hires))
+    continued = ok(
+        ldm(
+            "train",
+            str(exp),
+            *hires,
+            f"train.init_from={tag}",
+            "train.num_workers=1",
+            "train.num_steps=2",
+            "train.checkpoint_every=2",
+            "train.sample_every=100",
+            "tracking.log_model=false",
+        )
+    )
+    assert f"a new run from the weights of {tag}" in continued.stdout
+    caches = [json.loads((c / "manifest.json").read_text()) for c in cache.parent.iterdir()]
+    assert sorted(m["spec"]["resolution"] for m in caches) == [32, 64]
+    state = json.loads(
+        (
+            tmp_path / "runs" / "web64" / "checkpoints" / "step_00000002" / "train_state.json"
+        ).read_text()
+    )
+    assert state["step"] == 2  # a new run: its own steps, from the 32 px weights
+
 
 def test_shard_lists_and_planning_at_100k_shards(tmp_path):
     """Brace ranges, list files and prefixes name shards; 100,000 of them are planned (which

@@ -157,7 +157,8 @@ class DataConfig(Section):
     [height, width] pairs. Precompute puts each image in the bucket nearest its aspect ratio,
     resizes it to cover the bucket and crops; training draws each micro-batch from one
     bucket. Every side must be a multiple of the model's size unit: the autoencoder's
-    downsample factor x 2^(UNet levels - 1) (64 for Stable Diffusion)."""
+    downsample factor x 2^(UNet levels - 1) (64 for Stable Diffusion). With `train.compile`,
+    each bucket size compiles once (`compiled_graphs` grows until every size was seen)."""
 
     @field_validator("buckets", mode="before")
     @classmethod

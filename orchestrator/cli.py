@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from core.config import STAGES, ExperimentConfig
+from core.config import STAGES, ExperimentConfig, Section
 from core.errors import LdmError
 from core.layout import RunLayout
 from core.loader import build_config, load_config
@@ -81,6 +81,10 @@ def cmd_config(args: argparse.Namespace) -> None:
         for name, section in ExperimentConfig.model_fields.items():
             for key, field in section.annotation.model_fields.items():
                 print(f"# {name}.{key}: {field.description}")
+                group = field.annotation
+                if isinstance(group, type) and issubclass(group, Section):  # data.filters
+                    for inner, part in group.model_fields.items():
+                        print(f"# {name}.{key}.{inner}: {part.description}")
         return
     config = get_preset(args.preset) if args.preset else _load(args)
     print(config.to_yaml(), end="")

@@ -52,7 +52,7 @@ def train(config: ExperimentConfig) -> dict[str, Any]:
     check_sources(cache_dir, manifest)
     check_enough_samples(
         cache_dir,
-        epoch_plan(manifest),
+        epoch_plan(manifest, config.run.seed),
         Layout(t.num_workers, max(1, t.num_loader_workers), t.micro_batch_size),
     )
 

@@ -417,15 +417,18 @@ class TrainConfig(Section):
     fresh optimizer and learning-rate schedule, step 0, the data from its first sample, a
     new MLflow run (tagged `ldm.init_from`, and `ldm.init_from_step` for an ldm checkpoint).
     As Stable Diffusion's 512 px stage started from its 256 px model, or to fine-tune a
-    published one. A local path to one of: an ldm checkpoint tag (`runs/x/checkpoints/
-    step_00001000`; committed, its weights' sha256 verified): its raw UNet weights train
+    published one. One of: an ldm checkpoint tag (`runs/x/checkpoints/step_00001000`, or
+    on an object store, `s3://.../checkpoints/step_00001000`, whose weight files each node
+    stages under `<root>/<name>/staging/init-from/`; committed, the weights' sha256
+    verified): its raw UNet weights train
     on and its EMA weights continue as the EMA (with their decay warm-up at the tag's
     step), and a text encoder trained with that UNet is carried over the same way (it
     needs `text_encoder.trainable=true`); a diffusers pipeline folder (`model_index.json`
     and `unet/`, such as `ldm export` writes) or a diffusers UNet folder: its UNet, as raw
     and EMA weights; an original single-file Stable Diffusion checkpoint (`.safetensors`,
     CompVis names `model.diffusion_model.*`, read offline through diffusers' conversion):
-    its UNet weights (`model_ema.*` copies are left out), as raw and EMA weights. Pickle
+    its UNet weights (`model_ema.*` copies are left out), as raw and EMA weights; the last
+    two as local paths (a shared filesystem on clusters). Pickle
     files (`.ckpt`, `.bin`, `.pt`) are refused. The autoencoder and text encoder come from
     `autoencoder.pretrained` and `text_encoder.name_or_path` as always; both may name the
     same pipeline folder (its `vae/`, `text_encoder/` and `tokenizer/`). The unet.* keys

@@ -34,7 +34,7 @@ from orchestrator.jobs import source_commit
 from orchestrator.launcher import Stage, check_local_gpu, launch
 from training import checkpoint as ckpt
 from training.evaluation import check_ready
-from training.init_from import check_source
+from training.init_from import check_source, staged
 from training.tracking import MLflowTracker, log_cache_input
 
 
@@ -80,7 +80,7 @@ def train(config: ExperimentConfig) -> dict[str, Any]:
         )
         if changed:
             print(f"train: continuing {tag} with changed {'; '.join(changed)}", flush=True)
-    init = None
+    init, local = None, None
     if t.init_from is not None and tag is not None:
         # A restarted or continued job goes on from its own weights, never back to the start.
         print(
@@ -89,7 +89,8 @@ def train(config: ExperimentConfig) -> dict[str, Any]:
             flush=True,
         )
     elif t.init_from is not None:
-        init = check_source(t.init_from, config, spec["latent_channels"])
+        local = staged(t.init_from, layout.run_dir / "staging")
+        init = check_source(local, config, spec["latent_channels"])
         print(
             f"train: a new run from the weights of {init.describe()}: fresh optimizer, "
             "learning-rate schedule and data order, from step 0",
@@ -108,13 +109,16 @@ def train(config: ExperimentConfig) -> dict[str, Any]:
             run_name=config.run.name,
             tags={
                 **lineage_tags(config, layout, cache_dir, manifest),
-                **(init.tags() if init else {}),
+                **(init.tags(t.init_from if local != t.init_from else None) if init else {}),
             },
             args={
                 "cache_dir": str(cache_dir),
                 "resume_from": tag,
                 "newest_at_start": newest,
-                "init_from": str(init.location) if init else None,
+                # An object-store tag: each node stages its own copy, as the driver did.
+                "init_from": (t.init_from if local != t.init_from else str(init.location))
+                if init
+                else None,
             },
             resume_run_id=resumed.mlflow_run_id if resumed else None,
             on_start=lambda run_id: log_cache_input(

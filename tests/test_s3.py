@@ -123,6 +123,31 @@ def test_s3_input_and_cache_end_to_end(pipeline, s3, ray_on_s3, tmp_path):
     assert not fs.exists(f"{first}/COMMITTED.json")  # keep_last=1 pruned the older tag
     assert "exported step_00000004" in resumed.stdout
 
+    # A new run starts from that S3 tag's weights (`train.init_from`): each node stages the
+    # files it reads, never the optimizer shards.
+    started = ok(
+        ldm(
+            *train,
+            f"run.root={tmp_path / 'third-node'}",
+            "run.name=from-s3-tag",
+            f"train.init_from=s3://{last}",
+            "train.num_workers=1",
+            "train.num_loader_workers=0",
+            "train.num_steps=1",
+            "tracking.log_model=false",
+        )
+    )
+    assert "a new run from the weights of" in started.stdout
+    copy = tmp_path / "third-node" / "from-s3-tag" / "staging" / "init-from" / "step_00000004"
+    assert {p.name for p in copy.iterdir()} == {
+        "COMMITTED.json",
+        "train_state.json",
+        "unet.safetensors",
+        "ema_unet.safetensors",
+        "unet_config.json",
+    }
+    assert fs.exists("ldm/runs/from-s3-tag/checkpoints/step_00000001/COMMITTED.json")
+
 
 def test_no_shards_at_an_s3_prefix_is_one_line(pipeline, s3):
     work, _, _ = pipeline

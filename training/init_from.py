@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,7 @@ from training.checkpoint import (
     RAW_FILE,
     TRAIN_STATE,
     TrainState,
+    listed_files,
     verify,
 )
 
@@ -92,9 +94,10 @@ class InitSource:
         pipeline = (self.location / PIPELINE_INDEX).is_file()
         return self.location / "unet" if pipeline else self.location
 
-    def tags(self) -> dict[str, str]:
-        """The MLflow tags of the run it starts."""
-        tags = {"ldm.init_from": str(self.location), "ldm.init_from_kind": self.kind}
+    def tags(self, named: str | None = None) -> dict[str, str]:
+        """The MLflow tags of the run it starts; `named`: where the user pointed (an object
+        store's URI, which this local copy was staged from)."""
+        tags = {"ldm.init_from": named or str(self.location), "ldm.init_from_kind": self.kind}
         if self.step is not None:
             tags["ldm.init_from_step"] = str(self.step)
         return tags
@@ -126,13 +129,45 @@ def _read_json(path: Path) -> dict:
     return value
 
 
-def find_source(path: str | Path) -> InitSource:
-    """What `path` is, or one line saying why it cannot be started from."""
-    if storage.is_remote(path):
+def staged(path: str, staging: Path) -> str:
+    """An ldm tag on an object store (a run with `run.storage=s3://...`), its weight files
+    copied into `staging/init-from/<tag>` (the files starting from it reads, never its
+    optimizer shards) and checked against its marker; a local path as it is. A copy already
+    there is reused, and each file lands under its name only once complete, so ranks sharing
+    a node may stage side by side."""
+    if not storage.is_remote(path):
+        return path
+    marker_uri = storage.join(path, MARKER)
+    if not storage.exists(marker_uri):
         raise LdmError(
-            f"{_KEY}={path}: an object-store URI; copy the model to a local path (on a cluster: "
-            "a shared filesystem every node mounts) and pass that"
+            f"{_KEY}={path}: no committed ldm checkpoint tag there (no {MARKER}); from an object "
+            "store only ldm tags are read: copy a pipeline folder or a single file to a local "
+            "path and pass that"
         )
+    marker = storage.read_bytes(marker_uri)
+    listed = listed_files(path, marker)
+    local = staging / "init-from" / storage.basename(path.rstrip("/"))
+    local.mkdir(parents=True, exist_ok=True)
+    wanted = [TRAIN_STATE] + [
+        file.format(part)
+        for part in ("unet", "text_encoder")
+        for file in (RAW_FILE, EMA_FILE, CONFIG_FILE)
+        if file.format(part) in listed
+    ]
+    for name in wanted:
+        target = local / name
+        if target.is_file() and storage.sha256(target) == listed[name]:
+            continue
+        partial = target.with_name(f".{name}.{os.getpid()}.partial")
+        storage.get_file(storage.join(path, name), partial)
+        os.replace(partial, target)
+    (local / MARKER).write_bytes(marker)
+    return str(local)
+
+
+def find_source(path: str | Path) -> InitSource:
+    """What `path` is, or one line saying why it cannot be started from (an object-store
+    tag is `staged` first)."""
     location = Path(path).expanduser().resolve()
     if not location.exists():
         raise LdmError(

@@ -40,7 +40,7 @@ from training.collectives import comm_device
 from training.context import RankContext
 from training.engine import build_engine, compiled_graphs, full_parameters, full_state_dict
 from training.evaluation import Evaluator
-from training.init_from import load_source, start_ema
+from training.init_from import load_source, staged, start_ema
 from training.objective import diffusion_loss, empty_prompt
 from training.preemption import agree_to_stop
 from training.rank0 import Rank0, eta, rank0_only
@@ -99,7 +99,8 @@ class UNetTraining:
         # and passes only to a run without a tag of its own): loaded before the engine is
         # built, since ZeRO-3 partitions what the module holds then.
         init_from = ctx.args.get("init_from") if self.tag_dir is None else None
-        init = load_source(init_from, self.model) if init_from else None
+        staging = Path(self.layout.run_dir) / "staging"
+        init = load_source(staged(init_from, staging), self.model) if init_from else None
         # A ZeRO-1/2 checkpoint of another world size loads through DeepSpeed's universal
         # format (ZeRO-3 ones are refused by the driver; ZeRO-0 ones load as they are).
         self.elastic = (

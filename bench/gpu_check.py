@@ -72,13 +72,18 @@ class Plan:
     timed_steps: int
     precision: str
     compile_rows: bool
+    switch_rows: tuple[str, ...] | None = None  # None: every switch of SWITCHES
+    zero_stages: tuple[int, ...] = (0, 1, 2)
 
 
 GPU_PLAN = Plan("sd1", (256, 512), {256: 32, 512: 16}, 256, 8, 3, 10, "bf16", True)
-# The CPU dry run: every section once, at one small resolution, a step or two per row;
-# no compile row (tracing the UNet costs `make test` 8 s, and test_memory_options already
-# compiles the same engine).
-DRY_PLAN = Plan("tiny", (32,), {32: 2}, 2, 1, 1, 1, "fp32", False)
+# The CPU dry run: every section once, at one small resolution, a step or two per row. Of
+# the rows that differ only in their overrides (switches, ZeRO stages), two each: the same
+# code runs for every one, and each costs `make test` an engine (test_memory_options checks
+# every switch, and compiles the same engine).
+DRY_PLAN = Plan(
+    "tiny", (32,), {32: 2}, 2, 1, 1, 1, "fp32", False, ("baseline", "fused_optimizer"), (0, 2)
+)
 
 # (label, overrides) of the switch rows; each on its own against the baseline.
 SWITCHES = [
@@ -461,6 +466,8 @@ def measure_resolution(
     for label, overrides in SWITCHES:
         if label == "compile" and not plan.compile_rows:
             continue
+        if plan.switch_rows is not None and label not in plan.switch_rows:
+            continue
         if label in LARGEST_ONLY and resolution != max(plan.resolutions):
             continue
         switched = base_config(plan, resolution, models, overrides)
@@ -557,7 +564,7 @@ def main(dry_run: bool = False, tokenizer: Path | None = None) -> dict[str, Any]
     resolution = max(plan.resolutions)
     cache_dir = str(GPU_WORK / f"cache-{resolution}")
     zero = []
-    for stage in (0, 1, 2):
+    for stage in plan.zero_stages:
         config = base_config(plan, resolution, models, [f"train.zero_stage={stage}"])
         measured = ldm_row(config, cache_dir, device, plan)
         predicted = planner.plan(config, 1, "h200", 1.0, 0.5).memory_gib[stage]

@@ -5,6 +5,7 @@ sampled at a bucket's size; shard lists at 100,000-shard scale; bad input in one
 import json
 import math
 import time
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -266,3 +267,21 @@ def test_bucket_and_filter_config_errors_name_the_key():
         build_config({"preset": "tiny"}, ["data.filters.where=['aesthetic > high']"])
     config = build_config({"preset": "tiny"}, ["data.buckets=auto", "data.filters.min_width=64"])
     assert config.image_sizes() == BUCKETS and config.data.filters.active() == {"min_width": 64}
+
+
+def test_the_readme_recipe_config_loads_at_both_resolutions():
+    """`configs/sd1-laion.yaml`, with each of the README recipe's overrides."""
+    from core.loader import load_config
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "sd1-laion.yaml"
+    at_256 = load_config(path)
+    at_512 = load_config(path, ["run.name=sd512", "data.resolution=512"])
+    assert at_256.data.shards == "s3://my-bucket/laion/{00000..41455}.tar"
+    assert len(expand_braces(at_256.data.shards)) == 41_456
+    assert at_256.image_sizes() == [(192, 320), (256, 256), (320, 192)]
+    assert len(at_512.image_sizes()) == 9 and (512, 512) in at_512.image_sizes()
+    assert at_512.data.filters.active()["where"] == [
+        "aesthetic >= 5",
+        "punsafe < 0.1",
+        "pwatermark < 0.5",
+    ]

@@ -20,7 +20,7 @@ import shutil
 
 import torch
 
-from bench.common import WORK, Timer, bench_config, table, write_result
+from bench.common import WORK, Timer, bench_config, table, unet_training, write_result
 from bench.precompute import bare_precompute
 from core.layout import RunLayout
 
@@ -65,22 +65,13 @@ def encode(buckets: str, shards: list[str]) -> tuple[object, str, dict]:
 
 def train_samples_per_s(config, cache: str, num_steps: int) -> tuple[float, float]:
     """(samples/s, mean pixels per sample) of demo-UNet steps on micro-batches from the cache."""
-    from data_pipeline.cache import read_empty_prompt, read_manifest
     from data_pipeline.stream import LatentCacheStream
-    from models.schedulers import build_noise_scheduler
-    from models.unet import build_unet
-    from training.objective import diffusion_loss, empty_prompt
+    from training.objective import diffusion_loss
 
-    spec = read_manifest(cache)["spec"]
-    torch.manual_seed(0)
-    unet = build_unet(config, latent_channels=spec["latent_channels"])
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4)
-    scheduler = build_noise_scheduler(config)
-    empty = empty_prompt(read_empty_prompt(cache), spec["text_max_length"])
+    unet, optimizer, scheduler, empty, norm, _ = unet_training(config, cache)
     mb = config.train.micro_batch_size
     stream = LatentCacheStream(cache, 0, 1, mb, 1, seed=0)
     batches = iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=1))
-    norm = (spec["shift_factor"], spec["scaling_factor"])
     factor = config.autoencoder.downsample_factor
 
     def step() -> int:

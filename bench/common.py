@@ -87,6 +87,25 @@ def bench_config(overrides: list[str] = ()):
     return config
 
 
+def unet_training(config, cache):
+    """What one process needs to train the config's UNet on a cache by hand: (unet, AdamW,
+    noise scheduler, empty-prompt encoding, latent normalisation, cache spec)."""
+    import torch
+
+    from data_pipeline.cache import read_empty_prompt, read_manifest
+    from models.schedulers import build_noise_scheduler
+    from models.unet import build_unet
+    from training.objective import empty_prompt
+
+    spec = read_manifest(cache)["spec"]
+    torch.manual_seed(0)
+    unet = build_unet(config, latent_channels=spec["latent_channels"])
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4)
+    empty = empty_prompt(read_empty_prompt(cache), spec["text_max_length"])
+    norm = (spec["shift_factor"], spec["scaling_factor"])
+    return unet, optimizer, build_noise_scheduler(config), empty, norm, spec
+
+
 class Timer:
     def __enter__(self):
         self.start = time.perf_counter()

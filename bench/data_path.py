@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from bench import precompute
-from bench.common import Timer, bench_config, demo_shards, table, write_result
+from bench.common import Timer, bench_config, demo_shards, table, unet_training, write_result
 
 # Built by the precompute benchmark, which `make bench` runs first.
 NEEDS = precompute.PRODUCES
@@ -42,21 +42,12 @@ def stream_samples_per_s(cache, num_workers: int, micro_batch_size: int, num_bat
 
 def train_step_samples_per_s(config, cache, num_steps: int = 12) -> float:
     """One process, one rank: what a training step of this model eats per second."""
-    from data_pipeline.cache import read_empty_prompt, read_manifest
     from data_pipeline.stream import LatentCacheStream
-    from models.schedulers import build_noise_scheduler
-    from models.unet import build_unet
-    from training.objective import diffusion_loss, empty_prompt
+    from training.objective import diffusion_loss
 
-    spec = read_manifest(cache)["spec"]
-    torch.manual_seed(0)
-    unet = build_unet(config, latent_channels=spec["latent_channels"])
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4)
-    scheduler = build_noise_scheduler(config)
-    empty = empty_prompt(read_empty_prompt(cache), spec["text_max_length"])
+    unet, optimizer, scheduler, empty, norm, _ = unet_training(config, cache)
     mb = config.train.micro_batch_size
     batch = next(iter(LatentCacheStream(cache, 0, 1, mb, 0, seed=0)))
-    norm = (spec["shift_factor"], spec["scaling_factor"])
 
     def step():
         loss, _ = diffusion_loss(unet, batch, scheduler, norm, empty, 0.1)

@@ -544,8 +544,11 @@ def done_entries(cache_dir: str, names: list[str]) -> dict[str, dict]:
     def read(name: str) -> tuple[str, dict]:
         return name, json.loads(storage.read_bytes(done_marker(cache_dir, name)))
 
-    with ThreadPoolExecutor(READ_THREADS) as pool:
-        entries = dict(pool.map(read, wanted))
+    if storage.is_remote(cache_dir):  # each read a request: many in flight
+        with ThreadPoolExecutor(READ_THREADS) as pool:
+            entries = dict(pool.map(read, wanted))
+    else:  # local files: threads only contend (measured 6x slower for 50,000 markers)
+        entries = dict(map(read, wanted))
     return {
         name: entry
         for name, entry in entries.items()

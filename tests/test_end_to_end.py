@@ -125,7 +125,7 @@ def test_too_little_data_is_refused_before_launch(pipeline):
         "train.micro_batch_size=16",
         "train.global_batch_size=32",
     )
-    one_line_error(result, "has 64 samples", "need at least 96", "train.num_loader_workers")
+    one_line_error(result, "has 64 samples", "at least 96 samples", "train.num_loader_workers")
 
 
 def test_unreachable_cluster(pipeline, no_ray):

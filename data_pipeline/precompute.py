@@ -266,14 +266,13 @@ class ShardDecoder:
             if why is None and image is None:
                 bad.append(f"{sample['__key__']!r}: no decodable image")
                 continue
-            if why is None:
-                why = keep.reject_size(*original_size(meta, image.size))
+            width, height = original_size(meta, image.size) if image else (0, 0)
+            why = why or keep.reject_size(width, height)
             if why is not None:
                 filtered[why] = filtered.get(why, 0) + 1
                 continue
             size = nearest_bucket(*image.size, self.buckets) if self.buckets else square
             pixels, crop = fit_to(image, *size, self.center_crop, rng)
-            width, height = original_size(meta, image.size)
             extra = {"bucket": list(size), "original_size": [height, width], "crop": list(crop)}
             batch = pending.setdefault(size, [])
             batch.append((kept, sample["__key__"], caption, pixels, extra))

@@ -80,7 +80,10 @@ def train(config: ExperimentConfig) -> dict[str, Any]:
         )
         if changed:
             print(f"train: continuing {tag} with changed {'; '.join(changed)}", flush=True)
-    init, local = None, None
+    init = None
+    # An object-store tag: each node stages its own copy (as the driver does here), so the
+    # ranks and the MLflow tag get the URI; a local source goes by its resolved path.
+    remote_source = t.init_from is not None and storage.is_remote(t.init_from)
     if t.init_from is not None and tag is not None:
         # A restarted or continued job goes on from its own weights, never back to the start.
         print(
@@ -89,8 +92,9 @@ def train(config: ExperimentConfig) -> dict[str, Any]:
             flush=True,
         )
     elif t.init_from is not None:
-        local = staged(t.init_from, layout.run_dir / "staging")
-        init = check_source(local, config, spec["latent_channels"])
+        init = check_source(
+            staged(t.init_from, layout.run_dir / "staging"), config, spec["latent_channels"]
+        )
         print(
             f"train: a new run from the weights of {init.describe()}: fresh optimizer, "
             "learning-rate schedule and data order, from step 0",
@@ -109,16 +113,15 @@ def train(config: ExperimentConfig) -> dict[str, Any]:
             run_name=config.run.name,
             tags={
                 **lineage_tags(config, layout, cache_dir, manifest),
-                **(init.tags(t.init_from if local != t.init_from else None) if init else {}),
+                **(init.tags(t.init_from if remote_source else None) if init else {}),
             },
             args={
                 "cache_dir": str(cache_dir),
                 "resume_from": tag,
                 "newest_at_start": newest,
-                # An object-store tag: each node stages its own copy, as the driver did.
-                "init_from": (t.init_from if local != t.init_from else str(init.location))
-                if init
-                else None,
+                "init_from": None
+                if init is None
+                else (t.init_from if remote_source else str(init.location)),
             },
             resume_run_id=resumed.mlflow_run_id if resumed else None,
             on_start=lambda run_id: log_cache_input(
